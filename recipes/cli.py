@@ -1,0 +1,47 @@
+"""``frugal <recipe> [hydra overrides]`` — one command, one Hydra entry point per recipe.
+
+Each recipe is also runnable as ``python -m recipes.<module>``; this file only dispatches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+RECIPES = {
+    "train": ("recipes.train", "RL fine-tuning of a LoRA adapter (S-GRPO, GRPO)"),
+}
+
+USAGE = """usage: frugal <recipe> [hydra overrides...] [--help] [--cfg job]
+
+Recipes:
+{recipes}
+
+Examples:
+  frugal train                                   # S-GRPO on the embedded SmolLM2, arithmetic task
+  frugal train recipe=demo                       # the `make demo` run
+  frugal train algo=grpo task=svamp max_steps=50
+  frugal train --cfg job                         # print the composed config and exit
+  frugal train --help                            # config groups and options
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    listing = "\n".join(f"  {name:<12} {desc}" for name, (_, desc) in RECIPES.items())
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(recipes=listing))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in RECIPES:
+        print(f"frugal: unknown recipe {name!r}\n\n" + USAGE.format(recipes=listing), file=sys.stderr)
+        return 2
+    module = importlib.import_module(RECIPES[name][0])
+    # Hydra reads its overrides from sys.argv.
+    sys.argv = [f"frugal {name}", *rest]
+    module.main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
