@@ -142,7 +142,10 @@ def register_configs() -> None:
 
 def to_config(cfg: DictConfig, schema=TrainConfig) -> Any:
     """Validate a composed Hydra config and return the typed dataclass (runs every ``__post_init__``)."""
-    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg) if not OmegaConf.is_struct(cfg) else cfg
+    # Merge a plain copy onto a fresh schema: Hydra lets ``+group.key=value`` append a key to a struct
+    # config (and a typed merge keeps it); merging plain values is what rejects it, naming the key.
+    plain = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
     return OmegaConf.to_object(merged)
 
 

@@ -1,0 +1,1 @@
+"""Answer extraction, verification (math-verify) and reward functions with TRL's signature."""

@@ -1,0 +1,35 @@
+"""Tasks: datasets and generators that yield chat-prompt rows with a gold answer.
+
+Every task returns :class:`TaskData` with ``train`` and ``test`` lists of rows::
+
+    {"id": "arith:3+4", "prompt": [{"role": "user", "content": ...}], "question": "What is 3 + 4?",
+     "answer": "7", "steps": ["3 + 4 = 7"], "answer_format": "boxed"}
+
+``steps`` is a reference step-by-step solution where the task has one (generated tasks, GSM8K), else [].
+``answer_format`` travels with each row, so reward functions receive it as a column (TRL convention).
+Held-out splits are fixed: generated and file tasks assign a problem to the test split by a hash of its
+text, so the split does not move with the seed, ``n_train`` or the file's order.
+"""
+
+from __future__ import annotations
+
+from tasks.config import TaskConfig
+from tasks.rows import BadRow, TaskData
+
+
+def load_task(cfg: TaskConfig) -> TaskData:
+    from tasks import files, generated
+
+    loaders = {
+        "arith": generated.arith, "multiply": generated.multiply, "svamp": files.svamp,
+        "gsm8k": files.gsm8k, "jsonl": files.jsonl, "hf": files.hf,
+    }
+    data = loaders[cfg.name](cfg)
+    if cfg.max_train is not None:
+        data.train = data.train[: cfg.max_train]
+    if cfg.max_test is not None:
+        data.test = data.test[: cfg.max_test]
+    return data
+
+
+__all__ = ["BadRow", "TaskConfig", "TaskData", "load_task"]

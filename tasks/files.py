@@ -1,0 +1,159 @@
+"""File-backed tasks: SVAMP, GSM8K, any JSONL with a field mapping, and Hugging Face datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from tasks.config import TaskConfig
+from tasks.rows import BadRow, TaskData, collect, hash_split, make_row
+
+SVAMP_TRAIN_ROWS = 700  # fixed split: rows 0-699 train, 700-999 test (the common SVAMP split)
+
+
+def data_dir() -> Path:
+    """``$FRUGAL_DATA_DIR``, else ``shared/data`` beside the repository (where the project keeps it)."""
+    env = os.environ.get("FRUGAL_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _default_path(cfg: TaskConfig, filename: str) -> Path:
+    path = Path(cfg.path) if cfg.path else data_dir() / filename
+    if not path.exists():
+        raise FileNotFoundError(f"task={cfg.name}: data file not found: {path} "
+                                f"(set task.path=... or FRUGAL_DATA_DIR)")
+    return path
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise BadRow(f"{path} line {number}: not valid JSON ({err.msg})") from None
+
+
+def _field(record: Any, key: str, where: str) -> Any:
+    if not isinstance(record, dict):
+        raise BadRow(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise BadRow(f"{where}: missing key {key!r} (has {sorted(record)[:8]})")
+    return record[key]
+
+
+def _regex_answer(text: Any, pattern: Optional[str], where: str) -> Any:
+    if pattern is None:
+        return text
+    match = re.search(pattern, str(text))
+    if not match:
+        raise BadRow(f"{where}: task.answer_regex {pattern!r} does not match the answer {str(text)[:80]!r}")
+    return match.group(1)
+
+
+def svamp(cfg: TaskConfig) -> TaskData:
+    path = _default_path(cfg, "SVAMP.json")
+    records = json.loads(path.read_text(encoding="utf-8"))
+
+    def items(indices):
+        for i in indices:
+            where = f"{path} row {i}"
+
+            def build(rec=records[i], where=where, i=i):
+                question = f"{_field(rec, 'Body', where).strip()} {_field(rec, 'Question', where).strip()}"
+                return make_row(f"svamp:{rec.get('ID', i)}", question, _field(rec, "Answer", where), cfg.prompt,
+                                equation=rec.get("Equation"))
+            yield where, build
+
+    split = min(SVAMP_TRAIN_ROWS, len(records))
+    train, s1 = collect(items(range(split)), cfg.on_bad_row, str(path))
+    test, s2 = collect(items(range(split, len(records))), cfg.on_bad_row, str(path))
+    return TaskData(train, test, skipped=s1 + s2)
+
+
+GSM8K_CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+def _gsm8k_rows(path: Path, cfg: TaskConfig) -> tuple[list[dict], int]:
+    def records():
+        for number, rec in _read_jsonl(path):
+            where = f"{path} line {number}"
+
+            def build(rec=rec, where=where, number=number):
+                solution = str(_field(rec, "answer", where))
+                if "####" not in solution:
+                    raise BadRow(f"{where}: no '####' before the final answer")
+                work, answer = solution.rsplit("####", 1)
+                steps = [GSM8K_CALCULATOR.sub("", s).strip() for s in work.strip().split("\n") if s.strip()]
+                return make_row(f"gsm8k:{path.name}:{number}", _field(rec, "question", where), answer.strip(),
+                                cfg.prompt, steps)
+            yield where, build
+    return collect(records(), cfg.on_bad_row, str(path))
+
+
+def gsm8k(cfg: TaskConfig) -> TaskData:
+    path = _default_path(cfg, "gsm8k_train.jsonl")
+    rows, skipped = _gsm8k_rows(path, cfg)
+    if cfg.test_path:
+        test, s2 = _gsm8k_rows(Path(cfg.test_path), cfg)
+        return TaskData(rows, test, skipped=skipped + s2)
+    train, test = hash_split(rows, cfg.test_fraction)
+    return TaskData(train, test, skipped=skipped)
+
+
+def _mapped_rows(records, cfg: TaskConfig, source: str) -> tuple[list[dict], int]:
+    """Rows from dict records through question_field / answer_field / answer_regex."""
+    def items():
+        for where, rec in records:
+            def build(rec=rec, where=where):
+                answer = _regex_answer(_field(rec, cfg.answer_field, where), cfg.answer_regex, where)
+                return make_row(f"{cfg.name}:{where}", _field(rec, cfg.question_field, where), answer, cfg.prompt)
+            yield where, build
+    return collect(items(), cfg.on_bad_row, source)
+
+
+def jsonl(cfg: TaskConfig) -> TaskData:
+    if not cfg.path:
+        raise ValueError("task=jsonl needs task.path=<file.jsonl>")
+    path = _default_path(cfg, "")
+    rows, skipped = _mapped_rows(((f"{path} line {n}", r) for n, r in _read_jsonl(path)), cfg, str(path))
+    if cfg.test_path:
+        test_path = Path(cfg.test_path)
+        if not test_path.exists():
+            raise FileNotFoundError(f"task.test_path: no such file: {test_path}")
+        test, s2 = _mapped_rows(((f"{test_path} line {n}", r) for n, r in _read_jsonl(test_path)), cfg, str(test_path))
+        return TaskData(rows, test, skipped=skipped + s2)
+    train, test = hash_split(rows, cfg.test_fraction)
+    return TaskData(train, test, skipped=skipped)
+
+
+def hf(cfg: TaskConfig) -> TaskData:
+    """A Hugging Face dataset id (Hub, honours HF_HUB_OFFLINE) or a folder saved with ``save_to_disk``."""
+    import datasets
+
+    if not cfg.path:
+        raise ValueError("task=hf needs task.path=<dataset id or saved folder>")
+    local = Path(cfg.path)
+    if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
+        loaded = datasets.load_from_disk(str(local))
+    else:
+        loaded = datasets.load_dataset(cfg.path)
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({cfg.train_split: loaded})
+    if cfg.train_split not in loaded:
+        raise ValueError(f"task.train_split={cfg.train_split!r} not in {cfg.path} (splits: {list(loaded)})")
+
+    def records(split):
+        return ((f"{cfg.path}[{split}] row {i}", rec) for i, rec in enumerate(loaded[split]))
+
+    rows, skipped = _mapped_rows(records(cfg.train_split), cfg, cfg.path)
+    if cfg.test_split in loaded:
+        test, s2 = _mapped_rows(records(cfg.test_split), cfg, cfg.path)
+        return TaskData(rows, test, skipped=skipped + s2)
+    train, test = hash_split(rows, cfg.test_fraction)
+    return TaskData(train, test, skipped=skipped)
