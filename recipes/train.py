@@ -38,6 +38,9 @@ from train.token_selection import Selection, select_all, select_stochastic
 from train.tracking import Tracker
 
 log = logging.getLogger("frugal.train")
+# An absolute path: Hydra resolves a relative one through importlib.resources when the recipe runs as a
+# console script, which fails for the namespace package `conf`.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
 
 
@@ -296,7 +299,7 @@ class _progress:
         self.bar.close()
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     summary = run(cfg)
     before = summary["accuracy_before"]
