@@ -9,7 +9,12 @@ import importlib
 import sys
 
 RECIPES = {
-    "train": ("recipes.train", "RL fine-tuning of a LoRA adapter (S-GRPO, GRPO)"),
+    "train": ("recipes.train", "RL fine-tuning of a LoRA adapter (S-GRPO, T-SPMO, GRPO)"),
+    "eval": ("recipes.eval", "Compute-accounted evaluation: greedy, majority, best-of-N, beam, early rejection, particle filtering"),
+    "export": ("recipes.export", "Adapter / merged model / PRM folder with a model card; push to the Hub"),
+    "plan": ("recipes.plan", "TTSPM test-time budget planner: predicted accuracy vs samples N, saturation N*"),
+    "train-prm": ("recipes.train_prm", "Train a lightweight process reward model (LoRA + step head)"),
+    "label-prm": ("recipes.label_prm", "Monte-Carlo step labels (Math-Shepherd) for PRM training"),
 }
 
 USAGE = """usage: frugal <recipe> [hydra overrides...] [--help] [--cfg job]

@@ -1,12 +1,14 @@
-"""``frugal train``: critic-free RL (S-GRPO, GRPO) of a LoRA adapter on a verifiable task.
+"""``frugal train``: critic-free RL (S-GRPO, T-SPMO, GRPO) of a LoRA adapter on a verifiable task.
 
 Reads top to bottom: setup → (resume) → evaluate → loop {sample, reward, advantage, select, update,
 log, checkpoint} → evaluate → save. Components are chosen by config (``conf/train.yaml``).
 
     frugal train                                  # S-GRPO, embedded SmolLM2, arithmetic
     frugal train algo=grpo task=svamp model=qwen2_1_5b
+    frugal train recipe=tspmo_multiply            # T-SPMO on multiplication, sized for 2 CPU cores
     frugal train recipe=demo                      # what `make demo` runs
     python -m recipes.train --cfg job             # print the composed config
+    accelerate launch --config_file conf/accelerate/ddp.yaml -m recipes.train ...   # data parallel
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -24,17 +25,20 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rewards.combine import build_reward_model
+from rewards.combine import Rewards, build_reward_model
 from rewards.verify import validate_gold_answers
 from tasks import load_task
 from train.advantages import group_advantages
-from train.checkpoint import atomic_write_text, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, register_configs, scrub_secrets, to_config
+from train import distributed as dist
 from train.evaluation import greedy_accuracy
 from train.models import apply_lora, load_model
 from train.policy_loss import clipped_pg_loss, reference_logprobs, selected_logprobs
 from train.rollout import generate
+from train.runtime import batch_for_step, device_from, make_scheduler, resolve_run_dir, seed_everything
 from train.token_selection import Selection, select_all, select_stochastic
+from train.tspmo import replay_rollout, select_prefix_matching
 from train.tracking import Tracker
 
 log = logging.getLogger("frugal.train")
@@ -47,11 +51,15 @@ register_configs()
 def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     # ------------------------------------------------------------------ setup
     cfg: TrainConfig = to_config(raw_cfg)  # validates every key and range before anything heavy
-    run_dir, resume_from = _resolve_run_dir(cfg, run_dir)
-    device = _device(cfg.device)
+    # One process: a no-op. Under `accelerate launch`: ranks shard the prompts and sum LoRA gradients
+    # (train/distributed.py); only the main process evaluates, logs and writes the run dir.
+    accelerator = dist.setup_accelerator(cfg.prompts_per_step)
+    main = accelerator.is_main_process
+    run_dir, resume_from = dist.broadcast(resolve_run_dir(cfg, run_dir, recipe="train") if main else None, accelerator)
+    device = device_from(cfg.device) if accelerator.num_processes == 1 else accelerator.device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     started = time.time()
 
     data = load_task(cfg.task)
@@ -64,9 +72,10 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     model, tokenizer = load_model(cfg.model, device)
     model = apply_lora(model, cfg.lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    dist.broadcast_parameters(trainable, accelerator)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=(cfg.optim.beta1, cfg.optim.beta2))
-    scheduler = _scheduler(optimizer, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
 
     start_step, best = 0, {}
     if resume_from is not None:
@@ -74,77 +83,105 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
         start_step, best = state["step"], state.get("best", {})
         log.info("Resumed from %s (step %d)", resume_from, start_step)
     config_dict = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
-    tracker = Tracker(run_dir, cfg.logger, config_dict, resume_step=start_step if resume_from else None)
+    if main:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+    tracker = Tracker(run_dir, cfg.logger, config_dict, resume_step=start_step if resume_from else None,
+                      enabled=main)
+    sampler = None
+    if cfg.generation.backend == "vllm":  # GPU: vLLM samples the training completions (train/rollout.py)
+        from train.rollout import VLLMSampler
 
-    if cfg.eval_before and resume_from is None:
+        sampler = VLLMSampler(model, tokenizer, accelerator, cfg.generation)
+
+    eval_seconds = 0.0  # how long one held-out evaluation takes: max_minutes keeps room for the final one
+    if cfg.eval_before and resume_from is None and main:
+        t_eval = time.time()
         acc, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format, cfg.eval_limit)
         best["accuracy_before"] = acc
         tracker.log({"eval/accuracy": acc}, step=0)
         _write_jsonl(run_dir / "eval_before.jsonl", records)
         log.info("held-out greedy accuracy before training: %.3f", acc)
+        eval_seconds = time.time() - t_eval
 
     # ------------------------------------------------------------------ loop
-    progress = _progress(cfg.max_steps, start_step)
-    step = start_step
+    progress = _progress(cfg.max_steps, start_step, disable=not main)
+    step, step_time = start_step, 0.0
     for step in range(start_step + 1, cfg.max_steps + 1):
-        if cfg.max_minutes and (time.time() - started) / 60 > cfg.max_minutes:
-            log.info("max_minutes=%s reached after step %d; stopping the loop", cfg.max_minutes, step - 1)
+        # max_minutes bounds the whole run: stop when another step plus the final evaluation would pass it.
+        projected = time.time() - started + eval_seconds + step_time
+        # (The main process decides for all ranks: their clocks differ and they must stop at the same step.)
+        if cfg.max_minutes and dist.broadcast(projected / 60 > cfg.max_minutes, accelerator):
+            log.info("max_minutes=%s: stopping the loop after step %d to leave time for the final evaluation",
+                     cfg.max_minutes, step - 1)
             step -= 1
             break
         t0 = time.time()
         # Per-step seed: a resumed run draws exactly the samples the uninterrupted run would have drawn.
-        torch.manual_seed(cfg.seed * 1_000_003 + step)
-        batch = _batch_for_step(data.train, step, cfg.prompts_per_step, cfg.seed)
+        # (Each rank draws its own stream: rank r adds 7919·r.)
+        torch.manual_seed(cfg.seed * 1_000_003 + step + 7919 * accelerator.process_index)
+        batch = dist.shard(batch_for_step(data.train, step, cfg.prompts_per_step, cfg.seed), accelerator)
         G = cfg.algo.group_size
 
         # 1. sample G completions per prompt
-        rollout = generate(model, tokenizer, [r["prompt"] for r in batch], cfg.generation, num_samples=G)
+        prompts = [r["prompt"] for r in batch]
+        rollout = (sampler(model, prompts, G) if sampler else
+                   generate(model, tokenizer, prompts, cfg.generation, num_samples=G))
         t_gen = time.time() - t0
 
         # 2. rewards (TRL convention) and group-relative advantages
-        rows = [r for r in batch for _ in range(G)]
-        completions = [[{"role": "assistant", "content": t}] for t in rollout.texts]
-        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-        rewards = reward_model([r["prompt"] for r in rows], completions, columns)
+        rows, rewards = _score(reward_model, batch, rollout)
+        if cfg.algo.name == "tspmo" and cfg.algo.replay_samples:
+            # T-SPMO replay: continue each group's most decisive prefix, then score the grown groups.
+            rollout = replay_rollout(model, tokenizer, rollout, rewards.total, cfg.generation,
+                                     cfg.algo.replay_samples, cfg.algo.min_visits)
+            G = rollout.group_size
+            rows, rewards = _score(reward_model, batch, rollout)
         adv = group_advantages(torch.tensor(rewards.total), G, cfg.algo.adv_eps, cfg.algo.scale_by_std)
 
         # 3. which tokens enter the loss
-        selection = _select(cfg, rollout.completion_mask, adv.advantages)
+        selection = _select(cfg, rollout, rewards.total, adv.advantages)
 
         # 4. policy-gradient update on the selected tokens only
-        stats = _update(model, optimizer, scheduler, rollout, selection, cfg)
+        stats = _update(model, optimizer, scheduler, rollout, selection, cfg, accelerator)
         step_time = time.time() - t0
 
-        # 5. log, evaluate, checkpoint
-        num_tokens = int(rollout.completion_mask.sum())
+        # 5. log, evaluate, checkpoint (the numbers cover the whole step, i.e. every rank's shard)
+        totals = dist.gather_list(rewards.total, accelerator)
+        per_function = {name: dist.gather_list(vals, accelerator) for name, vals in rewards.per_function.items()}
+        zero_var, num_groups, num_selected, num_tokens, num_rows = (int(v) for v in dist.sum_over_ranks(
+            [adv.zero_variance_groups, adv.num_groups, len(selection), int(rollout.completion_mask.sum()), len(rows)],
+            accelerator))
         metrics = {
-            "reward/mean": float(np.mean(rewards.total)),
-            **{f"reward/{name}": _nanmean(vals) for name, vals in rewards.per_function.items()},
-            "groups/zero_variance": adv.zero_variance_groups,
-            "groups/zero_variance_frac": adv.zero_variance_groups / adv.num_groups,
-            "tokens/selected": len(selection),
-            "tokens/selected_frac": len(selection) / max(num_tokens, 1),
-            "tokens/completion_mean": num_tokens / len(rows),
+            "reward/mean": float(np.mean(totals)),
+            **{f"reward/{name}": _nanmean(vals) for name, vals in per_function.items()},
+            "groups/zero_variance": zero_var,
+            "groups/zero_variance_frac": zero_var / num_groups,
+            "batch/completions": num_rows,
+            "tokens/selected": num_selected,
+            "tokens/selected_frac": num_selected / max(num_tokens, 1),
+            "tokens/completion_mean": num_tokens / num_rows,
             "time/step_s": step_time, "time/generate_s": t_gen,
             "lr": scheduler.get_last_lr()[0], **stats,
         }
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and main:
             metrics["eval/accuracy"], _ = greedy_accuracy(model, tokenizer, data.test, cfg.generation,
                                                           answer_format, cfg.eval_limit)
         tracker.log(metrics, step=step)
         if cfg.samples_every and step % cfg.samples_every == 0:
             samples = [{"question": r["question"], "answer": r["answer"], "completion": t, "reward": rw}
                        for r, t, rw in zip(rows, rollout.texts, rewards.total)]
+            samples = dist.gather_list(samples, accelerator)
             table = bool(cfg.logger.completions_every) and step % cfg.logger.completions_every == 0
             tracker.log_samples(samples, step, table=table)
         progress.update(1, reward=metrics["reward/mean"], acc=metrics.get("reward/correctness"), loss=stats["loss"])
-        if cfg.save_every and step % cfg.save_every == 0:
+        if cfg.save_every and step % cfg.save_every == 0 and main:
             save_checkpoint(run_dir, step, model, optimizer, scheduler,
                             {"data_position": step * cfg.prompts_per_step, "best": best}, cfg.keep_checkpoints)
     progress.close()
 
-    # ------------------------------------------------------------------ evaluate and save
+    # ------------------------------------------------------------------ evaluate and save (main process)
+    if not main:
+        return dist.broadcast(None, accelerator)  # wait for the main process; return its summary
     acc_after, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format, cfg.eval_limit)
     _write_jsonl(run_dir / "eval_after.jsonl", records)
     tracker.log({"eval/accuracy": acc_after}, step=step)
@@ -158,28 +195,42 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     tracker.summary(summary)
+    tracker.log_artifact(final_dir, f"adapter-{cfg.algo.name}-{cfg.task.name}", "model", metadata=summary)
     tracker.finish()
     log.info("held-out greedy accuracy after training: %.3f; adapter saved to %s", acc_after, final_dir)
-    return summary
+    return dist.broadcast(summary, accelerator)
 
 
 # ---------------------------------------------------------------------- pieces of the loop
 
-def _select(cfg: TrainConfig, completion_mask: torch.Tensor, advantages: torch.Tensor) -> Selection:
+def _score(reward_model, batch: list[dict], rollout) -> tuple[list[dict], Rewards]:
+    """Reward every completion: TRL-style chat completions plus the task's columns, one row per sample."""
+    rows = [r for r in batch for _ in range(rollout.group_size)]
+    completions = [[{"role": "assistant", "content": t}] for t in rollout.texts]
+    columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    return rows, reward_model([r["prompt"] for r in rows], completions, columns)
+
+
+def _select(cfg: TrainConfig, rollout, rewards: list[float], advantages: torch.Tensor) -> Selection:
+    completion_mask = rollout.completion_mask
     if cfg.algo.name == "grpo":
         return select_all(completion_mask, advantages)
+    if cfg.algo.name == "tspmo":  # per-token advantages from each group's prefix trie (train/tspmo.py)
+        a = cfg.algo
+        return select_prefix_matching(rollout.completion_ids, completion_mask, rewards, rollout.group_size,
+                                      a.min_visits, a.weighting, a.adv_norm, a.max_selected, a.adv_eps)
     return select_stochastic(completion_mask, advantages, cfg.algo.k_early, cfg.algo.p_keep, cfg.algo.decay)
 
 
-def _update(model, optimizer, scheduler, rollout, selection: Selection, cfg: TrainConfig) -> dict:
+def _update(model, optimizer, scheduler, rollout, selection: Selection, cfg: TrainConfig, accelerator=None) -> dict:
     """``num_iterations`` passes over the batch; each pass accumulates gradients over micro-batches of rows
-    and takes one optimizer step. The loss is normalised by the step's total selected tokens, so the
-    result does not depend on the micro-batch size."""
+    and takes one optimizer step. The loss is normalised by the step's total selected tokens (over all
+    ranks), so the result depends neither on the micro-batch size nor on how the batch is sharded."""
     model.train()
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     width = rollout.prompt_ids.shape[1]
     chunks = _row_chunks(selection, cfg.optim.micro_batch_size)
-    total = max(len(selection), 1)
+    total = max(int(dist.sum_over_ranks([len(selection)], accelerator)[0]), 1)
     old_logp, ref_logp = {}, {}
     if cfg.algo.num_iterations > 1 or cfg.algo.beta > 0:
         with torch.no_grad():
@@ -201,6 +252,9 @@ def _update(model, optimizer, scheduler, rollout, selection: Selection, cfg: Tra
             kl_sum += out.kl * len(sel) / total
             clip_sum += out.clip_fraction * len(sel) / total
         params = [p for p in model.parameters() if p.requires_grad]
+        # Sum the LoRA gradients over ranks explicitly: selected_logprobs bypasses DDP's forward hooks.
+        dist.sync_gradients(params, accelerator)
+        loss_sum, kl_sum, clip_sum = dist.sum_over_ranks([loss_sum, kl_sum, clip_sum], accelerator)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))
         optimizer.step()
         stats = {"loss": loss_sum, "kl": kl_sum, "clip_frac": clip_sum, "grad_norm": float(grad_norm)}
@@ -219,59 +273,16 @@ def _row_chunks(selection: Selection, rows_per_chunk: int) -> list[Selection]:
     return chunks
 
 
-def _batch_for_step(train_rows: list[dict], step: int, size: int, seed: int) -> list[dict]:
-    """The prompts of step ``step`` (1-based): consecutive slices of a per-epoch shuffle. A pure function
-    of (seed, step), which is what makes resuming exact."""
-    n = len(train_rows)
-    out = []
-    for pos in range((step - 1) * size, step * size):
-        epoch, index = divmod(pos, n)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(train_rows[order[index]])
-    return out
 
 
-def _scheduler(optimizer, cfg: TrainConfig):
-    from transformers import get_scheduler
-
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.optim.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                         num_training_steps=max(cfg.max_steps, 1))
 
 
-def _resolve_run_dir(cfg: TrainConfig, run_dir: Path | None) -> tuple[Path, Path | None]:
-    default = Path(run_dir or cfg.output_dir or _hydra_run_dir() or Path("outputs/train") / time.strftime("%Y-%m-%d/%H-%M-%S"))
-    resume_from = None
-    if cfg.resume and str(cfg.resume).lower() not in ("false", "none", "null"):
-        # `resume=true` searches the recipe's output root (outputs/train/<date>/<time>/...).
-        root = default.parent.parent
-        resume_from = find_resume_checkpoint(cfg.resume, root)
-        if resume_from is None:
-            log.warning("resume=%s: no checkpoint found under %s; starting fresh", cfg.resume, root)
-        else:
-            return resume_from.parent.parent, resume_from  # continue writing into the resumed run
-    default.mkdir(parents=True, exist_ok=True)
-    return default, resume_from
 
 
-def _hydra_run_dir() -> str | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but CUDA is not available; use device=auto or device=cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _nanmean(values) -> float:
@@ -286,10 +297,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 class _progress:
     """tqdm bar with live reward / accuracy; silent when stderr is not a terminal (CI logs stay short)."""
 
-    def __init__(self, total: int, initial: int):
+    def __init__(self, total: int, initial: int, disable: bool = False):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc="train", disable=None, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, desc="train", disable=True if disable else None,
+                        dynamic_ncols=True)
 
     def update(self, n: int, **postfix):
         self.bar.set_postfix({k: round(v, 3) for k, v in postfix.items() if v is not None}, refresh=False)
@@ -302,6 +314,10 @@ class _progress:
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     summary = run(cfg)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # every rank returns the summary; one prints it
+        return
     before = summary["accuracy_before"]
     print(f"held-out greedy accuracy: before={before} after={summary['accuracy_after']:.4f}")
     print(f"adapter saved to {summary['adapter']}")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ValidationError
 
 from tests.conftest import ROOT, TINY, compose_train
 from train.config import to_config
@@ -107,3 +106,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert sorted(got) == list(range(1, 17)), "metrics.jsonl must hold each step exactly once"
     for step in range(resumed_from + 1, 17):
         assert got[step] == pytest.approx(want[step], abs=1e-6), f"step {step} differs after resume"
+
+
+def test_offline_uncached_model_error_names_it_and_says_what_to_do():
+    # A fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE when it is imported.
+    code = ("import torch\nfrom train.models import ModelConfig, load_model\n"
+            "load_model(ModelConfig(name_or_path='no-such-org/no-such-model'), torch.device('cpu'))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.returncode != 0
+    assert "no-such-org/no-such-model" in out.stderr and "HF_HUB_OFFLINE is set" in out.stderr

@@ -20,12 +20,12 @@ from tasks.config import TaskConfig
 from train.models import LoraConfig, ModelConfig
 from train.rollout import GenerationConfig
 
-ALGOS = ("sgrpo", "grpo")
+ALGOS = ("sgrpo", "grpo", "tspmo")
 
 
 @dataclass
 class AlgoConfig:
-    name: str = "sgrpo"  # sgrpo | grpo
+    name: str = "sgrpo"  # sgrpo | grpo | tspmo
     group_size: int = 8  # G completions per prompt
     # S-GRPO token selection: first k_early completion tokens always, later ones with prob p_keep·decay^(t-k)
     k_early: int = 8
@@ -37,6 +37,12 @@ class AlgoConfig:
     num_iterations: int = 1  # optimisation passes over each batch of completions
     adv_eps: float = 1e-4
     scale_by_std: bool = True
+    # T-SPMO (train/tspmo.py): credit at the branch points of a prefix trie over each group's completions
+    min_visits: int = 1  # a transition counts only if >= min_visits completions took it
+    weighting: str = "unique"  # unique (each transition once, the paper) | visits (once per completion taking it)
+    adv_norm: str = "none"  # none | reward_std (per group) | batch_std (over the step's selected tokens)
+    max_selected: int = 0  # cap on selected tokens per step, largest |A| kept (0 = no cap)
+    replay_samples: int = 0  # extra continuations per group from its highest-|A| prefix (0 = no replay)
 
     def __post_init__(self):
         if self.name not in ALGOS:
@@ -55,6 +61,16 @@ class AlgoConfig:
             raise ValueError(f"algo.beta must be >= 0, got {self.beta}")
         if self.num_iterations < 1:
             raise ValueError(f"algo.num_iterations must be >= 1, got {self.num_iterations}")
+        if self.min_visits < 1:
+            raise ValueError(f"algo.min_visits must be >= 1, got {self.min_visits}")
+        if self.weighting not in ("unique", "visits"):
+            raise ValueError(f"algo.weighting must be unique|visits, got {self.weighting!r}")
+        if self.adv_norm not in ("none", "reward_std", "batch_std"):
+            raise ValueError(f"algo.adv_norm must be none|reward_std|batch_std, got {self.adv_norm!r}")
+        if self.max_selected < 0:
+            raise ValueError(f"algo.max_selected must be >= 0 (0 = no cap), got {self.max_selected}")
+        if self.replay_samples < 0:
+            raise ValueError(f"algo.replay_samples must be >= 0, got {self.replay_samples}")
 
 
 @dataclass
@@ -109,7 +125,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 100
     prompts_per_step: int = 8
-    max_minutes: Optional[float] = None  # stop the loop (then evaluate and save) after this wall time
+    max_minutes: Optional[float] = None  # wall-time budget for the whole run: the loop stops early enough to evaluate and save
     eval_every: int = 0  # steps between held-out evaluations (0 = only before and after)
     eval_before: bool = True
     eval_limit: Optional[int] = None  # held-out problems per evaluation (None = whole split)

@@ -7,6 +7,7 @@ column, and a completion ends at its first EOS (or stop string); everything afte
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,7 +24,10 @@ class GenerationConfig:
     batch_size: int = 64  # sequences per generate call (prompts x samples); bounds memory
     eval_max_new_tokens: Optional[int] = None  # greedy evaluation budget; None = max_new_tokens
     eval_batch_size: int = 64
-    backend: str = "hf"  # hf | vllm (GPU; see README)
+    backend: str = "hf"  # hf | vllm (GPU, `pip install "frugal-rl[vllm]"`; sampling during training only)
+    vllm_mode: str = "colocate"  # colocate (vLLM shares each training GPU) | server (`trl vllm-serve`, multi-node)
+    vllm_server_url: Optional[str] = None  # server mode, e.g. http://10.0.0.5:8000
+    vllm_gpu_memory_utilization: float = 0.3  # colocate: share of GPU memory vLLM may take
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -36,6 +40,16 @@ class GenerationConfig:
             raise ValueError("generation.batch_size and generation.eval_batch_size must be >= 1")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"generation.backend must be hf|vllm, got {self.backend!r}")
+        if self.vllm_mode not in ("colocate", "server"):
+            raise ValueError(f"generation.vllm_mode must be colocate|server, got {self.vllm_mode!r}")
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise MissingExtraError(
+                "generation.backend=vllm needs vLLM, which is not installed: "
+                'pip install "frugal-rl[vllm]" (Linux + CUDA GPUs), or use generation.backend=hf')
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency (a ``frugal-rl[...]`` extra) is needed for the requested feature."""
 
 
 @dataclass
@@ -91,10 +105,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig, num_samples: int = 1,
              greedy: bool = False) -> Rollout:
     """Sample ``num_samples`` completions per chat prompt (greedy decoding if ``greedy``)."""
-    if cfg.backend != "hf":
-        raise NotImplementedError(
-            "generation.backend=vllm is provided by the scaling-out work (issue 7); use generation.backend=hf"
-        )
+    # This is the HF backend for every caller; with generation.backend=vllm the training loop samples through
+    # VLLMSampler instead and evaluation (greedy, small) stays here.
     device = next(model.parameters()).device
     eos_ids = eos_token_ids(model, tokenizer)
     max_new = (cfg.eval_max_new_tokens or cfg.max_new_tokens) if greedy else cfg.max_new_tokens
@@ -116,9 +128,15 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig,
             gen_kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         if cfg.stop_strings:
             gen_kwargs.update(stop_strings=list(cfg.stop_strings), tokenizer=tokenizer)
-        out = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+        if num_samples > 1 and ids.shape[1] > 1:
+            gen_kwargs.update(num_return_sequences=1, cache=_shared_prompt_cache(model, ids, mask, num_samples))
+            ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
+            out = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+        else:
+            out = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+            ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
         completion = out[:, ids.shape[1]:]
-        parts.append((ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), completion))
+        parts.append((ids, mask, completion))
     if was_training:
         model.train()
     prompt_ids = _pad_left([p[0] for p in parts], tokenizer.pad_token_id)
@@ -133,6 +151,23 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig,
     ]
     return Rollout(prompt_ids, prompt_mask, completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
                    completion_mask, texts, num_samples)
+
+
+def _shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, num_samples: int):
+    """KV cache of each prompt but its last token, prefilled once and repeated for its ``num_samples`` rows.
+
+    ``num_return_sequences=G`` would prefill every prompt G times; for short completions that prefill is a
+    large share of the sampling work. ``generate`` then runs only the last prompt token per row (whose
+    logits give the first sampled token) and decodes as usual.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    head_ids, head_mask = ids[:, :-1], mask[:, :-1]
+    model(input_ids=head_ids, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
+          cache=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(num_samples)
+    return cache
 
 
 def _mask_after_stop_strings(ids, mask, tokenizer, stop_strings):
@@ -156,3 +191,50 @@ def _pad_left(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
 def _pad_right(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     width = max(t.shape[1] for t in tensors)
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+
+class VLLMSampler:
+    """``generation.backend=vllm``: sample the training completions with vLLM through TRL's
+    ``VLLMGeneration`` (GPU only; not exercised by the CPU test suite).
+
+    * ``vllm_mode=colocate``: every rank holds its own vLLM engine on its GPU (``vllm_gpu_memory_utilization``
+      of its memory) and samples its own shard of prompts.
+    * ``vllm_mode=server``: rank 0 sends all ranks' prompts to a ``trl vllm-serve`` server
+      (``vllm_server_url``), which is how multi-node runs keep generation on dedicated GPUs.
+
+    Weights: after every optimizer step the LoRA adapter is merged into the base weights, the merged tensors
+    are loaded into vLLM (``VLLMGeneration.sync_weights``) and the adapter is unmerged again, so vLLM always
+    samples from the current policy. (Merged weights rather than a vLLM LoRA adapter: one code path for
+    both modes, and it works for every architecture vLLM serves.)
+    """
+
+    def __init__(self, model, tokenizer, accelerator, cfg: GenerationConfig):
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.engine = VLLMGeneration(
+            model, accelerator, tokenizer, mode=cfg.vllm_mode, server_base_url=cfg.vllm_server_url,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, temperature=cfg.temperature,
+            top_p=cfg.top_p, top_k=cfg.top_k, max_completion_length=cfg.max_new_tokens,
+        )
+
+    def __call__(self, model, prompts: list[list[dict]], num_samples: int) -> Rollout:
+        self.engine.sync_weights()  # the policy changed since the last call
+        tok = self.tokenizer
+        ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for p in prompts]
+        repeated = [row for row in ids for _ in range(num_samples)]  # VLLMGeneration expects G copies per prompt
+        prompt_ids, completion_ids, _, _ = self.engine.generate(repeated, None, num_samples)
+        device = next(model.parameters()).device
+        prompt_mask = _pad_left([torch.ones(1, len(p), dtype=torch.long) for p in prompt_ids], 0).to(device)
+        prompt_ids = _pad_left([torch.tensor([list(p)]) for p in prompt_ids], tok.pad_token_id).to(device)
+        completion = _pad_right([torch.tensor([list(c) or [tok.pad_token_id]]) for c in completion_ids],
+                                tok.pad_token_id).to(device)
+        # vLLM returns each completion at its own length (the EOS included when it stopped there); the
+        # padding must not count as tokens even where pad == eos.
+        lengths = torch.tensor([len(c) for c in completion_ids], device=device)
+        within = (torch.arange(completion.shape[1], device=device)[None, :] < lengths[:, None]).long()
+        mask = completion_mask_from_ids(completion, eos_token_ids(model, tok)) * within
+        texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(completion, mask)]
+        return Rollout(prompt_ids, prompt_mask, completion * mask + tok.pad_token_id * (1 - mask), mask, texts,
+                       num_samples)

@@ -13,7 +13,8 @@ log-probabilities by evaluating the LM head only there.
   Early tokens are where a short reasoning trace commits to its approach, so they are prioritised; the
   rest are subsampled, which cuts the LM-head and backward cost roughly in proportion to the tokens
   dropped and, because attention is causal, lets us crop each batch after its last kept position.
-* T-SPMO (later issue) produces its triples from a prefix tree.
+* T-SPMO (Lee & Tong, 2025): one triple per token transition at a branch point of the prefix trie over
+  a group's completions, with advantage A(p, v) = V(p·v) − V(p); see ``train.tspmo``.
 """
 
 from __future__ import annotations

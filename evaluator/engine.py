@@ -1,0 +1,359 @@
+"""The one generation engine every search strategy uses, with per-model token accounting.
+
+Strategies never call ``generate``; they hold :class:`Candidate` objects (a partial solution of one
+problem) and ask the engine to extend a whole batch of them at once:
+
+    engine.extend(problems, cands)                     # one more step each (until the step delimiter)
+    engine.extend(problems, cands, max_tokens=64, stop_at_step=False)   # up to τ tokens (early rejection)
+    engine.extend(problems, cands, stop_at_step=False)                  # to the end (best-of-N, majority)
+
+All unfinished candidates of all problems go through batched ``model.generate`` calls (``batch_size`` rows
+each, rows of one prompt side by side and sorted by length so little padding is wasted); finished candidates are returned untouched and
+cost nothing. A candidate finishes at EOS, at one of ``stop_strings``, after ``max_steps`` steps or
+``max_new_tokens`` generated tokens.
+
+Token accounting (:class:`Counts`, one per model; :mod:`evaluator.flops` turns them into FLOPs):
+
+* ``prefill`` — tokens encoded before generating: each distinct prompt once (shared by all candidates
+  of that problem, across calls), plus each row's last prompt token and partial solution per call;
+* ``decode`` — tokens generated and kept, per row (a row that stopped early is not charged for the
+  padding HF keeps decoding for the rest of the batch: that is an artifact of static batching);
+* ``attention`` — Σ over processed tokens of the number of keys each one attends to (itself and every
+  token before it: the i-th token of a sequence adds i; see :meth:`Counts.add`), for the attention FLOPs
+  term. A generated token is charged as one processed token (the forward pass that feeds it back).
+
+What is reused (prompt-prefix reuse): every distinct prompt except its last token is prefilled once
+into a KV cache and kept (per prompt, until :meth:`Engine.clear_prompt_cache`; the harness clears it
+between chunks of problems); each call gathers those KV rows for its candidates and ``generate``
+continues every row from [last prompt token + partial solution] with the usual KV cache, so every
+generated token costs one forward position. The partial solutions are not cached across calls: steps
+are text (the PRM reads text; the next step may re-tokenise the boundary differently), so each call
+re-encodes each candidate's partial solution, and the counts say so — step-wise strategies (beam,
+particle filtering) pay that per step. ``summary.json`` reports prefill and generated tokens
+separately.
+
+:class:`CountingPRM` wraps a PRM (``train.prm.PRM`` or anything with the same ``score`` /
+``score_partial`` API) and keeps the same counts for it: tokens from the PRM's own ``last_tokens``
+(non-padding tokens it ran), the attention sum from the encoded lengths.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence
+
+import torch
+
+from train.prm import split_steps
+from train.rollout import eos_token_ids
+
+
+@dataclass
+class EngineConfig:
+    step_delimiter: str = "\n\n"  # ends a step; the PRM scores at step ends
+    stop_strings: list[str] = field(default_factory=list)  # end a whole solution (e.g. "</answer>")
+    max_steps: int = 12  # a solution is finished after this many steps
+    max_step_tokens: int = 96  # tokens per step (a longer step is cut there and continues next call)
+    max_new_tokens: int = 256  # tokens per solution
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    batch_size: int = 64  # rows per generate call (bounds memory)
+
+    def __post_init__(self):
+        if not self.step_delimiter:
+            raise ValueError("engine.step_delimiter must be a non-empty string")
+        for key in ("max_steps", "max_step_tokens", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ValueError(f"engine.temperature must be > 0 (greedy is a strategy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"engine.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Counts:
+    """Tokens one model processed (see the module docstring for what each field counts)."""
+
+    prefill: int = 0
+    decode: int = 0
+    attention: int = 0
+    calls: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prefill + self.decode
+
+    def add(self, prefill: int, generated: int = 0, context: int = 0) -> None:
+        """Charge one row: ``prefill`` tokens encoded after ``context`` cached tokens, then ``generated``
+        tokens after those. The i-th token of the sequence attends to i keys (itself included), so prefill
+        token k adds context + k and generated token j adds context + prefill + j."""
+        self.prefill += prefill
+        self.decode += generated
+        self.attention += prefill * context + prefill * (prefill + 1) // 2
+        before = context + prefill
+        self.attention += generated * before + generated * (generated + 1) // 2
+
+    def snapshot(self) -> "Counts":
+        return copy.copy(self)
+
+    def since(self, before: "Counts") -> "Counts":
+        return Counts(self.prefill - before.prefill, self.decode - before.decode,
+                      self.attention - before.attention, self.calls - before.calls)
+
+
+@dataclass
+class Candidate:
+    """A (partial) solution of problem ``problem``; strategies copy, score and select these."""
+
+    problem: int
+    text: str = ""
+    tokens: int = 0  # generated tokens in ``text`` (inherited by copies; bounds max_new_tokens)
+    finished: bool = False
+    scores: list[float] = field(default_factory=list)  # PRM step scores of ``text`` (set by strategies)
+
+    def copy(self) -> "Candidate":
+        return Candidate(self.problem, self.text, self.tokens, self.finished, list(self.scores))
+
+    def steps(self, delimiter: str = "\n\n") -> list[str]:
+        return split_steps(self.text, delimiter)
+
+
+class Engine:
+    """Batched step-wise generation for one policy model; ``counts`` accumulates its token usage."""
+
+    def __init__(self, model, tokenizer, cfg: EngineConfig, name: str = "policy"):
+        self.model, self.tokenizer, self.cfg, self.name = model, tokenizer, cfg, name
+        self.counts = Counts()
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self._template_cache: dict[tuple, str] = {}
+        self._ids_cache: dict[str, list[int]] = {}
+        self._kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prompt -> per-layer (K, V)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt_text(self, prompt: list[dict]) -> str:
+        """The chat-templated prompt (with the assistant turn opened), cached per prompt."""
+        key = tuple((m["role"], m["content"]) for m in prompt)
+        if key not in self._template_cache:
+            self._template_cache[key] = self.tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=False)
+        return self._template_cache[key]
+
+    def num_steps(self, cand: Candidate) -> int:
+        return len(cand.steps(self.cfg.step_delimiter))
+
+    @torch.inference_mode()
+    def extend(self, problems: Sequence[dict], cands: Sequence[Candidate], max_tokens: Optional[int] = None,
+               stop_at_step: bool = True, greedy: bool = False) -> list[Candidate]:
+        """Extend every unfinished candidate (new objects; the inputs are not modified).
+
+        ``stop_at_step``: stop at the end of the current step (the step delimiter). ``max_tokens``: at most
+        this many new tokens (default: ``max_step_tokens`` when stopping at steps, else the rest of
+        ``max_new_tokens``). ``problems[c.problem]["prompt"]`` is the chat prompt of candidate ``c``.
+        """
+        out = [c.copy() for c in cands]
+        todo = [i for i, c in enumerate(out) if not c.finished]
+        if not todo:
+            return out
+        cap = max_tokens if max_tokens is not None else (self.cfg.max_step_tokens if stop_at_step else None)
+        items = []  # (templated prompt, tail ids = last prompt token + partial solution)
+        for i in todo:
+            prompt = self.prompt_text(problems[out[i].problem]["prompt"])
+            text = out[i].text
+            partial = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            items.append((prompt, self._prompt_ids(prompt)[-1:] + partial))
+        # Rows of one prompt side by side (they share its prefill), similar lengths together (less padding).
+        order = sorted(range(len(todo)), key=lambda k: (items[k][0], len(items[k][1])))
+        for start in range(0, len(order), self.cfg.batch_size):
+            chunk = order[start:start + self.cfg.batch_size]
+            limits = [self._limit(out[todo[k]], cap) for k in chunk]
+            rows = self._generate([items[k] for k in chunk], max(limits), stop_at_step, greedy)
+            for k, limit, (ids, context) in zip(chunk, limits, rows):
+                self._apply(out[todo[k]], ids[:limit], context, stop_at_step)
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        if prompt not in self._ids_cache:
+            self._ids_cache[prompt] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self._ids_cache[prompt]
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the prompts' KV caches. The store grows with every new prompt, so callers running many
+        problems clear it between chunks (the harness does, per strategy, budget and chunk)."""
+        self._kv.clear()
+
+    def _prompt_cache_for(self, prompts: list[str], heads: list[list[int]], width: int):
+        """A DynamicCache with each prompt's KV (all but its last token), left-padded to ``width``.
+        Prompts not seen since the last :meth:`clear_prompt_cache` are prefilled (batched) and charged;
+        the others are reused for free — the prefix cache of a serving engine."""
+        from transformers import DynamicCache
+
+        new = [(p, h) for p, h in zip(prompts, heads) if p not in self._kv and h]
+        if new:
+            ids, mask = _left_pad([h for _, h in new], self.tokenizer.pad_token_id, self.device)
+            fresh = DynamicCache()
+            self.model(input_ids=ids, attention_mask=mask, cache=fresh, use_cache=True,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
+            for r, (prompt, head) in enumerate(new):
+                n = len(head)
+                self._kv[prompt] = [(layer.keys[r:r + 1, :, -n:].clone(), layer.values[r:r + 1, :, -n:].clone())
+                                    for layer in fresh.layers]
+                self.counts.add(n)
+        ref = next(self._kv[p] for p, h in zip(prompts, heads) if h)
+        layers = []
+        for i, (ref_k, ref_v) in enumerate(ref):
+            keys, values = [], []
+            for prompt, head in zip(prompts, heads):
+                k, v = self._kv[prompt][i] if head else (ref_k[:, :, :0], ref_v[:, :, :0])
+                pad = width - k.shape[2]  # zeros under attention mask 0: never attended to
+                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return DynamicCache(ddp_cache_data=layers)
+
+    def _limit(self, cand: Candidate, cap: Optional[int]) -> int:
+        left = self.cfg.max_new_tokens - cand.tokens
+        return max(1, min(left, cap) if cap is not None else left)
+
+    def _generate(self, items: list[tuple[str, list[int]]], max_new: int, stop_at_step: bool, greedy: bool):
+        """One batched ``generate`` with prompt-prefix reuse: each distinct prompt's KV (all but its last
+        token) comes from :meth:`_prompt_cache_for`, its rows are gathered for the candidates, and
+        ``generate`` continues from it with [last prompt token + partial solution] per row. Returns, per
+        row, its generated ids and the context length before them."""
+        tok, dev = self.tokenizer, self.device
+        pad = tok.pad_token_id
+        was_training = self.model.training
+        self.model.eval()  # before the prompt prefill too (no dropout in evaluation)
+        prompts = list(dict.fromkeys(p for p, _ in items))
+        heads = [self._prompt_ids(p)[:-1] for p in prompts]
+        which = torch.tensor([prompts.index(p) for p, _ in items], device=dev)
+        head_ids, head_mask = _left_pad(heads, pad, dev)
+        tail_ids, tail_mask = _left_pad([t for _, t in items], pad, dev)
+        kwargs = dict(max_new_tokens=max_new, eos_token_id=self.eos_ids, pad_token_id=pad, use_cache=True)
+        if head_ids.shape[1] > 0:
+            # Middle padding [pad prompt | pad tail] is fine: positions come from the attention mask.
+            cache = self._prompt_cache_for(prompts, heads, head_ids.shape[1])
+            cache.batch_select_indices(which)
+            kwargs["cache"] = cache  # (`past_key_values` before transformers 5.x)
+        ids = torch.cat([head_ids[which], tail_ids], dim=1)
+        mask = torch.cat([head_mask[which], tail_mask], dim=1)
+        if greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                          top_k=self.cfg.top_k)
+        stops = list(self.cfg.stop_strings) + ([self.cfg.step_delimiter] if stop_at_step else [])
+        if stops:
+            kwargs.update(stop_strings=stops, tokenizer=tok)
+        generated = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
+        self.model.train(was_training)
+        self.counts.calls += 1
+        rows = []
+        for r, (prompt, tail) in enumerate(items):
+            context = len(heads[int(which[r])])
+            self.counts.add(len(tail), context=context)
+            rows.append((generated[r].tolist(), context + len(tail)))
+        return rows
+
+    def _apply(self, cand: Candidate, ids: list[int], context: int, stop_at_step: bool) -> None:
+        """Cut one row's new tokens at its first stop (step delimiter, stop string, EOS) and charge it."""
+        eos_at = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
+        body = ids[:eos_at] if eos_at is not None else ids
+        pieces = [self.tokenizer.decode([t]) for t in body]
+        new_text = "".join(pieces)
+        cut, ends_solution = None, False
+        for stop in self.cfg.stop_strings:  # an explicit end-of-solution marker wins
+            at = new_text.find(stop)
+            if at >= 0 and (cut is None or at + len(stop) < cut):
+                cut, ends_solution = at + len(stop), True
+        if stop_at_step:
+            at = self._step_end(cand.text, new_text)
+            if at is not None and (cut is None or at < cut):
+                cut, ends_solution = at, False
+        if cut is not None:
+            kept, length = 0, 0
+            while kept < len(pieces) and length < cut:
+                length += len(pieces[kept])
+                kept += 1
+            new_text, used = new_text[:cut], kept
+        elif eos_at is not None:
+            ends_solution, used = True, eos_at + 1  # the EOS token was generated too
+        else:
+            used = len(ids)
+        self.counts.add(0, used, context)
+        cand.text += new_text
+        cand.tokens += used
+        cand.finished = (ends_solution or cand.tokens >= self.cfg.max_new_tokens
+                         or (self.num_steps(cand) >= self.cfg.max_steps and cand.text.endswith(self.cfg.step_delimiter)))
+
+    def _step_end(self, old_text: str, new_text: str) -> Optional[int]:
+        """Index in ``new_text`` just after the delimiter that closes the current step (a delimiter with
+        only whitespace before it in the step does not close a step), or None."""
+        delim = self.cfg.step_delimiter
+        open_step = old_text.split(delim)[-1] if old_text else ""
+        start = 0
+        while True:
+            at = new_text.find(delim, start)
+            if at < 0:
+                return None
+            if (open_step + new_text[:at]).strip():
+                return at + len(delim)
+            start = at + 1
+
+
+# ---------------------------------------------------------------------- the PRM side
+
+class PRMLike(Protocol):
+    """What the evaluator needs from a PRM (``train.prm.PRM`` satisfies it)."""
+
+    def score(self, prompts: Sequence[Any], steps_batch: Sequence[Sequence[str]]) -> list[list[float]]: ...
+
+    def score_partial(self, prompts: Sequence[Any], texts: Sequence[str]) -> list[list[float]]: ...
+
+
+class CountingPRM:
+    """A PRM plus its token counts. ``score_candidates`` sets ``cand.scores`` for a batch of candidates in
+    one ``score_partial`` call (a trailing unfinished step counts as a step)."""
+
+    def __init__(self, prm: PRMLike, name: str = "prm"):
+        self.prm, self.name = prm, name
+        self.counts = Counts()
+
+    def score_partial(self, prompts: Sequence[Any], texts: Sequence[str]) -> list[list[float]]:
+        scores = self.prm.score_partial(prompts, texts)
+        self._charge(prompts, texts)
+        return scores
+
+    def score_candidates(self, problems: Sequence[dict], cands: Sequence[Candidate]) -> None:
+        if not cands:
+            return
+        scores = self.score_partial([problems[c.problem]["prompt"] for c in cands], [c.text for c in cands])
+        for cand, s in zip(cands, scores):
+            cand.scores = list(s)
+
+    def _charge(self, prompts, texts) -> None:
+        self.counts.calls += 1
+        separator = getattr(getattr(self.prm, "cfg", None), "separator", "\n\n")
+        lengths = []
+        if hasattr(self.prm, "encode"):
+            for p, t in zip(prompts, texts):
+                steps = split_steps(t, separator)
+                if steps:  # solutions with no steps are not run through the PRM
+                    lengths.append(len(self.prm.encode(p, steps).ids))
+        total = getattr(self.prm, "last_tokens", None)
+        total = sum(lengths) if total is None else int(total)
+        self.counts.prefill += total
+        self.counts.attention += sum(n * (n + 1) // 2 for n in lengths) if lengths else total
+
+
+def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(x) for x in seqs), default=0)
+    ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], dtype=torch.long, device=device)
+    return ids.reshape(len(seqs), width), mask.reshape(len(seqs), width)

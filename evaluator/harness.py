@@ -1,0 +1,209 @@
+"""The evaluation harness: run strategies at several budgets, grade, account, write and plot.
+
+For each (strategy, budget) the harness runs the strategy over the problems (in chunks of
+``problems_per_call``, seeded by (seed, budget, chunk) so any run is reproducible and independent of which
+other strategies ran), grades the chosen solution with ``rewards.verify.is_correct`` (the training
+reward's verifier), and records the tokens each model processed and their FLOPs (:mod:`evaluator.flops`).
+
+Outputs in the run dir: ``results.jsonl`` (one row per problem, strategy and budget: chosen solution,
+predicted answer, correct, every candidate with its step scores and tokens), ``summary.json`` (one row per
+strategy and budget: accuracy, policy tokens (prefill / generated), PRM tokens, FLOPs per model, wall
+time), ``accuracy_vs_flops.png`` and ``accuracy_vs_budget.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from evaluator import strategies
+from evaluator.engine import Counts, CountingPRM, Engine
+from evaluator.flops import ModelShape, policy_shape, prm_shape
+from evaluator.strategies.common import answer_of, solution_score
+from rewards.verify import is_correct
+from train.checkpoint import atomic_write_text
+
+log = logging.getLogger("frugal.eval")
+
+
+@dataclass
+class Row:
+    """summary.json: one strategy at one budget."""
+
+    strategy: str
+    budget: int
+    problems: int
+    accuracy: float
+    policy_prefill_tokens: int
+    policy_generated_tokens: int
+    prm_tokens: int
+    flops_policy: float
+    flops_prm: float
+    flops_total: float
+    wall_s: float
+    policy_calls: int
+    prm_calls: int
+
+
+def run_strategy(name: str, problems: Sequence[dict], budgets: Sequence[int], engine: Engine,
+                 prm: Optional[CountingPRM], search_cfg, seed: int = 0, problems_per_call: int = 32,
+                 label: Optional[str] = None, progress: bool = True) -> tuple[list[Row], list[dict]]:
+    """Run strategy ``name`` at every budget; return the summary rows and the per-problem records."""
+    from tqdm.auto import tqdm
+
+    label = label or name
+    run = strategies.get(name)
+    pshape = policy_shape(engine.model)
+    rshape = prm_shape(prm.prm) if prm is not None and hasattr(prm.prm, "model") else ModelShape(0, 0, 0)
+    rows, records = [], []
+    bar = tqdm(total=len(budgets) * len(problems), desc=f"eval {label}", disable=None if progress else True,
+               dynamic_ncols=True)
+    for budget in budgets:
+        before_policy = engine.counts.snapshot()
+        before_prm = prm.counts.snapshot() if prm is not None else Counts()
+        started, correct = time.time(), 0
+        for start in range(0, len(problems), problems_per_call):
+            chunk = list(problems[start:start + problems_per_call])
+            torch.manual_seed(seed * 1_000_003 + budget * 1_009 + start)
+            engine.clear_prompt_cache()  # every (strategy, budget, chunk) pays its own prompt prefills
+            results = run(chunk, budget, engine, prm, search_cfg)
+            for row, res in zip(chunk, results):
+                ok = is_correct(res.chosen.text, str(row["answer"]), row.get("answer_format", "boxed"))
+                correct += ok
+                records.append(_record(label, budget, row, res, ok, chunk, search_cfg.aggregation))
+            bar.update(len(chunk))
+            bar.set_postfix(budget=budget, acc=round(correct / min(start + len(chunk), len(problems)), 3))
+        policy = engine.counts.since(before_policy)
+        scored = prm.counts.since(before_prm) if prm is not None else Counts()
+        fp, fr = pshape.flops(policy), rshape.flops(scored)
+        rows.append(Row(label, budget, len(problems), correct / len(problems), policy.prefill, policy.decode,
+                        scored.tokens, fp, fr, fp + fr, time.time() - started, policy.calls, scored.calls))
+        log.info("%s N=%d: accuracy %.3f, policy %d+%d tokens, PRM %d tokens, %.3g FLOPs", label, budget,
+                 rows[-1].accuracy, policy.prefill, policy.decode, scored.tokens, fp + fr)
+    bar.close()
+    return rows, records
+
+
+def _record(label, budget, row, res, ok, chunk, how) -> dict:
+    def cand(c):
+        return {"text": c.text, "scores": c.scores, "tokens": c.tokens, "finished": c.finished}
+
+    return {"strategy": label, "budget": budget, "id": row.get("id"), "question": row.get("question"),
+            "answer": row["answer"], "chosen": res.chosen.text, "predicted": answer_of(res.chosen, chunk),
+            "chosen_score": solution_score(res.chosen, how) if res.chosen.scores else None,
+            "correct": bool(ok), "candidates": [cand(c) for c in res.candidates], "info": res.info}
+
+
+def write_outputs(run_dir: Path, rows: Sequence[Row], records: Sequence[dict], plots: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    summary = {"rows": [asdict(r) for r in rows]}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if plots:
+        plot(rows, run_dir)
+    return summary
+
+
+def plot(rows: Sequence[Row], run_dir: Path) -> list[Path]:
+    """accuracy_vs_flops.png (log x, total FLOPs policy + PRM) and accuracy_vs_budget.png, one line per
+    strategy. Written to a temporary name and renamed (atomic)."""
+    import os
+
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    by_strategy: dict[str, list[Row]] = {}
+    for r in rows:
+        by_strategy.setdefault(r.strategy, []).append(r)
+    paths = []
+    for x_key, name, xlabel, logx in (("flops_total", "accuracy_vs_flops.png", "FLOPs (policy + PRM)", True),
+                                      ("budget", "accuracy_vs_budget.png", "budget N", True)):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for strategy, points in by_strategy.items():
+            points = sorted(points, key=lambda r: getattr(r, x_key))
+            ax.plot([getattr(r, x_key) for r in points], [100 * r.accuracy for r in points], marker="o", label=strategy)
+        if logx:
+            ax.set_xscale("log", base=10 if x_key == "flops_total" else 2)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # overlapping minor labels
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(run_dir) / name
+        tmp = path.with_name(f".{name}.tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------- the `frugal eval` entry
+
+def load_problems(cfg) -> list[dict]:
+    from rewards.verify import validate_gold_answers
+    from tasks import load_task
+
+    data = load_task(cfg.task)
+    problems = data.test if cfg.split == "test" else data.train
+    problems = problems[:cfg.limit] if cfg.limit else problems
+    if not problems:
+        raise ValueError(f"task={cfg.task.name} split={cfg.split}: no problems to evaluate")
+    validate_gold_answers(problems, source=f"task={cfg.task.name}")
+    return problems
+
+
+def prepare(cfg, run_dir: Path):
+    """What ``frugal eval`` and ``frugal plan`` share: the run dir, threads, device, a ``config.yaml`` with
+    secrets removed, the problems and the policy's engine. Returns (run_dir, device, config, problems, engine)."""
+    from omegaconf import OmegaConf
+
+    from train.config import scrub_secrets
+    from train.models import load_model
+    from train.runtime import device_from
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = device_from(cfg.device)
+    config_dict = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+    problems = load_problems(cfg)
+    model, tok = load_model(cfg.model, device)
+    return run_dir, device, config_dict, problems, Engine(model, tok, cfg.engine)
+
+
+def evaluate(cfg, run_dir: Path) -> dict:
+    """Everything ``frugal eval`` does, given a validated :class:`evaluator.config.EvalConfig`."""
+
+    from train.tracking import Tracker
+
+    run_dir, device, config_dict, problems, engine = prepare(cfg, run_dir)
+    prm = None
+    if cfg.prm_path:
+        from train.prm import load_prm
+
+        prm = CountingPRM(load_prm(cfg.prm_path, device))
+    budgets = [1] if cfg.search.name == "greedy" else list(cfg.search.budgets)
+    rows, records = run_strategy(cfg.search.name, problems, budgets, engine, prm, cfg.search, cfg.seed,
+                                 cfg.problems_per_call, progress=cfg.progress)
+    summary = write_outputs(run_dir, rows, records, cfg.plots)
+    tracker = Tracker(run_dir, cfg.logger, config_dict)
+    for i, r in enumerate(rows):
+        tracker.log({f"eval/{k}": v for k, v in asdict(r).items() if k != "strategy"}, step=i)
+    tracker.summary({f"accuracy_N{r.budget}": r.accuracy for r in rows})
+    tracker.finish()
+    summary["run_dir"] = str(run_dir)
+    return summary

@@ -1,0 +1,53 @@
+"""Early rejection with partial reward modelling: judge candidates on their first τ tokens and finish
+only the promising ones (Sun et al. 2024, "Fast Best-of-N Decoding via Speculative Rejection"; the
+partial-reward premise — a PRM's score of a prefix predicts the final solution's correctness — is what
+``scripts/bench_prm.py`` measures).
+
+Early-rejection best-of-N (``search.er_search=best_of_n``), budget N, beam width M:
+
+    1. sample N prefixes y_i[:τ] ~ p_θ(·|x)  (τ = search.tau tokens; a solution may finish earlier);
+    2. partial scores s_i = agg(PRM(x, y_i[:τ]))  (the unfinished last step counts as a step);
+    3. keep S = top max(1, N // M) prefixes by s_i, or {i : s_i ≥ threshold} (at least the best one)
+       when search.threshold is set; drop the rest;
+    4. complete the survivors, score them in full, answer ŷ = argmax_{i∈S} agg(PRM(x, y_i)).
+
+Policy cost falls from N·L generated tokens to N·τ + |S|·(L − τ); PRM cost from N full solutions to N
+prefixes + |S| solutions.
+
+Early-rejection beam search (``search.er_search=beam``): step-level beam search
+(:mod:`evaluator.strategies.beam`) where each child generates only τ tokens of its next step, the
+children are ranked on that partial step, and only the kept beams complete it.
+"""
+
+from __future__ import annotations
+
+from evaluator.strategies.beam import beam_search
+from evaluator.strategies.common import Result, best, by_problem, fresh, solution_score
+
+
+def run(problems, budget, engine, prm, cfg) -> list[Result]:
+    if cfg.er_search == "beam":
+        return beam_search(problems, budget, engine, prm, cfg, tau=cfg.tau)
+    prefixes = engine.extend(problems, fresh(len(problems), budget), max_tokens=cfg.tau, stop_at_step=False)
+    prm.score_candidates(problems, prefixes)
+    survivors = [c for group in by_problem(prefixes, len(problems)) for c in reject(group, budget, cfg)]
+    unfinished = [c for c in survivors if not c.finished]
+    completed = engine.extend(problems, unfinished, stop_at_step=False)
+    prm.score_candidates(problems, completed)
+    full = iter(completed)
+    survivors = [c if c.finished else next(full) for c in survivors]
+    results = []
+    for group, kept in zip(by_problem(prefixes, len(problems)), by_problem(survivors, len(problems))):
+        results.append(Result(best(kept, cfg.aggregation), kept, {"rejected": len(group) - len(kept)}))
+    return results
+
+
+def reject(group, budget: int, cfg) -> list:
+    """The candidates of one problem that survive: top ``budget // beam_width`` by partial score (the
+    earlier candidate wins a tie), or all scoring ≥ ``threshold`` (at least the best one)."""
+    ranked = sorted(range(len(group)), key=lambda i: (-solution_score(group[i], cfg.aggregation), i))
+    if cfg.threshold is not None:
+        kept = [i for i in ranked if solution_score(group[i], cfg.aggregation) >= cfg.threshold] or ranked[:1]
+    else:
+        kept = ranked[:max(1, budget // cfg.beam_width)]
+    return [group[i] for i in sorted(kept)]

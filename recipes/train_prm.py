@@ -1,0 +1,281 @@
+"""``frugal train-prm``: train a lightweight process reward model (backbone + LoRA + scoring head).
+
+Reads top to bottom: setup → data (exact labels from generated tasks and/or stepwise JSONL / HF data) →
+(resume) → loop {batch, BCE at separator positions, update, eval, log, checkpoint} → eval → save the
+PRM folder ``final/``. The loss is binary cross-entropy between the head's logit at the last separator
+token after each step and that step's label (soft labels stay soft), averaged over the steps of a
+batch — the objective of TRL's ``PRMTrainer`` and Math-Shepherd (Wang et al., 2024).
+
+    frugal train-prm                                   # exact labels, arithmetic + multiplication, ~8 min CPU
+    frugal train-prm data.paths=[labels.jsonl] data.generated=false   # Monte-Carlo labels from label-prm
+    frugal train-prm prm=newline model=tiny_random max_steps=5
+    python -m recipes.train_prm --cfg job              # print the composed config
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from train.runtime import batch_for_step, device_from, make_scheduler, resolve_run_dir, seed_everything
+from tasks import load_task
+from tasks.config import TaskConfig
+from tasks.rows import in_test_split
+from train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from train.config import LoggerConfig, OptimConfig, scrub_secrets, to_config
+from train.models import LoraConfig, ModelConfig
+from train.prm import HEAD_FILE, PRM, PRMConfig, auroc, build_prm, collate, step_metrics
+from train.prm_data import generated_examples, load_stepwise
+from train.tracking import Tracker
+
+log = logging.getLogger("frugal.train_prm")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@dataclass
+class PRMDataConfig:
+    generated: bool = True  # exact labels from `task` and `extra_tasks` (generated tasks only)
+    errors_per_row: int = 1  # corrupted copies per reference solution
+    operand_error_frac: float = 0.3  # share of injected errors that miscopy an operand (vs a wrong result)
+    paths: list[str] = field(default_factory=list)  # stepwise JSONL files / HF datasets (TRL format)
+    eval_paths: list[str] = field(default_factory=list)  # held-out stepwise data; else a hash split of `paths`
+    eval_fraction: float = 0.1
+    on_bad_row: str = "error"  # error | skip (counted)
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = 400
+
+    def __post_init__(self):
+        if self.errors_per_row < 0:
+            raise ValueError(f"data.errors_per_row must be >= 0, got {self.errors_per_row}")
+        if not 0.0 <= self.operand_error_frac <= 1.0:
+            raise ValueError(f"data.operand_error_frac must be in [0, 1], got {self.operand_error_frac}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_row must be error|skip, got {self.on_bad_row!r}")
+        if not self.generated and not self.paths:
+            raise ValueError("data: nothing to train on; set data.generated=true or data.paths=[file.jsonl]")
+
+
+@dataclass
+class TrainPRMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prm: PRMConfig = field(default_factory=PRMConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    extra_tasks: list[TaskConfig] = field(default_factory=list)  # more generated tasks in the mix
+    data: PRMDataConfig = field(default_factory=PRMDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    head_lr: float = 1e-3  # the scoring head starts from zero and learns faster than the adapter
+    seed: int = 0
+    max_steps: int = 200
+    batch_size: int = 16  # solutions per optimizer step
+    max_minutes: Optional[float] = None  # stop the loop (then evaluate and save) after this wall time
+    eval_every: int = 50  # steps between held-out evaluations (0 = only at the end)
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    resume: Optional[str] = None  # "true"/"latest" = newest checkpoint under the output root, or a path
+    output_dir: Optional[str] = None  # default: outputs/train_prm/<date>/<time>
+    device: str = "auto"
+    num_threads: Optional[int] = None
+
+    def __post_init__(self):
+        if self.max_steps < 0 or self.batch_size < 1:
+            raise ValueError("max_steps must be >= 0 and batch_size >= 1")
+        if self.head_lr <= 0:
+            raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
+        if self.eval_every < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("eval_every and save_every must be >= 0, keep_checkpoints >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_prm_schema", node=TrainPRMConfig)
+    cs.store(group="prm", name="prm_schema", node=PRMConfig)
+
+
+register_configs()
+
+
+def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
+    # ------------------------------------------------------------------ setup
+    cfg: TrainPRMConfig = to_config(raw_cfg, TrainPRMConfig)
+    run_dir, resume_from = resolve_run_dir(cfg, run_dir, recipe="train_prm")
+    device = device_from(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    started = time.time()
+
+    train_examples, eval_examples, data_info = load_examples(cfg)
+    log.info("PRM data: %d training and %d held-out solutions (%s)", len(train_examples), len(eval_examples), data_info)
+
+    prm = build_prm(cfg.model, cfg.lora, cfg.prm, device)
+    encoded = [prm.encode(e["prompt"], e["completions"], cfg.prm.max_length) for e in train_examples]
+    labels = [e["labels"][:len(x.positions)] for e, x in zip(train_examples, encoded)]
+    keep = [i for i, x in enumerate(encoded) if x.positions]  # a prompt longer than max_length leaves nothing
+    train_rows = [(encoded[i], labels[i]) for i in keep]
+    adapter = [p for p in prm.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": adapter, "lr": cfg.optim.lr}, {"params": list(prm.head.parameters()), "lr": cfg.head_lr}],
+        weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    scheduler = make_scheduler(optimizer, cfg)
+
+    start_step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, prm.model, optimizer, scheduler)
+        prm.load_head(resume_from / "adapter" / HEAD_FILE)
+        start_step = state["step"]
+        log.info("Resumed from %s (step %d)", resume_from, start_step)
+    config_dict = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
+    tracker = Tracker(run_dir, cfg.logger, config_dict, resume_step=start_step if resume_from else None)
+
+    # ------------------------------------------------------------------ loop
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train-prm", disable=None, dynamic_ncols=True)
+    step, train_time, losses = start_step, 0.0, []
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        if cfg.max_minutes and (time.time() - started) / 60 > cfg.max_minutes:
+            log.info("max_minutes=%s reached after step %d; stopping the loop", cfg.max_minutes, step - 1)
+            step -= 1
+            break
+        t0 = time.time()
+        batch = batch_for_step(train_rows, step, cfg.batch_size, cfg.seed)
+        stats = train_step(prm, optimizer, batch, cfg.optim.max_grad_norm, cfg.optim.micro_batch_size)
+        scheduler.step()
+        train_time += time.time() - t0
+        losses.append(stats["loss"])
+        metrics = {**stats, "lr": scheduler.get_last_lr()[0], "time/step_s": time.time() - t0}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            metrics.update({f"eval/{k}": v for k, v in evaluate(prm, eval_examples).items()})
+        tracker.log(metrics, step=step)
+        bar.set_postfix(loss=round(stats["loss"], 4), refresh=False)
+        bar.update(1)
+        if cfg.save_every and step % cfg.save_every == 0:
+            save_checkpoint(run_dir, step, prm, optimizer, scheduler, {"data_position": step * cfg.batch_size},
+                            cfg.keep_checkpoints)
+    bar.close()
+
+    # ------------------------------------------------------------------ evaluate and save
+    final_eval = evaluate(prm, eval_examples)
+    tracker.log({f"eval/{k}": v for k, v in final_eval.items()}, step=step)
+    final_dir = prm.save(run_dir / "final")
+    summary = {"steps": step, "minutes": (time.time() - started) / 60, "train_minutes": train_time / 60,
+               "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-10:])) if losses else None,
+               **{f"eval_{k}": v for k, v in final_eval.items()}, "prm": str(final_dir), "run_dir": str(run_dir),
+               "model": cfg.model.name_or_path, "data": data_info}
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    tracker.summary(summary)
+    tracker.finish()
+    log.info("held-out step AUROC %.3f, first-error F1 %.3f; PRM saved to %s",
+             final_eval["step_auroc"], final_eval["first_error_f1"], final_dir)
+    return summary
+
+
+# ---------------------------------------------------------------------- pieces
+
+def load_examples(cfg: TrainPRMConfig) -> tuple[list[dict], list[dict], dict]:
+    """Training and held-out stepwise examples from every configured source. Generated tasks keep their
+    fixed train/test split; file data is split by a hash of the prompt unless ``data.eval_paths`` is set."""
+    train, held, info = [], [], {}
+    if cfg.data.generated:
+        for i, task in enumerate([cfg.task, *cfg.extra_tasks]):
+            data = load_task(task)
+            seed = cfg.seed * 1000 + i
+            kw = dict(errors_per_row=cfg.data.errors_per_row, operand_error_frac=cfg.data.operand_error_frac)
+            train += generated_examples(data.train, seed=seed, **kw)
+            held += generated_examples(data.test, seed=seed + 500, **kw)
+            info[f"generated:{task.name}"] = len(data.train)
+    for path in cfg.data.paths:
+        examples, skipped = load_stepwise(path, cfg.data.on_bad_row)
+        info[path] = {"examples": len(examples), "skipped": skipped}
+        if cfg.data.eval_paths:
+            train += examples
+        else:
+            for e in examples:
+                (held if in_test_split(e["prompt"], cfg.data.eval_fraction) else train).append(e)
+    for path in cfg.data.eval_paths:
+        examples, skipped = load_stepwise(path, cfg.data.on_bad_row)
+        held += examples
+        info[path] = {"examples": len(examples), "skipped": skipped}
+    # One shuffle so that sources mix inside every batch; held-out examples keep a fixed order.
+    train = [train[i] for i in np.random.default_rng(cfg.seed).permutation(len(train))]
+    if cfg.data.max_train_examples is not None:
+        train = train[:cfg.data.max_train_examples]
+    held = [held[i] for i in np.random.default_rng(12345).permutation(len(held))]
+    if cfg.data.max_eval_examples is not None:
+        held = held[:cfg.data.max_eval_examples]
+    if not train:
+        raise ValueError("train-prm: no training examples (check task / data.paths)")
+    return train, held, info
+
+
+def bce_loss(prm: PRM, batch: list[tuple], normalizer: int) -> torch.Tensor:
+    """Sum over the batch's steps of BCE(logit at the step's separator, label), divided by ``normalizer``
+    (the step count of the whole optimizer step, so micro-batching does not change the loss)."""
+    enc = collate([e for e, _ in batch], prm.tokenizer.pad_token_id)
+    targets = torch.tensor([y for _, labels in batch for y in labels], dtype=torch.float32, device=prm.device)
+    logits = prm.step_logits(**enc)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / normalizer
+
+
+def train_step(prm: PRM, optimizer, batch: list[tuple], max_grad_norm: float, micro_batch_size: int) -> dict:
+    prm.train()
+    optimizer.zero_grad(set_to_none=True)
+    total_steps = sum(len(labels) for _, labels in batch)
+    loss_sum = 0.0
+    for start in range(0, len(batch), micro_batch_size):
+        loss = bce_loss(prm, batch[start:start + micro_batch_size], total_steps)
+        loss.backward()
+        loss_sum += loss.item()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum, "grad_norm": float(grad_norm), "steps_in_batch": total_steps}
+
+
+def evaluate(prm: PRM, examples: list[dict]) -> dict:
+    """Held-out step accuracy, step AUROC and first-error F1 (see :func:`train.prm.step_metrics`)."""
+    if not examples:
+        return {}
+    scores = prm.score([e["prompt"] for e in examples], [e["completions"] for e in examples])
+    metrics = step_metrics(scores, [e["labels"] for e in examples])
+    # Generated data knows which slip it injected: AUROC of correct solutions' steps against the wrong
+    # steps of each kind separately (arithmetic slips are much harder to see than copy slips).
+    positives = [s for e, row in zip(examples, scores) if e.get("error_kind", "x") is None for s in row]
+    for kind in sorted({e["error_kind"] for e in examples if e.get("error_kind")}):
+        negatives = [s for e, row in zip(examples, scores) if e.get("error_kind") == kind
+                     for s, y in zip(row, e["labels"]) if y < 0.5]
+        metrics[f"step_auroc_{kind}"] = auroc(positives + negatives, [1] * len(positives) + [0] * len(negatives))
+    return metrics
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train_prm", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    summary = run(cfg)
+    print(f"held-out step AUROC={summary['eval_step_auroc']:.4f} step accuracy={summary['eval_step_accuracy']:.4f} "
+          f"first-error F1={summary['eval_first_error_f1']:.4f} train_minutes={summary['train_minutes']:.2f}")
+    print(f"PRM saved to {summary['prm']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

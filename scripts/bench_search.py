@@ -1,0 +1,140 @@
+"""Search benchmark: accuracy and compute of best-of-N, early rejection, beam search and particle
+filtering with the embedded policy and a trained PRM, on the arithmetic task.
+
+Default run (sized for a shared, busy 2-core CPU: about 20–35 minutes there): policy
+builtin:smollm2-135m-instruct, only the first 12 held-out problems of `arith` (2 one-digit operands,
++ − *; the answer is read as the last number in the reply), budgets N ∈ {4, 8, 16}, completions of at
+most 40 tokens, early rejection with τ = 8 tokens (the policy's replies are short: τ = 64 would cover
+whole solutions) and beam width 4 (keeps N/4), beam search with beam width 4, particle filtering with
+systematic resampling every step, plus greedy as the reference point. Every strategy at every budget is
+measured in this run, with the same seeds. With 12 problems one problem is ~8 accuracy points, so the
+accuracy deltas are noisy: scale up with --problems (and --budgets, --max-new-tokens) on a bigger machine.
+
+Prints one line per strategy and budget, the ratios, and last:
+
+    BENCH search er_flops_ratio=<ER FLOPs ÷ BoN FLOPs> er_acc_delta=<ER − BoN, points>
+                 pf_minus_bon=<PF − BoN, points> pf_minus_beam=<PF − beam, points>
+
+FLOPs are policy + PRM (``evaluator.flops``), summed over the budgets; accuracy deltas are means over
+the budgets (same N, so about equal policy tokens for BoN, beam and PF — the generated-token ratios are
+printed next to them). Outputs (summary.json, results.jsonl, accuracy_vs_flops.png) go to --out.
+
+    python scripts/bench_search.py --prm outputs/train_prm/<date>/<time>/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prm", default=None, help="PRM folder (default: the newest outputs/train_prm/*/*/final)")
+    ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--problems", type=int, default=12)
+    ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--ops", nargs="+", default=["+", "-", "*"])
+    ap.add_argument("--operands", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--max-steps", type=int, default=6)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--tau", type=int, default=8)
+    ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--aggregation", default="last")
+    ap.add_argument("--strategies", nargs="+", default=["greedy", "best_of_n", "early_rejection", "beam", "particle_filter"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 is fastest on a shared, busy machine; raise it on a free one)")
+    ap.add_argument("--out", default=None, help="output folder (default outputs/bench/search/<time>)")
+    return ap.parse_args(argv)
+
+
+def find_prm(path):
+    if path:
+        return path
+    found = sorted(glob.glob(str(ROOT / "outputs/train_prm/*/*/final/prm.json")), key=os.path.getmtime)
+    if not found:
+        sys.exit("bench_search: no PRM found; train one with `frugal train-prm` or pass --prm <folder>")
+    return str(Path(found[-1]).parent)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from evaluator.config import SearchConfig
+    from evaluator.engine import CountingPRM, Engine, EngineConfig
+    from evaluator.harness import run_strategy, write_outputs
+    from tasks import load_task
+    from tasks.config import PromptConfig, TaskConfig
+    from train.models import ModelConfig, load_model
+    from train.prm import load_prm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prm_path = find_prm(args.prm)
+    out = Path(args.out or ROOT / "outputs/bench/search" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = TaskConfig(name="arith", ops=list(args.ops), num_operands=args.operands, digits=1,
+                      prompt=PromptConfig(answer_format="number"))
+    problems = load_task(task).test[:args.problems]
+    model, tok = load_model(ModelConfig(name_or_path=args.model), device)
+    engine = Engine(model, tok, EngineConfig(max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
+                                             max_step_tokens=args.max_new_tokens, temperature=args.temperature))
+    prm = CountingPRM(load_prm(prm_path, device))
+    print(f"policy={args.model} prm={prm_path} problems={len(problems)} budgets={args.budgets} "
+          f"max_new_tokens={args.max_new_tokens} tau={args.tau} beam_width={args.beam_width}", flush=True)
+
+    rows, records = [], []
+    for name in args.strategies:
+        cfg = SearchConfig(name=name, budgets=list(args.budgets), aggregation=args.aggregation, tau=args.tau,
+                           beam_width=args.beam_width)
+        budgets = [1] if name == "greedy" else list(args.budgets)
+        r, rec = run_strategy(name, problems, budgets, engine, prm if name != "greedy" else None, cfg,
+                              seed=args.seed, progress=False)
+        rows += r
+        records += rec
+        for x in r:
+            print(f"{name:16s} N={x.budget:<3d} acc={100 * x.accuracy:5.1f}  generated={x.policy_generated_tokens:7d} "
+                  f"prefill={x.policy_prefill_tokens:7d} prm_tokens={x.prm_tokens:7d} "
+                  f"flops_policy={x.flops_policy:.3g} flops_prm={x.flops_prm:.3g} wall={x.wall_s:.0f}s", flush=True)
+    write_outputs(out, rows, records)
+
+    def at(name, budget):
+        return next(x for x in rows if x.strategy == name and x.budget == budget)
+
+    budgets = list(args.budgets)
+    have = {x.strategy for x in rows}
+    metrics = {}
+    if {"best_of_n", "early_rejection"} <= have:
+        er = sum(at("early_rejection", b).flops_total for b in budgets)
+        bon = sum(at("best_of_n", b).flops_total for b in budgets)
+        metrics["er_flops_ratio"] = er / bon
+        metrics["er_acc_delta"] = sum(100 * (at("early_rejection", b).accuracy - at("best_of_n", b).accuracy)
+                                      for b in budgets) / len(budgets)
+        print(f"early rejection vs best-of-N: FLOPs ratio {er / bon:.3f} ({bon / er:.2f}x fewer), "
+              f"accuracy delta {metrics['er_acc_delta']:+.1f} points (mean over N={budgets})")
+    for peer, key in (("best_of_n", "pf_minus_bon"), ("beam", "pf_minus_beam")):
+        if {"particle_filter", peer} <= have:
+            deltas = [100 * (at("particle_filter", b).accuracy - at(peer, b).accuracy) for b in budgets]
+            tokens = [at("particle_filter", b).policy_generated_tokens / max(1, at(peer, b).policy_generated_tokens)
+                      for b in budgets]
+            metrics[key] = sum(deltas) / len(deltas)
+            print(f"particle filtering vs {peer}: accuracy delta per N {[round(d, 1) for d in deltas]} points, "
+                  f"generated-token ratio per N {[round(t, 2) for t in tokens]}")
+    print(f"outputs in {out} (accuracy_vs_flops.png, summary.json, results.jsonl)")
+    fmt = lambda k: f"{round(metrics[k], 3) + 0.0:.3f}" if k in metrics else "nan"  # noqa: E731 (+0.0: no "-0.000")
+    print(f"BENCH search er_flops_ratio={fmt('er_flops_ratio')} er_acc_delta={fmt('er_acc_delta')} "
+          f"pf_minus_bon={fmt('pf_minus_bon')} pf_minus_beam={fmt('pf_minus_beam')}")
+
+
+if __name__ == "__main__":
+    main()

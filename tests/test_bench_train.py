@@ -1,0 +1,152 @@
+"""scripts/bench_train.py: the shared settings compose to a valid Frugal config that matches TRL's, and
+a smoke run on the tiny random model produces the summary and the closing BENCH line. No timing asserts."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_median_excludes_the_warmup_step():
+    bench = _bench()
+    assert bench.median_after_warmup([100.0, 3.0, 1.0, 2.0]) == 2.0
+    assert bench.median_after_warmup([100.0, 4.0, 2.0]) == 3.0
+    with pytest.raises(ValueError):
+        bench.median_after_warmup([1.0])
+
+
+def test_bad_flags_fail_early():
+    bench = _bench()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--prompts", "4", "--group", "8", "--micro-batch", "5"])  # 5 does not divide 32
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--trainers", "sgrpo,ppo"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "1"])
+
+
+def test_frugal_config_carries_the_shared_settings(tmp_path):
+    bench = _bench()
+    from train.config import to_config
+
+    args = bench.parse_args(["--steps", "3", "--prompts", "2", "--group", "4", "--max-new-tokens", "16",
+                             "--lr", "0.001", "--rank", "4", "--alpha", "8", "--temperature", "0.7",
+                             "--seed", "5", "--micro-batch", "4"])
+    cfg = to_config(bench.compose(bench.frugal_overrides(args, "grpo", tmp_path)))
+    assert (cfg.algo.name, cfg.algo.group_size, cfg.algo.beta, cfg.algo.num_iterations) == ("grpo", 4, 0.0, 1)
+    assert (cfg.max_steps, cfg.prompts_per_step, cfg.seed) == (3, 2, 5)
+    assert (cfg.generation.max_new_tokens, cfg.generation.temperature) == (16, 0.7)
+    assert cfg.generation.batch_size == 8  # every completion of a step in one generate call, like TRL
+    assert (cfg.optim.lr, cfg.optim.micro_batch_size, cfg.optim.warmup_steps) == (0.001, 4, 0)
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (4, 8, ["all-linear"])
+    assert cfg.eval_before is False and cfg.save_every == 0 and cfg.logger.backend == "none"
+    assert cfg.model.dtype == "float32" and cfg.device == "cpu"
+    # The demo task: single-digit addition graded as a plain number.
+    assert (cfg.task.name, cfg.task.ops, cfg.task.digits, cfg.task.prompt.answer_format) == ("arith", ["+"], 1, "number")
+
+
+def test_smoke_run_on_tiny_random(tmp_path):
+    summary_path = tmp_path / "summary.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--model", "builtin:tiny-random",
+           "--steps", "2", "--prompts", "2", "--group", "2", "--max-new-tokens", "4", "--trainers", "sgrpo,trl",
+           "--no-baseline", "--workdir", str(tmp_path / "work"), "--json", str(summary_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ,
+                                                                              "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("BENCH train sgrpo_vs_trl_time=") and " sgrpo_vs_trl_mem=" in last
+    summary = json.loads(summary_path.read_text())
+    for name in ("sgrpo", "trl"):
+        result = summary["results"][name]
+        assert len(result["step_s"]) == 2 and len(result["generate_s"]) == 2
+        assert result["peak_rss_mb"] > 0
+        assert result["completion_tokens_mean"] <= 4
+    assert "grpo" not in summary["results"]
+    time_ratio = float(last.split("sgrpo_vs_trl_time=")[1].split()[0])
+    assert time_ratio == pytest.approx(summary["ratios"]["sgrpo_vs_trl_time"], abs=1e-3)
+
+
+# ---------------------------------------------------------------------- speed fixes the benchmark motivated
+# (prompt sharing in train/policy_loss.py and train/rollout.py: exact, so they are checked for equality)
+
+def _tiny_lora():
+    import torch
+
+    from train.models import LoraConfig, ModelConfig, apply_lora, load_model
+
+    model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
+    model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():  # LoRA B starts at zero; perturb it so the adapter's gradients are not trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model, tok
+
+
+def test_shared_prompt_update_matches_full_logits_and_gradients():
+    import torch
+
+    from train.policy_loss import _decode_sharing_prompts, full_logits_logprobs, selected_logprobs
+    from train.token_selection import Selection
+
+    model, tok = _tiny_lora()
+    torch.manual_seed(0)
+    P, C, G = 6, 9, 3
+    prompts = torch.randint(3, len(tok), (2, P))
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[1, :2] = 0  # a left-padded prompt
+    completions = torch.randint(3, len(tok), (2 * G, C))
+    completion_mask = torch.ones_like(completions)
+    completion_mask[2, 5:] = 0
+    completion_mask[4, 3:] = 0
+    ids = torch.cat([prompts.repeat_interleave(G, 0), completions], dim=1)
+    mask = torch.cat([prompt_mask.repeat_interleave(G, 0), completion_mask], dim=1)
+    sel = Selection(torch.tensor([0, 0, 1, 2, 2, 3, 4, 5, 5]), torch.tensor([0, 4, 7, 1, 3, 8, 2, 0, 6]),
+                    torch.tensor([1.0, 1.0, -0.5, 2.0, 2.0, 0.3, -1.0, 0.7, 0.7]))
+
+    decoder = model.get_base_model().get_decoder()
+    _, first_col = _decode_sharing_prompts(decoder, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), P)
+    assert first_col == P - 1  # the shared path ran: 2 distinct prompts for 6 rows
+
+    def logp_and_grads(fn):
+        model.zero_grad()
+        logp = fn(model, ids, mask, P, sel)
+        (logp * sel.advantages).sum().backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fast, fast_grads = logp_and_grads(selected_logprobs)
+    slow, slow_grads = logp_and_grads(full_logits_logprobs)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    for name, grad in slow_grads.items():
+        assert (fast_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-7, name
+
+
+def test_shared_prompt_sampling_draws_the_same_completions_as_num_return_sequences():
+    import torch
+
+    from train.rollout import GenerationConfig, encode_prompts, eos_token_ids, generate
+
+    model, tok = _tiny_lora()
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 3 + 4?", "Hi", "What is 12 + 9? Show steps.")]
+    torch.manual_seed(1)
+    shared = generate(model, tok, prompts, GenerationConfig(max_new_tokens=10), num_samples=4)
+    ids, mask = encode_prompts(tok, prompts, "cpu")
+    torch.manual_seed(1)
+    plain = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=4, max_new_tokens=10,
+                           do_sample=True, temperature=1.0, top_p=1.0, top_k=0, eos_token_id=eos_token_ids(model, tok),
+                           pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    m = shared.completion_mask[:, : plain.shape[1]]
+    assert torch.equal(shared.completion_ids[:, : plain.shape[1]] * m, plain * m)
+    assert torch.equal(shared.prompt_ids, ids.repeat_interleave(4, 0))

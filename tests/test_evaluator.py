@@ -1,0 +1,316 @@
+"""Evaluator: strategies against a scripted fake policy + fake PRM (the right pick is known), resampling
+statistics, token / FLOP accounting by hand, the real engine on tiny-random, and `frugal eval` end to end."""
+
+import re
+
+import pytest
+import torch
+
+from evaluator.config import SearchConfig
+from evaluator.engine import Candidate, CountingPRM, Counts, Engine, EngineConfig
+from evaluator.flops import ModelShape, policy_shape
+from evaluator.strategies import get
+from evaluator.strategies.common import vote
+from evaluator.strategies.particle_filter import ess, multinomial_resample, smc, systematic_resample
+from train.prm import split_steps
+
+DELIM = "\n\n"
+
+
+# ---------------------------------------------------------------------- fakes
+
+class FakeEngine:
+    """Scripted policy. Each call hands row k of its unfinished candidates the step ``v=<value>`` with
+    value = ``script(call, k, cand)``; a candidate finishes after ``length`` steps. ``stop_at_step=False``
+    without ``max_tokens`` completes the solution; with ``max_tokens`` it writes one unfinished step.
+    Every call is recorded, and a finished candidate handed to it is an error."""
+
+    def __init__(self, script, length=3, answer=None):
+        self.cfg = EngineConfig(max_steps=length)
+        self.script, self.length, self.answer = script, length, answer
+        self.calls, self.counts = [], Counts()
+
+    def extend(self, problems, cands, max_tokens=None, stop_at_step=True, greedy=False):
+        out = [c.copy() for c in cands]
+        todo = [c for c in out if not c.finished]
+        self.calls.append({"cands": [c.copy() for c in todo], "max_tokens": max_tokens, "stop_at_step": stop_at_step})
+        call = len(self.calls) - 1
+        for k, c in enumerate(todo):
+            assert not c.finished
+            if max_tokens is not None and not stop_at_step:  # a τ-token prefix: one open step
+                c.text += f"v={self.script(call, k, c)}"
+                c.tokens += 1
+                continue
+            while True:
+                if c.text and not c.text.endswith(DELIM):  # finish an open step
+                    c.text += DELIM
+                else:
+                    c.text += f"v={self.script(call, k, c)}" + DELIM
+                c.tokens += 1
+                n = len(split_steps(c.text, DELIM))
+                if n >= self.length:
+                    c.finished = True
+                    if self.answer:
+                        c.text += self.answer(c)
+                if stop_at_step or c.finished:
+                    break
+            self.counts.add(0, 1)
+        return out
+
+
+class FakePRM:
+    """Step score = the number after ``v=`` in the step (0.5 if none); ``last_tokens`` = steps scored."""
+
+    def __init__(self):
+        self.last_tokens = 0
+
+    def score_partial(self, prompts, texts):
+        out = [[_value(s) for s in split_steps(t, DELIM)] for t in texts]
+        self.last_tokens = sum(len(s) for s in out)
+        return out
+
+
+def _value(step):
+    m = re.search(r"v=([0-9.]+)", step)
+    return float(m.group(1)) if m else 0.5
+
+
+PROBLEMS = [{"prompt": [{"role": "user", "content": "q0"}], "answer": "1", "answer_format": "number"},
+            {"prompt": [{"role": "user", "content": "q1"}], "answer": "2", "answer_format": "number"}]
+
+
+def _cfg(**kw):
+    return SearchConfig(**{"name": "best_of_n", **kw})
+
+
+# ---------------------------------------------------------------------- strategies on the fakes
+
+def test_best_of_n_picks_highest_aggregate_and_weighted_vote():
+    values = [[0.2, 0.9, 0.4, 0.7], [0.6, 0.1, 0.3, 0.5]]  # per problem, per candidate (every step)
+    engine = FakeEngine(lambda call, k, c: values[c.problem][k % 4], length=2)
+    res = get("best_of_n")(PROBLEMS, 4, engine, CountingPRM(FakePRM()), _cfg())
+    assert [_value(r.chosen.steps()[0]) for r in res] == [0.9, 0.6]
+    assert len(engine.calls) == 1 and len(engine.calls[0]["cands"]) == 8  # one batched call for all
+    # weighted: three weak candidates agreeing on an answer outweigh one strong one (the appended answer
+    # is a step scored 0.5, so min aggregation keeps the v= score).
+    answers = ["7", "7", "7", "9"]
+    engine = FakeEngine(lambda call, k, c: [0.3, 0.3, 0.3, 0.8][k % 4], length=1,
+                        answer=lambda c: f"answer {answers[int(c.text[2:5] == '0.8') * 3]}")
+    res = get("best_of_n")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()), _cfg(weighted=True, aggregation="min"))
+    assert res[0].chosen.text.endswith("answer 7")
+    res = get("best_of_n")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()), _cfg(weighted=False, aggregation="min"))
+    assert res[0].chosen.text.endswith("answer 9")
+
+
+def test_majority_vote_merges_equal_answers():
+    cands = [Candidate(0, "so 6.0"), Candidate(0, "so 5"), Candidate(0, "so 6"), Candidate(0, "no idea")]
+    assert vote(cands, PROBLEMS).text == "so 6.0"
+    assert vote(cands, PROBLEMS, [0.1, 0.9, 0.1, 5.0]).text == "so 5"
+
+
+def test_early_rejection_keeps_exactly_the_top_candidates():
+    partial = [0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6]
+    engine = FakeEngine(lambda call, k, c: partial[k] if call == 0 else 0.5, length=3)
+    prm = CountingPRM(FakePRM())
+    res = get("early_rejection")(PROBLEMS[:1], 8, engine, prm, _cfg(name="early_rejection", tau=16, beam_width=4))
+    first, second = engine.calls
+    assert first["max_tokens"] == 16 and len(first["cands"]) == 8
+    # only the top 8 // 4 = 2 prefixes (0.9 and 0.8) are completed
+    assert sorted(_value(c.text) for c in second["cands"]) == [0.8, 0.9]
+    assert {_value(c.steps()[0]) for c in res[0].candidates} == {0.8, 0.9}
+    assert res[0].info["rejected"] == 6
+    # threshold: everything scoring >= 0.65 survives
+    engine = FakeEngine(lambda call, k, c: partial[k] if call == 0 else 0.5, length=3)
+    res = get("early_rejection")(PROBLEMS[:1], 8, engine, prm, _cfg(name="early_rejection", threshold=0.65))
+    assert sorted(_value(c.text) for c in engine.calls[1]["cands"]) == [0.7, 0.8, 0.9]
+
+
+def test_beam_keeps_the_best_and_expands_them():
+    # step-1 values per candidate; later steps score 0.5 except children of the 0.95 beam, which score 0.99
+    first = [0.3, 0.95, 0.1, 0.6]
+
+    def script(call, k, c):
+        if call == 0:
+            return first[k]
+        return 0.99 if c.text.startswith("v=0.95") else 0.5
+
+    engine = FakeEngine(script, length=3)
+    res = get("beam")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()), _cfg(name="beam", beam_width=2))
+    # keep 4 // 2 = 2 beams (0.95 and 0.6), each expanded into 2 children
+    assert sorted(c.text.split(DELIM)[0] for c in engine.calls[1]["cands"]) == ["v=0.6", "v=0.6", "v=0.95", "v=0.95"]
+    assert res[0].chosen.text.startswith("v=0.95") and res[0].chosen.finished
+
+
+def test_early_rejection_beam_completes_only_survivors_steps():
+    first = [0.3, 0.95, 0.1, 0.6]
+    engine = FakeEngine(lambda call, k, c: first[k] if call == 0 else 0.5, length=2)
+    get("early_rejection")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()),
+                           _cfg(name="early_rejection", er_search="beam", beam_width=2, tau=8))
+    assert engine.calls[0]["max_tokens"] == 8 and len(engine.calls[0]["cands"]) == 4
+
+
+def test_systematic_resampling_is_unbiased_with_floor_or_ceil_counts():
+    w = torch.tensor([0.05, 0.35, 0.1, 0.5])
+    n, gen = 7, torch.Generator().manual_seed(0)
+    totals = torch.zeros(4, dtype=torch.float64)
+    trials = 4000
+    for _ in range(trials):
+        counts = torch.bincount(systematic_resample(w, n, gen), minlength=4).double()
+        assert torch.all(counts >= torch.floor(n * w.double())) and torch.all(counts <= torch.ceil(n * w.double()))
+        totals += counts
+    assert torch.allclose(totals / trials, n * w.double(), atol=0.05)
+
+
+@pytest.mark.parametrize("resampler", [multinomial_resample, systematic_resample])
+def test_resampling_frequencies_match_weights(resampler):
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    idx = resampler(w, 20000, torch.Generator().manual_seed(1))
+    freq = torch.bincount(idx, minlength=4).double() / 20000
+    assert torch.allclose(freq, w.double(), atol=0.015)
+    assert ess(torch.full((4,), 0.25)) == pytest.approx(4.0)
+
+
+def test_particle_filter_weights_and_finished_particles_persist():
+    # 4 particles; particle 0 finishes at step 1 with score 0.9, the others score 0.2 at every step.
+    def script(call, k, c):
+        return 0.9 if call == 0 and k == 0 else 0.2
+
+    class Engine1(FakeEngine):
+        def extend(self, problems, cands, **kw):
+            out = super().extend(problems, cands, **kw)
+            for c in out:
+                if c.text.startswith("v=0.9"):
+                    c.finished = True
+            return out
+
+    engine = Engine1(script, length=4)
+    torch.manual_seed(0)
+    res = get("particle_filter")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()),
+                                 _cfg(name="particle_filter", resampling="multinomial"))
+    # the finished particle is never extended again (FakeEngine asserts it), stays in the pool and wins
+    assert res[0].chosen.text == "v=0.9" + DELIM and res[0].chosen.finished
+    assert all(not c.text.startswith("v=0.9") for call in engine.calls[1:] for c in call["cands"])
+    # one step of SMC: resampling frequencies follow softmax(logit(r)) = 9 : 0.25 : 0.25 : 0.25
+    engine = FakeEngine(lambda call, k, c: 0.9 if k == 0 else 0.2, length=4)
+    engine.cfg.max_steps = 0  # loop once: propagate, weight, resample
+    hits, trials = 0, 400
+    for seed in range(trials):
+        sw = smc(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()), _cfg(name="particle_filter", resampling="multinomial"),
+                 generator=torch.Generator().manual_seed(seed))[0]
+        hits += sum(c.text.startswith("v=0.9") for c in sw.particles)
+    assert hits / (4 * trials) == pytest.approx(9 / 9.75, abs=0.03)
+
+
+def test_particle_gibbs_keeps_reference_in_slot_zero():
+    engine = FakeEngine(lambda call, k, c: round(0.1 + 0.2 * (k % 4), 1), length=2)
+    res = get("particle_gibbs")(PROBLEMS[:1], 8, engine, CountingPRM(FakePRM()), _cfg(name="particle_gibbs", sweeps=2))
+    assert len(res[0].candidates) == 8  # 2 sweeps x 4 particles
+    # second sweep: the reference particle is not regenerated (3 new particles at the first step)
+    sweep2 = [c for c in engine.calls if not any(x.text for x in c["cands"])]
+    assert [len(c["cands"]) for c in sweep2] == [4, 3]
+
+
+# ---------------------------------------------------------------------- accounting
+
+def test_counts_and_flops_hand_computed():
+    c = Counts()
+    c.add(10, 5)  # prefill positions 1..10 (1 + … + 10 keys), generated tokens at positions 11..15
+    assert (c.prefill, c.decode, c.attention) == (10, 5, 55 + 65)
+    c.add(2, 1, context=10)  # 2 tokens after a 10-token cache (11 + 12 keys), then one at position 13
+    assert c.attention == 120 + 23 + 13 and c.tokens == 18
+    assert ModelShape(params=100, layers=2, d_attn=8).flops(c) == 2 * 100 * 18 + 2 * 2 * 8 * 156
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from train.models import ModelConfig, load_model
+
+    return load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
+
+
+def test_policy_shape_counts_tied_head_once(tiny):
+    model, _ = tiny
+    shape = policy_shape(model)
+    assert shape.params == sum(p.numel() for p in model.parameters())  # tied: the head is the embedding
+    assert (shape.layers, shape.d_attn) == (2, 64)
+
+
+def test_engine_counts_tokens_and_shares_prompt_prefill(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, EngineConfig(max_new_tokens=6, max_step_tokens=4, batch_size=64))
+    cands = [Candidate(0), Candidate(0, "So"), Candidate(1)]
+    torch.manual_seed(0)
+    out = engine.extend(PROBLEMS, cands)
+    prompt_len = [len(tok.apply_chat_template(p["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+                  for p in PROBLEMS]
+    so = len(tok("So", add_special_tokens=False)["input_ids"])
+    # each prompt prefilled once (all but its last token), then per row: last prompt token + partial
+    assert engine.counts.prefill == (prompt_len[0] - 1) + (prompt_len[1] - 1) + 1 + (1 + so) + 1
+    assert engine.counts.decode == sum(c.tokens for c in out) and all(1 <= c.tokens <= 4 for c in out)
+    assert out[1].text.startswith("So") and not cands[1].finished and cands[1].text == "So"
+    before = engine.counts.prefill
+    again = engine.extend(PROBLEMS, out, stop_at_step=False)
+    assert all(c.finished and c.tokens <= 6 for c in again)
+    # the prompts' KV is reused across calls: only [last prompt token + partial solution] is encoded
+    tails = [1 + len(tok(c.text, add_special_tokens=False)["input_ids"]) for c in out if not c.finished]
+    assert engine.counts.prefill - before == sum(tails)
+
+
+def test_engine_prefix_sharing_matches_plain_generate(tiny):
+    from train.rollout import GenerationConfig, generate
+
+    model, tok = tiny
+    engine = Engine(model, tok, EngineConfig(max_new_tokens=8))
+    out = engine.extend(PROBLEMS, [Candidate(0), Candidate(1), Candidate(0)], stop_at_step=False, greedy=True)
+    plain = generate(model, tok, [p["prompt"] for p in PROBLEMS], GenerationConfig(max_new_tokens=8), greedy=True)
+    assert [c.text for c in out] == [plain.texts[0], plain.texts[1], plain.texts[0]]
+
+
+def test_engine_cuts_at_step_delimiter_and_eos(tiny):
+    model, tok = tiny
+    engine = Engine(model, tok, EngineConfig(max_steps=3))
+    ids = tok("2 + 3 = 5\n\nSo the", add_special_tokens=False)["input_ids"]
+    cand = Candidate(0)
+    engine._apply(cand, ids, context=20, stop_at_step=True)
+    assert cand.text == "2 + 3 = 5\n\n" and not cand.finished
+    # the token that completes the delimiter is the last one kept (and charged)
+    kept = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) >= len("2 + 3 = 5\n\n"))
+    assert cand.tokens == kept
+    cand2 = Candidate(0)
+    engine._apply(cand2, tok("5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * 3, context=20, stop_at_step=True)
+    assert cand2.text == "5" and cand2.finished and cand2.tokens == 2
+    assert engine.counts.decode == cand.tokens + 2
+
+
+def test_counting_prm_uses_prm_token_counts():
+    prm = CountingPRM(FakePRM())
+    prm.score_candidates(PROBLEMS, [Candidate(0, "v=0.3\n\nv=0.7"), Candidate(1, "v=1")])
+    assert prm.counts.prefill == 3 and prm.counts.calls == 1
+
+
+# ---------------------------------------------------------------------- end to end
+
+def test_frugal_eval_end_to_end_on_tiny_random(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from recipes.cli import main
+    from train.models import LoraConfig, ModelConfig
+    from train.prm import PRMConfig, build_prm
+
+    prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), LoraConfig(), PRMConfig(),
+                    torch.device("cpu"))
+    prm.save(tmp_path / "prm")
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["frugal"])
+    rc = main(["eval", "model=tiny_random", f"prm_path={tmp_path / 'prm'}", "search=particle_filter",
+               "search.budgets=[2,4]", "limit=3", "engine.max_new_tokens=16", "engine.max_step_tokens=6",
+               f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["budget"] for r in summary["rows"]] == [2, 4]
+    for r in summary["rows"]:
+        assert r["policy_generated_tokens"] > 0 and r["prm_tokens"] > 0 and r["flops_prm"] > 0
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["candidates"]) == r["budget"] for r in rows)
+    assert (out / "accuracy_vs_flops.png").stat().st_size > 0

@@ -1,0 +1,466 @@
+"""Lightweight process reward models (PRMs): a causal-LM backbone + LoRA + a linear scoring head.
+
+A PRM reads ``prompt, step_1, sep, step_2, sep, …`` and outputs, at the last token of the separator that
+follows each step, P(step i is correct | prompt, steps ≤ i) = σ(w·h_i + b), where h_i is the backbone's
+final hidden state there, layer-normalised without parameters (the LM head is never applied, so
+scoring costs one forward pass of the decoder body). This is the discriminative PRM of Lightman et al. (2023, "Let's Verify Step by Step") and
+Math-Shepherd (Wang et al., 2024), in the token layout of TRL's ``PRMTrainer`` (a label on the last token
+of the separator after each step).
+
+One API is used everywhere (training recipe, evaluator, export)::
+
+    prm = load_prm("outputs/train_prm/.../final")
+    prm.score(["What is 3 + 4 * 5?"], [["4 * 5 = 20", "3 + 20 = 23"]])      # [[0.97, 0.95]]
+    prm.score_partial(["What is 3 + 4 * 5?"], ["4 * 5 = 20\\n\\n3 + 20 = 2"])  # trailing partial step scored
+    aggregate([0.97, 0.95], "min")                                          # 0.95
+    prm.tokens_scored, prm.last_tokens, prm.num_parameters                  # compute accounting
+
+Token layout (fixed, so that training and scoring agree token for token): the prompt text plus
+``PROMPT_SUFFIX`` is tokenized once, each step and the separator are tokenized on their own and
+concatenated. The separator is any string: ``"\\n\\n"`` (default), ``"\\n"``, or a special token already
+in the tokenizer's vocabulary (e.g. ``"<|im_end|>"``), so no embedding is ever resized.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+AGGREGATIONS = ("last", "min", "prod", "mean")
+PROMPT_SUFFIX = "\n"  # between the prompt and the first step
+PRM_CONFIG_FILE = "prm.json"
+HEAD_FILE = "head.safetensors"
+ADAPTER_DIR = "adapter"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PRMConfig:
+    """The ``prm`` config group (``conf/prm/*.yaml``)."""
+
+    separator: str = "\n\n"  # "\n\n" | "\n" | a token in the vocabulary, e.g. "<|im_end|>"
+    aggregation: str = "min"  # how step scores become a solution score: last | min | prod | mean
+    max_length: int = 512  # tokens per sequence at training time (steps that do not fit are dropped)
+    score_batch_tokens: int = 8192  # padded tokens per scoring forward pass (bounds memory)
+    num_layers: int = 0  # keep only the first N decoder layers of the backbone (0 = all): N/L of the cost
+    lora_last_layers: int = 0  # LoRA only on the top N (kept) decoder layers (0 = all): backward stops there
+
+    def __post_init__(self):
+        if not self.separator:
+            raise ValueError("prm.separator must be a non-empty string")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"prm.aggregation must be one of {'|'.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        if self.max_length < 8:
+            raise ValueError(f"prm.max_length must be >= 8, got {self.max_length}")
+        if self.num_layers < 0:
+            raise ValueError(f"prm.num_layers must be >= 0, got {self.num_layers}")
+        if self.lora_last_layers < 0:
+            raise ValueError(f"prm.lora_last_layers must be >= 0, got {self.lora_last_layers}")
+        if self.score_batch_tokens < 64:
+            raise ValueError(f"prm.score_batch_tokens must be >= 64, got {self.score_batch_tokens}")
+
+
+# ---------------------------------------------------------------------- aggregation (the one place)
+
+def aggregate(scores: Sequence[float], how: str = "min") -> float:
+    """A solution score from its step scores.
+
+    ``last``: the final step's score (the PRM has seen the whole solution); ``min``: the weakest step
+    (Lightman et al. 2023; Math-Shepherd); ``prod``: P(all steps correct) under independence;
+    ``mean``: average step score. No steps at all give 1.0 (no step has been judged wrong), which is
+    what ``min`` and ``prod`` give for an empty product too.
+    """
+    if how not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {'|'.join(AGGREGATIONS)}, got {how!r}")
+    scores = [float(s) for s in scores]
+    if not scores:
+        return 1.0
+    if how == "last":
+        return scores[-1]
+    if how == "min":
+        return min(scores)
+    if how == "prod":
+        return math.prod(scores)
+    return sum(scores) / len(scores)
+
+
+# ---------------------------------------------------------------------- steps and token layout
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt as plain text: a string as is, chat messages (task rows' ``prompt``) as the content of the
+    last user message."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+        return str(users[-1] if users else prompt[-1].get("content", ""))
+    raise TypeError(f"a PRM prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+
+def split_steps(text: str, separator: str) -> list[str]:
+    """Split a (possibly unfinished) solution into steps. A trailing piece without a separator after it
+    is an unfinished step and is kept; empty pieces (text ending in the separator, blank steps) are not."""
+    return [s.strip() for s in text.split(separator) if s.strip()]
+
+
+@dataclass
+class Encoded:
+    """One sequence: token ids and the index of the scored token (separator end) of each step."""
+
+    ids: list[int]
+    positions: list[int]
+
+
+def encode(tokenizer, prompt: Any, steps: Sequence[str], separator: str,
+           max_length: Optional[int] = None) -> Encoded:
+    """Token ids of ``prompt + PROMPT_SUFFIX + step_1 + sep + … + step_n + sep`` and, for each step, the
+    position of the last token of the separator that follows it. With ``max_length``, steps that would
+    not fit are dropped (their positions are absent), never cut in the middle."""
+    ids = tokenizer(prompt_text(prompt) + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"]
+    sep = _separator_ids(tokenizer, separator)
+    step_ids = tokenizer(list(steps), add_special_tokens=False)["input_ids"] if steps else []
+    positions = []
+    for piece in step_ids:
+        if max_length is not None and len(ids) + len(piece) + len(sep) > max_length:
+            break
+        ids = ids + piece + sep
+        positions.append(len(ids) - 1)
+    return Encoded(list(ids), positions)
+
+
+def _separator_ids(tokenizer, separator: str) -> list[int]:
+    ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"prm.separator {separator!r} encodes to no tokens")
+    return ids
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask`` and the flat ``(rows, positions)`` of every step."""
+    width = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    rows, positions = [], []
+    for r, e in enumerate(batch):
+        ids[r, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        mask[r, :len(e.ids)] = 1
+        rows += [r] * len(e.positions)
+        positions += e.positions
+    return {"input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows, dtype=torch.long),
+            "positions": torch.tensor(positions, dtype=torch.long)}
+
+
+def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches whose padded size (rows × longest) stays under ``max_tokens``; sorted
+    by length so that padding is small. A single longer sequence gets a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current, longest = [], [], 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if current and new_longest * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, new_longest = [], lengths[i]
+        current.append(i)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ---------------------------------------------------------------------- the model
+
+class PRM(torch.nn.Module):
+    """Backbone (a causal LM, usually wrapped by peft with a LoRA adapter) + ``head`` (Linear(hidden, 1)).
+
+    Attributes for compute accounting (read by the evaluator):
+
+    * ``tokens_scored`` — total non-padding tokens this PRM has run through its backbone (all calls);
+    * ``last_tokens`` — non-padding tokens of the most recent ``score``/``score_partial`` call;
+    * ``num_parameters`` — parameters of the backbone (embeddings included, LoRA and head excluded);
+      ``num_nonembedding_parameters`` without the input embedding. A forward pass costs ≈ 2·N FLOPs per
+      token with N the non-embedding count (the LM head is never applied).
+    """
+
+    def __init__(self, model, tokenizer, cfg: PRMConfig, backbone: str, head: Optional[torch.nn.Linear] = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.backbone = backbone  # the ModelConfig.name_or_path it was built from (saved in prm.json)
+        hidden = _hf_model(model).config.hidden_size
+        device = next(model.parameters()).device
+        if head is None:  # a zero head starts every step at P = 0.5 (no prior before training)
+            head = torch.nn.Linear(hidden, 1)
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+        self.head = head
+        self.head.to(device=device, dtype=torch.float32)
+        self.tokens_scored = 0
+        self.last_tokens = 0
+        base = [p for n, p in model.named_parameters() if "lora_" not in n]
+        self.num_parameters = sum(p.numel() for p in base)
+        self.num_nonembedding_parameters = self.num_parameters - _hf_model(model).get_input_embeddings().weight.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    # ------------------------------------------------------------------ core forward
+    def step_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                    positions: torch.Tensor) -> torch.Tensor:
+        """Logits of P(step correct) at ``(rows[k], positions[k])``: the decoder body runs once, the head
+        reads only the selected hidden states (shared by training and scoring)."""
+        dev = self.device
+        body = _hf_model(self.model).base_model  # the decoder without its LM head (LoRA layers stay active)
+        hidden = body(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).last_hidden_state
+        picked = hidden[rows.to(dev), positions.to(dev)].float()
+        # A parameter-free layer norm first: hidden-state scales differ a lot between backbones and
+        # between layers (a truncated backbone), and unnormalised features made the head's updates blow
+        # up the loss at useful learning rates.
+        picked = torch.nn.functional.layer_norm(picked, picked.shape[-1:])
+        return self.head(picked).squeeze(-1)
+
+    def encode(self, prompt: Any, steps: Sequence[str], max_length: Optional[int] = None) -> Encoded:
+        return encode(self.tokenizer, prompt, steps, self.cfg.separator, max_length)
+
+    # ------------------------------------------------------------------ public API
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[Any], steps_batch: Sequence[Sequence[str]]) -> list[list[float]]:
+        """P(step correct) for every step of every solution, batched.
+
+        ``prompts[i]`` (a string or chat messages) and ``steps_batch[i]`` (a list of step strings, without
+        separators) describe solution i; returns one list of floats per solution, one per step (an empty
+        list for a solution with no steps). Counts tokens in ``last_tokens`` / ``tokens_scored``.
+        """
+        if len(prompts) != len(steps_batch):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(steps_batch)} step lists")
+        encoded = [self.encode(p, [str(s) for s in steps]) for p, steps in zip(prompts, steps_batch)]
+        out: list[list[float]] = [[] for _ in encoded]
+        todo = [i for i, e in enumerate(encoded) if e.positions]
+        tokens = 0
+        was_training = self.training
+        self.eval()
+        try:
+            for group in token_budget_batches([len(encoded[i].ids) for i in todo], self.cfg.score_batch_tokens):
+                idx = [todo[g] for g in group]
+                batch = collate([encoded[i] for i in idx], self.tokenizer.pad_token_id)
+                probs = torch.sigmoid(self.step_logits(**batch)).tolist()
+                k = 0
+                for i in idx:
+                    n = len(encoded[i].positions)
+                    out[i] = probs[k:k + n]
+                    k += n
+                tokens += int(batch["attention_mask"].sum())
+        finally:
+            self.train(was_training)
+        self.last_tokens = tokens
+        self.tokens_scored += tokens
+        return out
+
+    def score_partial(self, prompts: Sequence[Any], texts: Sequence[str]) -> list[list[float]]:
+        """Step scores of possibly unfinished solutions given as text: the text is split on the separator
+        and a trailing step without a separator after it counts as a step (it is scored as if it ended
+        there), so the last score judges the solution so far. Used for early rejection."""
+        return self.score(prompts, [split_steps(t, self.cfg.separator) for t in texts])
+
+    def score_solutions(self, prompts: Sequence[Any], texts: Sequence[str], how: Optional[str] = None) -> list[float]:
+        """One aggregated score per (partial) solution text (``how`` defaults to the config's)."""
+        how = how or self.cfg.aggregation
+        return [aggregate(s, how) for s in self.score_partial(prompts, texts)]
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Adapter + head into one folder (what ``train.checkpoint.save_checkpoint`` calls, so that a
+        checkpoint's ``adapter/`` holds the whole trainable state)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if _is_peft(self.model):
+            self.model.save_pretrained(directory)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, directory / HEAD_FILE)
+
+    def load_head(self, file: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        self.head.load_state_dict(load_file(str(file), device=str(self.device)))
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write a PRM folder: ``adapter/`` (peft adapter + ``head.safetensors``) and ``prm.json`` (backbone,
+        separator, aggregation, …). Written to a temporary folder renamed into place (atomic)."""
+        import os
+        import shutil
+        import tempfile
+
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            self.save_pretrained(tmp / ADAPTER_DIR)
+            meta = {"format_version": FORMAT_VERSION, "backbone": self.backbone,
+                    "hidden_size": self.head.in_features, "has_adapter": _is_peft(self.model), **asdict(self.cfg)}
+            (tmp / PRM_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+
+def build_prm(model_cfg, lora_cfg, prm_cfg: PRMConfig, device: Optional[torch.device] = None) -> PRM:
+    """A fresh PRM: backbone from ``model_cfg`` (``train.models.load_model``), a new LoRA adapter
+    (unless ``lora.enabled=false``: then the backbone is frozen and only the head trains)."""
+    from train.models import apply_lora, load_model
+
+    model, tok = load_model(model_cfg, device)
+    tok.padding_side = "right"  # scoring gathers by position; right padding keeps positions natural
+    truncate_layers(model, prm_cfg.num_layers)
+    if lora_cfg.enabled:
+        if prm_cfg.lora_last_layers:
+            lora_cfg = _top_layer_targets(model, lora_cfg, prm_cfg.lora_last_layers)
+        model = apply_lora(model, lora_cfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return PRM(model, tok, prm_cfg, model_cfg.name_or_path)
+
+
+def load_prm(path: str | Path, device: Optional[torch.device] = None, dtype: str = "float32") -> PRM:
+    """Load a PRM folder written by :meth:`PRM.save` (the backbone is loaded from its name in
+    ``prm.json``; scores are identical to the saved PRM's at the same dtype)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from train.models import ModelConfig, load_model
+
+    path = Path(path)
+    meta_path = path / PRM_CONFIG_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{path} is not a PRM folder (no {PRM_CONFIG_FILE}); train one with `frugal train-prm`")
+    meta = json.loads(meta_path.read_text())
+    cfg = PRMConfig(**{k: meta[k] for k in PRMConfig.__dataclass_fields__ if k in meta})
+    model, tok = load_model(ModelConfig(name_or_path=meta["backbone"], dtype=dtype), device)
+    tok.padding_side = "right"
+    truncate_layers(model, cfg.num_layers)
+    if meta.get("has_adapter", True):
+        model = PeftModel.from_pretrained(model, str(path / ADAPTER_DIR), is_trainable=False)
+    model.eval()
+    head = torch.nn.Linear(meta["hidden_size"], 1)
+    head.load_state_dict(load_file(str(path / ADAPTER_DIR / HEAD_FILE)))
+    return PRM(model, tok, cfg, meta["backbone"], head)
+
+
+def truncate_layers(model, keep: int) -> None:
+    """Keep the first ``keep`` decoder layers (0 = all). A PRM reads a hidden state, not next-token
+    logits, and the middle layers of a small LM already carry what a step classifier needs; cutting
+    the top layers is the cheapest way to a *lightweight* PRM (cost scales with the layers kept)."""
+    if not keep:
+        return
+    body = _hf_model(model).base_model
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError("prm.num_layers: this backbone has no `.layers` ModuleList; set prm.num_layers=0")
+    if keep > len(layers):
+        raise ValueError(f"prm.num_layers={keep} but the backbone has only {len(layers)} layers")
+    body.layers = layers[:keep]
+    config = _hf_model(model).config
+    config.num_hidden_layers = keep
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:keep]
+
+
+def _top_layer_targets(model, lora_cfg, last: int):
+    """``lora_cfg`` with ``target_modules`` = the linear layers of the top ``last`` decoder layers (by
+    full module name; peft matches names by suffix). Lower layers stay frozen, so the backward pass ends
+    at the first adapted layer: most of the training compute saved on a small CPU."""
+    import dataclasses
+
+    layer = re.compile(r"(^|\.)layers\.(\d+)\.")
+    linear = [(n, int(m.group(2))) for n, mod in model.named_modules()
+              if isinstance(mod, torch.nn.Linear) and (m := layer.search(n))]
+    if not linear:
+        raise ValueError("prm.lora_last_layers: no '<...>.layers.<i>.' linear modules in this backbone; set it to 0")
+    top = max(i for _, i in linear)
+    wanted = set(lora_cfg.target_modules) - {"all-linear"}
+    names = [n for n, i in linear if i > top - last and (not wanted or n.rsplit(".", 1)[-1] in wanted)]
+    return dataclasses.replace(lora_cfg, target_modules=names)
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _hf_model(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if _is_peft(model) else model
+
+
+# ---------------------------------------------------------------------- metrics (training eval, bench)
+
+def auroc(scores: Sequence[float], labels: Sequence[float]) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties
+    counting ½ (the Mann–Whitney U statistic over n₊·n₋). Labels are binarised at 0.5; NaN when one class
+    is absent."""
+    import numpy as np
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64) >= 0.5
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    i = 0
+    while i < len(s):  # average ranks over ties
+        j = i
+        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def first_error_index(values: Sequence[float], threshold: float = 0.5) -> int:
+    """Index of the earliest step below ``threshold`` (a label or a PRM score); -1 when there is none."""
+    for i, v in enumerate(values):
+        if v < threshold:
+            return i
+    return -1
+
+
+def step_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequence[float]], threshold: float = 0.5) -> dict:
+    """Step accuracy, step AUROC and ProcessBench's first-error F1 (Zheng et al. 2024, "ProcessBench"):
+    per solution the prediction is the earliest step scored below ``threshold`` or "none"; ``acc_error``
+    is exact-match accuracy on solutions that contain an error, ``acc_correct`` on those that do not,
+    and F1 is their harmonic mean."""
+    flat_s = [x for row in scores for x in row]
+    flat_y = [y for row in labels for y in row]
+    if len(flat_s) != len(flat_y):
+        raise ValueError(f"step_metrics: {len(flat_s)} scores for {len(flat_y)} labels")
+    acc = sum((s >= threshold) == (y >= 0.5) for s, y in zip(flat_s, flat_y)) / max(len(flat_s), 1)
+    err_hits, err_n, ok_hits, ok_n = 0, 0, 0, 0
+    for s_row, y_row in zip(scores, labels):
+        gold, pred = first_error_index(y_row), first_error_index(s_row, threshold)
+        if gold >= 0:
+            err_n += 1
+            err_hits += pred == gold
+        else:
+            ok_n += 1
+            ok_hits += pred == -1
+    acc_err = err_hits / err_n if err_n else float("nan")
+    acc_ok = ok_hits / ok_n if ok_n else float("nan")
+    f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok > 0 else 0.0
+    return {"step_accuracy": acc, "step_auroc": auroc(flat_s, flat_y), "first_error_acc_error": acc_err,
+            "first_error_acc_correct": acc_ok, "first_error_f1": f1, "steps": len(flat_s)}
