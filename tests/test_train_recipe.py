@@ -116,3 +116,18 @@ def test_offline_uncached_model_error_names_it_and_says_what_to_do():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode != 0
     assert "no-such-org/no-such-model" in out.stderr and "HF_HUB_OFFLINE is set" in out.stderr
+
+
+def test_atomic_dir_replaces_whole_or_leaves_the_old_folder(tmp_path):
+    from train.checkpoint import atomic_dir
+
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("killed mid-write")
+    assert (target / "a.txt").read_text() == "one"  # the old complete folder survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -34,6 +35,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def atomic_dir(target: Path):
+    """Yield a hidden temporary folder beside ``target``; when the block ends without an error the folder
+    replaces ``target`` in one rename, so a reader (or a resumed run) sees the old complete folder or the
+    new complete one, never a torn one. On an error the temporary folder is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():  # e.g. re-saving the same step, a rebuilt cache, overwrite=true
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -52,22 +71,13 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, loop_state: dict[str, Any],
                     keep: int = 2) -> Path:
     """Write ``checkpoints/step_<step>`` atomically and prune all but the newest ``keep``."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=root))
-    try:
+    final = Path(run_dir) / "checkpoints" / f"step_{step}"
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp / "adapter")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=2))
-        if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +32,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from train.checkpoint import STEP_DIR, atomic_write_text, list_checkpoints
+from train.checkpoint import STEP_DIR, atomic_dir, atomic_write_text, list_checkpoints
 from train.config import SECRET_ENV, scrub_secrets
 from train.models import ModelConfig, load_model, load_tokenizer
 from train.tracking import flatten
@@ -175,10 +174,8 @@ def export(cfg: ExportConfig) -> dict:
         raise ValueError(f"merge=true applies to policy adapters; {src.folder} is a PRM folder (exported as is)")
     out = Path(cfg.output_dir) if cfg.output_dir else _default_output(src)
     _check_target(out, cfg.overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is meant to be shared
-    try:
+    with atomic_dir(out) as tmp:  # replaces `out` only with overwrite=true (or an empty folder): _check_target
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is meant to be shared
         if src.kind == "prm":
             info = _export_prm(src, tmp)
         else:
@@ -193,12 +190,6 @@ def export(cfg: ExportConfig) -> dict:
         assert_no_secrets(tmp)
         for path in tmp.rglob("*"):  # temp-file writers (ours, transformers') leave 0600 files behind
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)  # only reached with overwrite=true (or an empty folder)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     report = {"output_dir": str(out), "kind": src.kind, "files": files, "source": str(src.folder), **info}
     if cfg.push_to_hub:

@@ -275,16 +275,11 @@ def _build_smollm2_cache(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    try:
+    from train.checkpoint import atomic_dir
+
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {"source": SMOLLM2_WHEEL, "gguf_sha256": SMOLLM2_GGUF_SHA256, "sha256": digests}
         (tmp / "frugal_cache.json").write_text(json.dumps(meta, indent=2))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

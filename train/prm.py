@@ -294,24 +294,14 @@ class PRM(torch.nn.Module):
     def save(self, out_dir: str | Path) -> Path:
         """Write a PRM folder: ``adapter/`` (peft adapter + ``head.safetensors``) and ``prm.json`` (backbone,
         separator, aggregation, …). Written to a temporary folder renamed into place (atomic)."""
-        import os
-        import shutil
-        import tempfile
+        from train.checkpoint import atomic_dir
 
         out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with atomic_dir(out_dir) as tmp:
             self.save_pretrained(tmp / ADAPTER_DIR)
             meta = {"format_version": FORMAT_VERSION, "backbone": self.backbone,
                     "hidden_size": self.head.in_features, "has_adapter": _is_peft(self.model), **asdict(self.cfg)}
             (tmp / PRM_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return out_dir
 
 
