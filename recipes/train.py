@@ -69,8 +69,10 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     reward_model = build_reward_model(cfg.reward)
     answer_format = cfg.task.prompt.answer_format
 
-    model, tokenizer = load_model(cfg.model, device)
+    model, tokenizer = load_model(*dist.load_args(cfg.model, device, accelerator))
     model = apply_lora(model, cfg.lora)
+    # The module the loss runs: `model` itself, or under FSDP a wrapper whose forward gathers the sharded base.
+    policy = dist.shard_policy(model, accelerator, cfg.generation.backend)
     trainable = [p for p in model.parameters() if p.requires_grad]
     dist.broadcast_parameters(trainable, accelerator)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -94,9 +96,13 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
         sampler = VLLMSampler(model, tokenizer, accelerator, cfg.generation)
 
     eval_seconds = 0.0  # how long one held-out evaluation takes: max_minutes keeps room for the final one
+    if cfg.eval_before and resume_from is None and not main:
+        with dist.full_parameters(policy):  # FSDP: take part in gathering the weights the main process evaluates
+            pass
     if cfg.eval_before and resume_from is None and main:
         t_eval = time.time()
-        acc, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format, cfg.eval_limit)
+        with dist.full_parameters(policy):
+            acc, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format, cfg.eval_limit)
         best["accuracy_before"] = acc
         tracker.log({"eval/accuracy": acc}, step=0)
         _write_jsonl(run_dir / "eval_before.jsonl", records)
@@ -124,16 +130,18 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
         # 1. sample G completions per prompt
         prompts = [r["prompt"] for r in batch]
-        rollout = (sampler(model, prompts, G) if sampler else
-                   generate(model, tokenizer, prompts, cfg.generation, num_samples=G))
+        with dist.full_parameters(policy):  # FSDP: the whole base gathered while sampling
+            rollout = (sampler(model, prompts, G) if sampler else
+                       generate(model, tokenizer, prompts, cfg.generation, num_samples=G))
         t_gen = time.time() - t0
 
         # 2. rewards (TRL convention) and group-relative advantages
         rows, rewards = _score(reward_model, batch, rollout)
         if cfg.algo.name == "tspmo" and cfg.algo.replay_samples:
             # T-SPMO replay: continue each group's most decisive prefix, then score the grown groups.
-            rollout = replay_rollout(model, tokenizer, rollout, rewards.total, cfg.generation,
-                                     cfg.algo.replay_samples, cfg.algo.min_visits)
+            with dist.full_parameters(policy):
+                rollout = replay_rollout(model, tokenizer, rollout, rewards.total, cfg.generation,
+                                         cfg.algo.replay_samples, cfg.algo.min_visits)
             G = rollout.group_size
             rows, rewards = _score(reward_model, batch, rollout)
         adv = group_advantages(torch.tensor(rewards.total), G, cfg.algo.adv_eps, cfg.algo.scale_by_std)
@@ -142,7 +150,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
         selection = _select(cfg, rollout, rewards.total, adv.advantages)
 
         # 4. policy-gradient update on the selected tokens only
-        stats = _update(model, optimizer, scheduler, rollout, selection, cfg, accelerator)
+        stats = _update(policy, optimizer, scheduler, rollout, selection, cfg, accelerator)
         step_time = time.time() - t0
 
         # 5. log, evaluate, checkpoint (the numbers cover the whole step, i.e. every rank's shard)
@@ -163,9 +171,11 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
             "time/step_s": step_time, "time/generate_s": t_gen,
             "lr": scheduler.get_last_lr()[0], **stats,
         }
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and main:
-            metrics["eval/accuracy"], _ = greedy_accuracy(model, tokenizer, data.test, cfg.generation,
-                                                          answer_format, cfg.eval_limit)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            with dist.full_parameters(policy):  # entered on every rank (FSDP gathers); the main process evaluates
+                if main:
+                    metrics["eval/accuracy"], _ = greedy_accuracy(model, tokenizer, data.test, cfg.generation,
+                                                                  answer_format, cfg.eval_limit)
         tracker.log(metrics, step=step)
         if cfg.samples_every and step % cfg.samples_every == 0:
             samples = [{"question": r["question"], "answer": r["answer"], "completion": t, "reward": rw}
@@ -181,8 +191,11 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
     # ------------------------------------------------------------------ evaluate and save (main process)
     if not main:
+        with dist.full_parameters(policy):  # FSDP: take part in gathering the weights the main process evaluates
+            pass
         return dist.broadcast(None, accelerator)  # wait for the main process; return its summary
-    acc_after, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format, cfg.eval_limit)
+    with dist.full_parameters(policy):
+        acc_after, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format, cfg.eval_limit)
     _write_jsonl(run_dir / "eval_after.jsonl", records)
     tracker.log({"eval/accuracy": acc_after}, step=step)
     final_dir = run_dir / "final"

@@ -95,10 +95,12 @@ def _tiny_lora():
     return model, tok
 
 
-def test_shared_prompt_update_matches_full_logits_and_gradients():
+@pytest.mark.parametrize("bucket_overhead", [1000, 0])  # one padded batch; rows split by length
+def test_shared_prompt_update_matches_full_logits_and_gradients(bucket_overhead, monkeypatch):
     import torch
 
-    from train.policy_loss import _decode_sharing_prompts, full_logits_logprobs, selected_logprobs
+    from train import policy_loss
+    from train.policy_loss import _shared_prompt_cache, full_logits_logprobs, selected_logprobs
     from train.token_selection import Selection
 
     model, tok = _tiny_lora()
@@ -117,8 +119,11 @@ def test_shared_prompt_update_matches_full_logits_and_gradients():
                     torch.tensor([1.0, 1.0, -0.5, 2.0, 2.0, 0.3, -1.0, 0.7, 0.7]))
 
     decoder = model.get_base_model().get_decoder()
-    _, first_col = _decode_sharing_prompts(decoder, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), P)
-    assert first_col == P - 1  # the shared path ran: 2 distinct prompts for 6 rows
+    _, which, start = _shared_prompt_cache(decoder, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), P)
+    assert start == P - 1 and which.tolist() in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])
+    monkeypatch.setattr(policy_loss, "BUCKET_OVERHEAD", bucket_overhead)
+    row_last = [P - 1 + max(p for r, p in zip(sel.rows.tolist(), sel.positions.tolist()) if r == row) for row in range(6)]
+    assert len(policy_loss._length_buckets(row_last)) == (1 if bucket_overhead else 6)  # 6 distinct lengths
 
     def logp_and_grads(fn):
         model.zero_grad()
@@ -131,6 +136,15 @@ def test_shared_prompt_update_matches_full_logits_and_gradients():
     assert torch.allclose(fast, slow, atol=1e-5)
     for name, grad in slow_grads.items():
         assert (fast_grads[name] - grad).abs().max() <= 1e-4 * grad.abs().max() + 1e-7, name
+
+
+def test_length_buckets_minimise_padded_columns():
+    from train.policy_loss import _length_buckets
+
+    # lengths 2,2,3,9,10: one batch computes 5·11 = 55 columns; {2,2,3} + {9,10} computes 3·4 + 2·11 = 34
+    assert _length_buckets([9, 2, 10, 3, 2], per_call_overhead=5) == [[1, 4, 3], [0, 2]]  # 34 + 10 < 55 + 5
+    assert _length_buckets([9, 2, 10, 3, 2], per_call_overhead=30) == [[1, 4, 3, 0, 2]]  # 55 + 30 < 34 + 60
+    assert _length_buckets([], per_call_overhead=5) == []
 
 
 def test_shared_prompt_sampling_draws_the_same_completions_as_num_return_sequences():
@@ -150,3 +164,44 @@ def test_shared_prompt_sampling_draws_the_same_completions_as_num_return_sequenc
     m = shared.completion_mask[:, : plain.shape[1]]
     assert torch.equal(shared.completion_ids[:, : plain.shape[1]] * m, plain * m)
     assert torch.equal(shared.prompt_ids, ids.repeat_interleave(4, 0))
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_decode_drops_finished_rows_and_matches_generate(sample):
+    """Rows that hit EOS leave ``decode``'s batch early; the tokens (and, sampling, the random draws) are
+    still exactly those of ``model.generate``."""
+    import torch
+
+    from train.rollout import decode, encode_prompts
+    from transformers import LogitsProcessorList, TopKLogitsWarper
+
+    model, tok = _tiny_lora()
+    model.eval()
+    with torch.no_grad():  # a random tiny model decodes one token forever; a larger adapter varies its output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    prompts = [[{"role": "user", "content": q}] for q in ("What is 3 + 4?", "Hi", "Say a word.", "2 * 8?")]
+    ids, mask = encode_prompts(tok, prompts, "cpu")
+    kwargs = dict(do_sample=True, top_k=2, temperature=1.0, top_p=1.0) if sample else dict(do_sample=False)
+    torch.manual_seed(3)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, pad_token_id=tok.pad_token_id,
+                          eos_token_id=None, **kwargs)[:, ids.shape[1]:]
+    def first_positions(token):
+        return [row.index(token) if token in row else 12 for row in free.tolist()]
+
+    # EOS := the token whose first appearance differs most across rows, so rows finish at different steps
+    eos = [max(sorted(set(free.flatten().tolist())), key=lambda t: len(set(first_positions(t))))]
+    torch.manual_seed(3)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, pad_token_id=tok.pad_token_id,
+                         eos_token_id=eos, **kwargs)[:, ids.shape[1]:]
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        out, lengths = decode(model, ids, mask, None, 12, eos, tok.pad_token_id,
+                              LogitsProcessorList([TopKLogitsWarper(2)]) if sample else None)
+    assert lengths.tolist() == [min(p + 1, 12) for p in first_positions(eos[0])]
+    assert len(set(lengths.tolist())) >= 2  # rows really left the batch at different steps
+    for row in range(len(prompts)):
+        n = int(lengths[row])
+        assert out[row, :n].tolist() == ref[row, :n].tolist()
+        assert (n == 12) or int(ref[row, n - 1]) in eos

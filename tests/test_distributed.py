@@ -1,7 +1,8 @@
-"""Scaling out: a real 2-process ``accelerate launch`` (gloo, CPU) of the train recipe, and the vLLM error path.
+"""Scaling out: real 2-process ``accelerate launch`` runs (gloo, CPU) of the train recipe with the DDP and the
+FSDP configs, and the vLLM error path.
 
 Run as a script, this file is the per-rank worker: it trains the tiny model and records what its rank saw
-(prompts, selected tokens) and its final LoRA parameters.
+(prompts, selected tokens), how its base weights are held, and its final LoRA parameters.
 """
 
 import json
@@ -23,16 +24,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
+def _launch(config: str, out: Path) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "conf/accelerate/ddp.yaml"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / f"conf/accelerate/{config}.yaml"),
            "--num_processes", "2", "--num_cpu_threads_per_process", "1",
            "--main_process_port", str(_free_port()), __file__, str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out, proc.stdout
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _launch("ddp", out)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    return out, _launch("fsdp", out)
 
 
 def test_two_processes_keep_identical_lora_parameters(two_rank_run):
@@ -138,17 +149,73 @@ def test_vllm_sampler_turns_vllm_outputs_into_a_rollout(monkeypatch):
     assert torch.equal(rollout.input_ids[:, :rollout.prompt_ids.shape[1]], rollout.prompt_ids)
 
 
+def test_fsdp_shards_the_base_and_keeps_identical_lora_parameters(fsdp_run, two_rank_run):
+    """FSDP2: each rank holds half of every frozen base weight (gathered by the hooks around
+    PolicyLogprobs.forward, and in full only while sampling); the replicated adapter ends identical on both
+    ranks, and the run follows the DDP run's trajectory (same seed, so the same samples): the sharded
+    forward/backward computes the same loss and gradients as the replicated one."""
+    import torch
+
+    out, stdout = fsdp_run
+    rank0, rank1 = (torch.load(out / f"rank{r}_params.pt") for r in (0, 1))
+    init = torch.load(out / "rank0_init.pt")
+    assert rank0.keys() == rank1.keys() and len(rank0) > 0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+    assert any(not torch.equal(rank0[n], init[n]) for n in rank0), "training changed nothing"
+    held = [json.loads((out / f"rank{r}_base.json").read_text()) for r in (0, 1)]
+    assert held[0]["sharded"] == held[0]["frozen"] > 0  # every frozen weight is sharded...
+    assert held[0]["local"] + held[1]["local"] == held[0]["full"]  # ...into two disjoint halves
+    assert held[0]["local"] < held[0]["full"] and held[0]["lora_sharded"] == 0
+    seen0, seen1 = (json.loads((out / f"rank{r}_seen.json").read_text()) for r in (0, 1))
+    assert all(set(a) != set(b) for a, b in zip(seen0["questions"], seen1["questions"]))
+
+    ddp_out, _ = two_rank_run
+    ddp_params = torch.load(ddp_out / "rank0_params.pt")
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], ddp_params[name], rtol=1e-4, atol=1e-6)
+    losses = [[json.loads(line)["loss"] for line in (d / "run" / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for d in (out, ddp_out)]
+    assert len(losses[0]) == STEPS and losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-6)
+    # the step-2 checkpoint and the final adapter are written from the replicated adapter, as with DDP
+    from safetensors.torch import load_file
+
+    for folder in ("checkpoints/step_2/adapter", "final"):
+        saved = [load_file(d / "run" / folder / "adapter_model.safetensors") for d in (out, ddp_out)]
+        assert saved[0].keys() == saved[1].keys() and len(saved[0]) > 0
+        for key in saved[0]:
+            torch.testing.assert_close(saved[0][key], saved[1][key], rtol=1e-4, atol=1e-6)
+    assert stdout.count("DEMO accuracy_before") == 1
+
+
 def test_sharded_accelerate_configs_are_refused_with_an_explanation(monkeypatch):
-    """FSDP / ZeRO-3 configs stop at startup with a pointer to ddp.yaml (not silently unsharded)."""
+    """A ZeRO-3 config stops at startup with a pointer to fsdp.yaml (not silently unsharded); so do the FSDP
+    settings frugal does not implement."""
     from types import SimpleNamespace
 
     import accelerate
 
     from train import distributed
 
-    fake = SimpleNamespace(distributed_type=SimpleNamespace(name="FSDP"))
+    fake = SimpleNamespace(distributed_type=SimpleNamespace(name="DEEPSPEED"),
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: fake)
-    with pytest.raises(NotImplementedError, match="conf/accelerate/ddp.yaml"):
+    with pytest.raises(NotImplementedError, match="conf/accelerate/fsdp.yaml"):
+        distributed.setup_accelerator()
+    # on CPU accelerate reports MULTI_CPU for any config: the launcher's environment still says ZeRO-3
+    fake.distributed_type.name = "MULTI_CPU"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(NotImplementedError, match="conf/accelerate/fsdp.yaml"):
+        distributed.setup_accelerator()
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    fake.distributed_type.name = "FSDP"
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(NotImplementedError, match="fsdp_version: 2"):
+        distributed.setup_accelerator()
+    # transformers would leave ranks > 0 without weights, expecting a broadcast frugal does not do
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(NotImplementedError, match="fsdp_cpu_ram_efficient_loading: true"):
         distributed.setup_accelerator()
 
 
@@ -179,13 +246,27 @@ def _worker(out: Path) -> None:
         return selection
 
     recipe.apply_lora, distributed.shard, recipe._select = capture_model, record_shard, record_select
+    # Evaluations, a checkpoint, a KL term and two passes per batch: every place the recipe uses the weights.
     cfg = compose_train(TINY + [f"max_steps={STEPS}", f"prompts_per_step={PROMPTS}", f"algo.group_size={G}",
-                                "eval_before=false", "device=cpu", f"output_dir={out / 'run'}"])
+                                "eval_before=true", "eval_every=2", "save_every=2", "algo.beta=0.04",
+                                "algo.num_iterations=2", "device=cpu", f"output_dir={out / 'run'}"])
     summary = recipe.run(cfg)
     from accelerate import PartialState
 
     rank = PartialState().process_index
     params = {n: p.detach().clone() for n, p in captured["model"].named_parameters() if p.requires_grad}
+    from torch.distributed.tensor import DTensor
+
+    held = {"frozen": 0, "sharded": 0, "local": 0, "full": 0, "lora_sharded": 0}
+    for p in captured["model"].parameters():
+        is_shard = isinstance(p, DTensor)
+        held["lora_sharded"] += int(is_shard and p.requires_grad)
+        if not p.requires_grad:
+            held["frozen"] += 1
+            held["sharded"] += int(is_shard)
+            held["local"] += p.to_local().numel() if is_shard else p.numel()
+            held["full"] += p.numel()
+    (out / f"rank{rank}_base.json").write_text(json.dumps(held))
     torch.save(params, out / f"rank{rank}_params.pt")
     torch.save(captured["init"], out / f"rank{rank}_init.pt")
     (out / f"rank{rank}_seen.json").write_text(json.dumps(seen))
@@ -208,3 +289,36 @@ def test_shards_are_equal_round_robin_slices():
     with pytest.raises(ValueError, match="prompts_per_step=3 must be a multiple of the number of processes"):
         shard(list("abc"), ranks[0])
     assert shard(list("abc"), None) == list("abc")
+
+
+def test_one_process_uses_the_model_itself_and_unshared_prompts_give_the_same_logprobs():
+    """Without distribution the loss runs on the model itself (no wrapper, no gathering); the sharded path's
+    unshared prompts (``share_prompts=False``) give the same log-probs and gradients as the shared KV cache."""
+    import torch
+
+    from train import distributed
+    from train.models import LoraConfig, apply_lora, load_tokenizer, tiny_random_model
+    from train.policy_loss import selected_logprobs
+    from train.token_selection import Selection
+
+    tok = load_tokenizer("builtin:tiny-random")
+    model = apply_lora(tiny_random_model(len(tok), tok), LoraConfig(r=4))
+    assert distributed.shard_policy(model, None) is model
+    with distributed.full_parameters(model):
+        pass
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (4, 12), generator=g)
+    ids[1, :6], ids[3, :6] = ids[0, :6], ids[2, :6]  # two groups of two rows sharing a 6-token prompt
+    mask = torch.ones_like(ids)
+    mask[2:, :2] = 0  # the second group is left-padded
+    sel = Selection(torch.tensor([0, 1, 2, 3, 3]), torch.tensor([1, 2, 3, 4, 5]), torch.ones(5))
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        logp = selected_logprobs(model, ids, mask, 6, sel, share_prompts=share)
+        logp.sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (shared, g_shared), (unshared, g_unshared) = results
+    torch.testing.assert_close(shared, unshared, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_shared, g_unshared):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

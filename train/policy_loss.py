@@ -3,9 +3,10 @@
 **LM head only where it is needed.** A causal LM's logits cost ``tokens × vocab`` (49k for SmolLM2, more
 than the whole decoder for a small model); S-GRPO trains on a subset of tokens, so we run the decoder,
 gather the hidden states that predict the selected tokens, and apply the LM head to those rows only.
-Because attention is causal, we also crop the batch after the last selected position: later tokens cannot
-influence earlier log-probs. The G completions of a group share their prompt, so the prompt is run once
-per group into a KV cache that its rows reuse (``_decode_sharing_prompts``; exact, gradients included).
+Because attention is causal, each row is cropped after its own last selected position (later tokens cannot
+influence earlier log-probs), and rows of similar length run together so little padding is computed
+(``_length_buckets``). The G completions of a group share their prompt, so the prompt is run once per
+group into a KV cache that its rows reuse (``_shared_prompt_cache``; exact, gradients included).
 
 **Loss** (GRPO's clipped surrogate, DeepSeekMath eq. 3, restricted to the selected set S):
 
@@ -34,61 +35,132 @@ def _decoder_and_head(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
+class PolicyLogprobs(torch.nn.Module):
+    """``selected_logprobs`` of a causal LM as a module's ``forward``.
+
+    FSDP gathers a sharded module's weights in hooks around its ``forward``; ``selected_logprobs`` calls
+    the decoder and the LM head directly (never the LM's own ``forward``), so it is this module that gets
+    sharded (``train.distributed.shard_policy``): its hooks then wrap exactly the computation that runs.
+    One process and DDP never build it. Sharded, the prompts are not shared: a layer's weights are freed
+    after its backward pass, but the prompt's cached K/V (computed by the same layer in the first of its
+    two calls) still needs them afterwards, and FSDP does not track that second path.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, prompt_width: int, selection: Selection) -> torch.Tensor:
+        return selected_logprobs(self.model, input_ids, attention_mask, prompt_width, selection, share_prompts=False)
+
+    def disable_adapter(self):
+        """The adapter switched off (``reference_logprobs``), as on the wrapped peft model."""
+        return self.model.disable_adapter()
+
+
 def selected_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
-                      selection: Selection) -> torch.Tensor:
+                      selection: Selection, *, share_prompts: bool = True) -> torch.Tensor:
     """log π(y | prefix) for each selected completion token; ``[K]``.
 
     The token at completion position ``p`` sits at column ``prompt_width + p`` and is predicted by the
-    hidden state one column earlier.
+    hidden state one column earlier. ``model`` may be a ``PolicyLogprobs`` (FSDP-sharded); with
+    ``share_prompts=False`` every row runs its own prompt (the sharded path; same values).
     """
+    if isinstance(model, PolicyLogprobs):  # FSDP: through its forward, around which the shards are gathered
+        return model(input_ids, attention_mask, prompt_width, selection)
     if len(selection) == 0:
         return torch.zeros(0, device=input_ids.device)
-    last_col = prompt_width + int(selection.positions.max())
-    input_ids, attention_mask = input_ids[:, : last_col + 1], attention_mask[:, : last_col + 1]
     # Only rows that own a selected token need the forward pass at all.
     used_rows, row_index = torch.unique(selection.rows, return_inverse=True)
+    cols = prompt_width + selection.positions - 1  # the column whose hidden state predicts each token
+    ids, mask = input_ids[used_rows], attention_mask[used_rows]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+    # A row needs its columns up to its own last selected one (causal attention: later tokens cannot
+    # change earlier log-probs). Rows of similar length run together so little padding is computed.
+    row_last = torch.zeros(len(used_rows), dtype=torch.long, device=cols.device).scatter_reduce(
+        0, row_index, cols, reduce="amax")
     decoder, head = _decoder_and_head(model)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-    hidden, first_col = _decode_sharing_prompts(decoder, input_ids[used_rows], attention_mask[used_rows],
-                                                position_ids[used_rows], prompt_width)
-    cols = prompt_width + selection.positions - 1
-    picked = hidden[row_index, cols - first_col]  # [K, H]
-    logits = head(picked).float()
-    targets = input_ids[used_rows][row_index, cols + 1]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    cache, which, start = (_shared_prompt_cache(decoder, ids, mask, position_ids, prompt_width) if share_prompts
+                           else (None, None, 0))
+    logp = torch.empty(len(selection), device=input_ids.device)
+    for bucket in _length_buckets(row_last.tolist()):
+        rows = torch.tensor(bucket, device=ids.device)
+        end = int(row_last[rows].max()) + 1
+        sub_cache = None if cache is None else _cache_rows(cache, which[rows], decoder.config)
+        hidden = decoder(input_ids=ids[rows, start:end], attention_mask=mask[rows, :end],
+                         position_ids=position_ids[rows, start:end], cache=sub_cache,
+                         use_cache=sub_cache is not None).last_hidden_state
+        local = torch.full((len(used_rows),), -1, dtype=torch.long, device=ids.device)
+        local[rows] = torch.arange(len(bucket), device=ids.device)
+        mine = (local[row_index] >= 0).nonzero().squeeze(1)  # the selected tokens of this bucket's rows
+        logits = head(hidden[local[row_index[mine]], cols[mine] - start]).float()
+        targets = ids[row_index[mine], cols[mine] + 1]
+        logp = logp.index_put((mine,), torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+    return logp
 
 
-def _decode_sharing_prompts(decoder, ids, mask, position_ids, prompt_width: int) -> tuple[torch.Tensor, int]:
-    """The decoder's last hidden states for ``ids``, and the first column they cover.
+# What one more decoder call costs, in padded columns (per-layer launch and Python overhead; measured on
+# SmolLM2-135M on CPU a call costs about as much as a few token positions forward and backward).
+BUCKET_OVERHEAD = 16
 
-    The G rows of a group repeat one prompt. Each distinct prompt (all but its last token, whose hidden
-    state predicts the first completion token) is run once into a KV cache whose rows are then gathered
-    for its completions, and only the rest runs per row. The result is the same function of the weights
-    (gradients flow into the LoRA weights through the shared cache), but the prompt's share of the forward
-    pass, the backward pass and the saved activations shrinks G-fold (for a 38-token prompt and ~28-token
-    completions, about half of the decoder's work). Rows with distinct prompts take the plain path.
+
+def _length_buckets(lengths: list[int], per_call_overhead: int | None = None) -> list[list[int]]:
+    """Split rows into groups that run as one padded batch each, minimising the padded columns computed,
+    Σ_bucket |bucket| · max length, plus ``per_call_overhead`` column-equivalents per extra decoder call
+    (exact dynamic programme over rows sorted by length; a step has tens of rows)."""
+    overhead = BUCKET_OVERHEAD if per_call_overhead is None else per_call_overhead
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # last bucket = sorted rows i..j-1, padded to the longest (row j-1)
+            cost = best[i] + (j - i) * (lengths[order[j - 1]] + 1) + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets, j = [], n
+    while j > 0:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
+
+
+def _shared_prompt_cache(decoder, ids, mask, position_ids, prompt_width: int):
+    """KV cache of each distinct prompt (all but its last token), and which cache row each row uses.
+
+    The G rows of a group repeat one prompt: it is run once and its KV rows are gathered for its
+    completions, so only the rest runs per row. The result is the same function of the weights (gradients
+    flow into the LoRA weights through the shared cache), but the prompt's share of the forward pass, the
+    backward pass and the saved activations shrinks G-fold (for a 38-token prompt and ~28-token
+    completions, about half of the decoder's work). Returns ``(None, None, 0)`` when no prompt repeats:
+    rows then run whole.
     """
     head = prompt_width - 1
     # Activation checkpointing drops the cache in training mode, so it takes the plain path.
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
-    if head >= 1 and not checkpointing:
-        prompts = torch.cat([ids[:, :head], mask[:, :head]], dim=1)
-        distinct, which = torch.unique(prompts, dim=0, return_inverse=True)
-        if distinct.shape[0] < ids.shape[0]:
-            from transformers import DynamicCache
+    if head < 1 or checkpointing:
+        return None, None, 0
+    prompts = torch.cat([ids[:, :head], mask[:, :head]], dim=1)
+    distinct, which = torch.unique(prompts, dim=0, return_inverse=True)
+    if distinct.shape[0] == ids.shape[0]:
+        return None, None, 0
+    from transformers import DynamicCache
 
-            rows = torch.arange(ids.shape[0], device=ids.device)
-            first = torch.full((distinct.shape[0],), ids.shape[0], device=ids.device)
-            first = first.scatter_reduce(0, which, rows, reduce="amin")  # one representative row per prompt
-            cache = DynamicCache(config=decoder.config)
-            decoder(input_ids=ids[first, :head], attention_mask=mask[first, :head],
-                    position_ids=position_ids[first, :head], cache=cache, use_cache=True)
-            cache.batch_select_indices(which)
-            hidden = decoder(input_ids=ids[:, head:], attention_mask=mask, position_ids=position_ids[:, head:],
-                             cache=cache, use_cache=True).last_hidden_state
-            return hidden, head
-    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    return hidden, 0
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    first = torch.full((distinct.shape[0],), ids.shape[0], device=ids.device)
+    first = first.scatter_reduce(0, which, rows, reduce="amin")  # one representative row per prompt
+    cache = DynamicCache(config=decoder.config)
+    decoder(input_ids=ids[first, :head], attention_mask=mask[first, :head], position_ids=position_ids[first, :head],
+            cache=cache, use_cache=True)
+    return cache, which, head
+
+
+def _cache_rows(cache, index: torch.Tensor, config):
+    """A new cache holding rows ``index`` of ``cache`` (gathered, so gradients reach the shared rows)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers],
+                        config=config)
 
 
 def full_logits_logprobs(model, input_ids, attention_mask, prompt_width: int, selection: Selection):
