@@ -96,17 +96,16 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
         sampler = VLLMSampler(model, tokenizer, accelerator, cfg.generation)
 
     eval_seconds = 0.0  # how long one held-out evaluation takes: max_minutes keeps room for the final one
-    if cfg.eval_before and resume_from is None and not main:
-        with dist.full_parameters(policy):  # FSDP: take part in gathering the weights the main process evaluates
-            pass
-    if cfg.eval_before and resume_from is None and main:
+    if cfg.eval_before and resume_from is None:
         t_eval = time.time()
-        with dist.full_parameters(policy):
-            acc, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format, cfg.eval_limit)
-        best["accuracy_before"] = acc
-        tracker.log({"eval/accuracy": acc}, step=0)
-        _write_jsonl(run_dir / "eval_before.jsonl", records)
-        log.info("held-out greedy accuracy before training: %.3f", acc)
+        with dist.full_parameters(policy):  # entered on every rank (FSDP gathers); the main process evaluates
+            if main:
+                acc, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format,
+                                               cfg.eval_limit)
+                best["accuracy_before"] = acc
+                tracker.log({"eval/accuracy": acc}, step=0)
+                _write_jsonl(run_dir / "eval_before.jsonl", records)
+                log.info("held-out greedy accuracy before training: %.3f", acc)
         eval_seconds = time.time() - t_eval
 
     # ------------------------------------------------------------------ loop
@@ -190,12 +189,12 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     progress.close()
 
     # ------------------------------------------------------------------ evaluate and save (main process)
+    with dist.full_parameters(policy):  # entered on every rank (FSDP gathers); the main process evaluates
+        if main:
+            acc_after, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format,
+                                                 cfg.eval_limit)
     if not main:
-        with dist.full_parameters(policy):  # FSDP: take part in gathering the weights the main process evaluates
-            pass
         return dist.broadcast(None, accelerator)  # wait for the main process; return its summary
-    with dist.full_parameters(policy):
-        acc_after, records = greedy_accuracy(model, tokenizer, data.test, cfg.generation, answer_format, cfg.eval_limit)
     _write_jsonl(run_dir / "eval_after.jsonl", records)
     tracker.log({"eval/accuracy": acc_after}, step=step)
     final_dir = run_dir / "final"
@@ -284,18 +283,6 @@ def _row_chunks(selection: Selection, rows_per_chunk: int) -> list[Selection]:
         keep = torch.isin(selection.rows, rows[start:start + rows_per_chunk])
         chunks.append(Selection(selection.rows[keep], selection.positions[keep], selection.advantages[keep]))
     return chunks
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _nanmean(values) -> float:
