@@ -110,28 +110,16 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig,
     # This is the HF backend for every caller; with generation.backend=vllm the training loop samples through
     # VLLMSampler instead and evaluation (greedy, small) stays here.
     device = next(model.parameters()).device
-    eos_ids = eos_token_ids(model, tokenizer)
     max_new = (cfg.eval_max_new_tokens or cfg.max_new_tokens) if greedy else cfg.max_new_tokens
     chunk_rows = cfg.eval_batch_size if greedy else cfg.batch_size
     prompts_per_chunk = max(1, chunk_rows // num_samples)
-    warpers = None if greedy else _sampling_warpers(cfg)
-    stop = None
-    if cfg.stop_strings:
-        from transformers import StopStringCriteria
-
-        stop = StopStringCriteria(tokenizer, list(cfg.stop_strings))
     was_training = model.training
     model.eval()
     parts = []
-    with lora_merged(model):  # one matmul per layer instead of three while sampling (exactly undone after)
-        for start in range(0, len(prompts), prompts_per_chunk):
-            chunk = prompts[start:start + prompts_per_chunk]
-            ids, mask = encode_prompts(tokenizer, chunk, device)
-            cache = _shared_prompt_cache(model, ids, mask, num_samples) if ids.shape[1] > 1 else None
-            ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
-            completion, lengths = decode(model, ids, mask, cache, max_new, eos_ids, tokenizer.pad_token_id,
-                                         warpers, stop)
-            parts.append((ids, mask, completion, lengths))
+    for start in range(0, len(prompts), prompts_per_chunk):
+        ids, mask = encode_prompts(tokenizer, prompts[start:start + prompts_per_chunk], device)
+        completion, lengths = sample(model, tokenizer, ids, mask, num_samples, cfg, max_new, greedy)
+        parts.append((ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), completion, lengths))
     if was_training:
         model.train()
     prompt_ids = _pad_left([p[0] for p in parts], tokenizer.pad_token_id)
@@ -145,6 +133,25 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig,
     ]
     return Rollout(prompt_ids, prompt_mask, completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
                    completion_mask, texts, num_samples)
+
+
+@torch.inference_mode()
+def sample(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, num_samples: int, cfg: GenerationConfig,
+           max_new: int, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_samples`` continuations of each left-padded row of ``ids`` (rows ``i*num_samples ...``):
+    new tokens ``[N·num_samples, T]`` and their lengths. Each row is prefilled once for all its samples,
+    and the LoRA update is merged into the weights while decoding (one matmul per layer instead of three;
+    exactly undone after). The one sampling path of training rollouts, evaluation and T-SPMO replay."""
+    stop = None
+    if cfg.stop_strings:
+        from transformers import StopStringCriteria
+
+        stop = StopStringCriteria(tokenizer, list(cfg.stop_strings))
+    with lora_merged(model):
+        cache = _shared_prompt_cache(model, ids, mask, num_samples) if ids.shape[1] > 1 else None
+        ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
+        return decode(model, ids, mask, cache, max_new, eos_token_ids(model, tokenizer), tokenizer.pad_token_id,
+                      None if greedy else _sampling_warpers(cfg), stop)
 
 
 def _sampling_warpers(cfg: GenerationConfig):

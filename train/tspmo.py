@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from train.rollout import GenerationConfig, Rollout, completion_mask_from_ids, eos_token_ids
+from train.rollout import GenerationConfig, Rollout, sample
 from train.token_selection import Selection
 
 WEIGHTINGS = ("unique", "visits")
@@ -175,7 +175,6 @@ def replay_rollout(model, tokenizer, rollout: Rollout, rewards, gen_cfg: Generat
     prefixes = replay_prefixes(rollout.completion_ids, rollout.completion_mask, rewards, G, min_visits)
     device = rollout.prompt_ids.device
     pad = tokenizer.pad_token_id
-    eos_ids = eos_token_ids(model, tokenizer)
     # Prompt (without its left padding) + prefix, left-padded again so all continuations start together.
     contexts = [torch.cat([rollout.prompt_ids[g * G][rollout.prompt_mask[g * G].bool()],
                            torch.tensor(p, dtype=torch.long, device=device)]) for g, p in enumerate(prefixes)]
@@ -187,20 +186,16 @@ def replay_rollout(model, tokenizer, rollout: Rollout, rewards, gen_cfg: Generat
     budget = gen_cfg.max_new_tokens - min(len(p) for p in prefixes)
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(budget, 1),
-                         num_return_sequences=num_samples, do_sample=True, temperature=gen_cfg.temperature,
-                         top_p=gen_cfg.top_p, top_k=gen_cfg.top_k, eos_token_id=eos_ids, pad_token_id=pad,
-                         use_cache=True)
+    continuations, lengths = sample(model, tokenizer, ids, mask, num_samples, gen_cfg, max(budget, 1))
     if was_training:
         model.train()
-    continuations = out[:, width:].tolist()
     # Each new completion = prefix + continuation, cut to the same token budget as the original samples.
-    new = [(prefixes[i // num_samples] + cont)[:gen_cfg.max_new_tokens] for i, cont in enumerate(continuations)]
+    new = [(prefixes[i // num_samples] + cont[:n])[:gen_cfg.max_new_tokens]
+           for i, (cont, n) in enumerate(zip(continuations.tolist(), lengths.tolist()))]
     new_ids = torch.full((len(new), max(len(s) for s in new)), pad, dtype=torch.long, device=device)
+    new_mask = torch.zeros_like(new_ids)
     for i, s in enumerate(new):
-        new_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
-    new_mask = completion_mask_from_ids(new_ids, eos_ids)
-    new_ids = new_ids * new_mask + pad * (1 - new_mask)
+        new_ids[i, :len(s)], new_mask[i, :len(s)] = torch.tensor(s, dtype=torch.long, device=device), 1
 
     # Interleave: group g = its G original rows, then its num_samples replayed rows.
     C = max(rollout.completion_ids.shape[1], new_ids.shape[1])
