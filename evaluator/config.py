@@ -33,8 +33,13 @@ class SSRConfig:
     draft_model: str = "builtin:smollm2-135m-instruct"  # the draft (`run` loads it; the target is the policy)
     draft_adapter: Optional[str] = None
     hints: list[str] = field(default_factory=lambda: list(DEFAULT_HINTS))  # the strategy pool
-    threshold: float = -0.3  # accept a drafted step when its target score is >= this (log-prob units)
-    score: str = "mean"  # mean | min: the mean or the smallest token log-prob of the step under the target
+    # How the target verifies a drafted step (ssr.py `Scored.judge`): mean (step mean log-prob >= threshold) |
+    # min (every token's log-prob >= threshold) | margin (every token within `threshold` nats of the target's
+    # greedy token; 0 = exactly the greedy token, lossless for a greedy target).
+    score: str = "margin"
+    threshold: float = 0.0  # log-prob units (<= 0)
+    keep_prefix: bool = True  # token-level criteria: keep the accepted prefix of a rejected step
+    regen_tokens: Optional[int] = 1  # after a rejection the target writes this many tokens (None: rest of the step)
     fast: int = 1  # 0: majority over all paths | 1: first answer | 2: two agreeing answers
     speculative: bool = True  # false: the target writes every step (the target-only baseline)
     greedy: bool = True  # greedy steps (false: sample at the engines' temperature)
@@ -45,8 +50,10 @@ class SSRConfig:
             raise ValueError("ssr.hints must hold at least one strategy hint")
         if self.fast not in (0, 1, 2):
             raise ValueError(f"ssr.fast must be 0, 1 or 2, got {self.fast}")
-        if self.score not in ("mean", "min"):
-            raise ValueError(f"ssr.score must be mean|min, got {self.score!r}")
+        if self.score not in ("mean", "min", "margin"):
+            raise ValueError(f"ssr.score must be mean|min|margin, got {self.score!r}")
+        if self.regen_tokens is not None and self.regen_tokens < 1:
+            raise ValueError(f"ssr.regen_tokens must be >= 1 or null, got {self.regen_tokens}")
         if self.score_batch_size < 1:
             raise ValueError(f"ssr.score_batch_size must be >= 1, got {self.score_batch_size}")
 
@@ -63,7 +70,10 @@ class SearchConfig:
     er_search: str = "best_of_n"  # early rejection on top of: best_of_n | beam
     temperature: float = 1.0  # particle filtering: weights ∝ exp(logit(r) / temperature)
     resampling: str = "systematic"  # multinomial | systematic
-    ess_threshold: float = 1.0  # resample when ESS < ess_threshold·N (>= 1: every step)
+    # Resample when ESS < ess_threshold·N (>= 1: every step, as Puri et al.). 0.5 is the usual adaptive
+    # rule (Doucet & Johansen 2009, §3.5): resample once the weights have degenerated, not while they are
+    # near-uniform, where resampling only throws away distinct particles (diversity) for nothing.
+    ess_threshold: float = 0.5
     final: str = "best"  # particle filtering: best (highest final score) | weighted_majority
     sweeps: int = 2  # particle Gibbs: sweeps; each uses budget // sweeps particles
     # TTSPM (evaluator/ttspm.py): budget=auto lets best_of_n stop sampling a problem once the predicted

@@ -33,8 +33,10 @@ particle filtering) pay that per step. ``summary.json`` reports prefill and gene
 separately.
 
 :class:`CountingPRM` wraps a PRM (``train.prm.PRM`` or anything with the same ``score`` /
-``score_partial`` API) and keeps the same counts for it: tokens from the PRM's own ``last_tokens``
-(non-padding tokens it ran), the attention sum from the encoded lengths.
+``score_partial`` API) and keeps the same counts for it, from the PRM's own ``last_tokens`` and
+``last_attention`` (what it ran: ``train.prm.PRM.score`` runs each distinct prompt once per call and
+every solution's step tokens over that prompt's KV cache); for a PRM without ``last_attention``, from
+the encoded lengths as if each full sequence were run.
 """
 
 from __future__ import annotations
@@ -81,16 +83,19 @@ class Counts:
     decode: int = 0
     attention: int = 0
     calls: int = 0
+    scored: int = 0  # prefill tokens whose logits were computed too (SSR verification), for the LM-head FLOPs
 
     @property
     def tokens(self) -> int:
         return self.prefill + self.decode
 
-    def add(self, prefill: int, generated: int = 0, context: int = 0) -> None:
-        """Charge one row: ``prefill`` tokens encoded after ``context`` cached tokens, then ``generated``
-        tokens after those. The i-th token of the sequence attends to i keys (itself included), so prefill
-        token k adds context + k and generated token j adds context + prefill + j."""
+    def add(self, prefill: int, generated: int = 0, context: int = 0, scored: int = 0) -> None:
+        """Charge one row: ``prefill`` tokens encoded after ``context`` cached tokens (``scored`` of them
+        through the LM head as well), then ``generated`` tokens after those. The i-th token of the sequence
+        attends to i keys (itself included), so prefill token k adds context + k and generated token j adds
+        context + prefill + j."""
         self.prefill += prefill
+        self.scored += scored
         self.decode += generated
         self.attention += prefill * context + prefill * (prefill + 1) // 2
         before = context + prefill
@@ -101,7 +106,7 @@ class Counts:
 
     def since(self, before: "Counts") -> "Counts":
         return Counts(self.prefill - before.prefill, self.decode - before.decode,
-                      self.attention - before.attention, self.calls - before.calls)
+                      self.attention - before.attention, self.calls - before.calls, self.scored - before.scored)
 
 
 @dataclass
@@ -339,6 +344,11 @@ class CountingPRM:
 
     def _charge(self, prompts, texts) -> None:
         self.counts.calls += 1
+        if getattr(self.prm, "last_attention", None) is not None:  # the PRM counted what it ran (train.prm)
+            self.counts.prefill += int(self.prm.last_tokens)
+            self.counts.attention += int(self.prm.last_attention)
+            return
+        # Otherwise assume every (prompt + steps) sequence was run in full.
         separator = getattr(getattr(self.prm, "cfg", None), "separator", "\n\n")
         lengths = []
         if hasattr(self.prm, "encode"):

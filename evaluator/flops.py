@@ -3,18 +3,27 @@
 Forward FLOPs of a decoder-only transformer (Kaplan et al. 2020, "Scaling Laws for Neural Language
 Models", Table 1): a token at context length c costs
 
-    C(c) ≈ 2·N + 2·n_layer·c·d_attn
+    C(c) ≈ 2·N + 2·n_layer·c·d_attn  (+ 2·N_head when the token's logits are computed)
 
-where N counts the parameters that take part in a matrix multiply for that token (every weight matrix of
-the blocks, plus the LM head when logits are computed; the input embedding is a lookup and is free) and
-the second term is attention scores and the weighted sum of values. Summed over processed tokens:
+where N counts the parameters of the decoder blocks that take part in a matrix multiply for that token
+(every weight matrix, LoRA factors included; the input embedding is a lookup and is free), N_head the
+LM head's, and the second term is attention scores and the weighted sum of values. Summed over
+processed tokens:
 
-    FLOPs = 2·N·(prefill + decode) + 2·n_layer·d_attn·Σ c
+    FLOPs = 2·N·(prefill + decode) + 2·N_head·(decode + scored) + 2·n_layer·d_attn·Σ c
 
-with Σ c = ``Counts.attention`` from :mod:`evaluator.engine`. For the policy N includes the LM head
-(tied embeddings: the shared matrix counted once); for a PRM it is ``num_nonembedding_parameters`` (the
-PRM reads hidden states, it never applies the LM head) plus its LoRA and head weights. Backward passes
-are not involved (inference only). Norms, activations and softmax are ignored (< 1% at these sizes).
+with Σ c = ``Counts.attention`` from :mod:`evaluator.engine`. The LM head runs only for generated
+tokens: ``generate`` keeps the logits of the last position of a prefill only (``logits_to_keep=1``), and
+that position's logits are the first generated token's. ``scored`` counts prefill tokens whose logits are
+computed as well (SSR's target verification of a drafted step). (For SmolLM2-135M the tied head is 28M of its
+135M matrix parameters, so charging it to every prefill token would overstate prefill by ~26%.) A PRM
+never applies the LM head (it reads hidden states): N_head = 0 and N = its decoder blocks, LoRA and
+scoring head. Backward passes are not involved (inference only). Norms, activations and softmax are
+ignored (< 1% at these sizes). Counted, not counted: a row that stops early in a batch is not charged
+for the padding steps static batching keeps running (a serving engine with continuous batching does not
+run them); every generated token is charged one pass of the decoder body, though the last one of a call
+only runs through it if a later call re-encodes the partial solution (charged there as prefill): one
+token per row and call too many, so the counts are a slight upper bound.
 """
 
 from __future__ import annotations
@@ -26,12 +35,14 @@ from evaluator.engine import Counts
 
 @dataclass
 class ModelShape:
-    params: int  # N: parameters in matrix multiplies per token
+    params: int  # N: decoder parameters in matrix multiplies per token (no LM head)
     layers: int
     d_attn: int  # n_heads · head_dim (query width)
+    head: int = 0  # N_head: LM head parameters, applied per generated token only
 
     def flops(self, counts: Counts) -> float:
-        return 2.0 * self.params * counts.tokens + 2.0 * self.layers * self.d_attn * counts.attention
+        return (2.0 * self.params * counts.tokens + 2.0 * self.head * (counts.decode + counts.scored)
+                + 2.0 * self.layers * self.d_attn * counts.attention)
 
 
 def _hf_config(model):
@@ -47,22 +58,27 @@ def _attn_shape(config) -> tuple[int, int]:
 
 
 def policy_shape(model) -> ModelShape:
-    """Shape of a causal LM that computes logits for every generated token."""
+    """Shape of a causal LM that computes logits for every generated token (and only those)."""
     base, config = _hf_config(model)
-    unique = {id(p): p.numel() for p in model.parameters()}
+    unique = {id(p): p.numel() for p in model.parameters()}  # a tied matrix is listed once
     embed = base.get_input_embeddings().weight
     head = base.get_output_embeddings()
+    head_params = head.weight.numel() if head is not None else 0
     tied = head is not None and head.weight is embed
-    # The lookup is free; a tied matrix is still multiplied once, as the LM head.
-    params = sum(unique.values()) - (0 if tied else embed.numel())
+    # The lookup is free; the head (a tied matrix is still multiplied once, as the head) is its own term.
+    params = sum(unique.values()) - embed.numel() - (0 if tied else head_params)
     layers, d_attn = _attn_shape(config)
-    return ModelShape(params, layers, d_attn)
+    return ModelShape(params, layers, d_attn, head_params)
 
 
 def prm_shape(prm) -> ModelShape:
-    """Shape of a ``train.prm.PRM`` (or anything with ``model`` and ``num_nonembedding_parameters``)."""
-    _, config = _hf_config(prm.model)
+    """Shape of a ``train.prm.PRM`` (or anything with ``model`` and ``num_nonembedding_parameters``): the
+    decoder blocks (LoRA factors included) and the scoring head; an untied LM head is never applied."""
+    base, config = _hf_config(prm.model)
     extra = sum(p.numel() for n, p in prm.model.named_parameters() if "lora_" in n)
     extra += sum(p.numel() for p in prm.head.parameters()) if hasattr(prm, "head") else 0
+    lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if lm_head is not None and lm_head.weight is not base.get_input_embeddings().weight:
+        extra -= lm_head.weight.numel()  # counted in num_nonembedding_parameters, but never run
     layers, d_attn = _attn_shape(config)
     return ModelShape(int(prm.num_nonembedding_parameters) + extra, layers, d_attn)

@@ -1,7 +1,7 @@
 """``frugal plan``: how much test-time sampling is worth it? (TTSPM, see ``evaluator/ttspm.py``)
 
 Reads top to bottom: setup → sample ``pilots`` solutions per problem with the evaluator's engine → grade
-with the training verifier → fit the TTSPM (Beta mixture, pooled MLE, plug-in) → print predicted
+with the training verifier → fit the TTSPM (Beta mixture, zero-inflated Beta mixture, pooled MLE, plug-in) → print predicted
 coverage F(N) with the saturation budget N* (smallest N whose next sample gains < ``eps``) → write
 ``plan.json``, ``pilots.jsonl`` and ``plan.png`` to the run dir.
 
@@ -49,7 +49,7 @@ class PlanConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     pilots: int = 4  # k samples per problem
     eps: float = 0.01  # saturation threshold: stop when one more sample gains less than this (accuracy, 0..1)
-    form: str = "mixture"  # the headline fit: mixture | pooled | plugin (all three are written)
+    form: str = "beta"  # the headline fit: beta | mixture | pooled | plugin (all are written)
     max_n: int = 64  # the curve is printed and plotted for N = 1, 2, 4, ..., max_n
     split: str = "test"  # test | train
     limit: Optional[int] = 100  # first `limit` problems of the split (None = all)

@@ -6,7 +6,7 @@ PRM folder ``final/``. The loss is binary cross-entropy between the head's logit
 token after each step and that step's label (soft labels stay soft), averaged over the steps of a
 batch — the objective of TRL's ``PRMTrainer`` and Math-Shepherd (Wang et al., 2024).
 
-    frugal train-prm                                   # exact labels, arithmetic + multiplication, ~8 min CPU
+    frugal train-prm                                   # exact labels on arithmetic chains, <= 9.5 min (max_minutes)
     frugal train-prm data.paths=[labels.jsonl] data.generated=false   # Monte-Carlo labels from label-prm
     frugal train-prm prm=newline model=tiny_random max_steps=5
     python -m recipes.train_prm --cfg job              # print the composed config
@@ -35,7 +35,8 @@ from tasks.rows import in_test_split
 from train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from train.config import LoggerConfig, OptimConfig, scrub_secrets, to_config
 from train.models import LoraConfig, ModelConfig
-from train.prm import HEAD_FILE, PRM, PRMConfig, auroc, build_prm, collate, step_metrics
+from train.prm import (HEAD_FILE, PROMPT_SUFFIX, PRM, PRMConfig, auroc, build_prm, collate, first_error_index,
+                       prompt_text, step_metrics)
 from train.prm_data import generated_examples, load_stepwise
 from train.tracking import Tracker
 
@@ -48,6 +49,11 @@ class PRMDataConfig:
     generated: bool = True  # exact labels from `task` and `extra_tasks` (generated tasks only)
     errors_per_row: int = 1  # corrupted copies per reference solution
     operand_error_frac: float = 0.3  # share of injected errors that miscopy an operand (vs a wrong result)
+    # The held-out generated set has its own, fixed corruption mix, so that changing the training mix
+    # never changes the benchmark it is measured on.
+    eval_errors_per_row: int = 1
+    eval_operand_error_frac: float = 0.5
+    group_by_problem: bool = False  # keep a problem's solutions (reference + corrupted copies) in one batch
     paths: list[str] = field(default_factory=list)  # stepwise JSONL files / HF datasets (TRL format)
     eval_paths: list[str] = field(default_factory=list)  # held-out stepwise data; else a hash split of `paths`
     eval_fraction: float = 0.1
@@ -58,8 +64,11 @@ class PRMDataConfig:
     def __post_init__(self):
         if self.errors_per_row < 0:
             raise ValueError(f"data.errors_per_row must be >= 0, got {self.errors_per_row}")
-        if not 0.0 <= self.operand_error_frac <= 1.0:
-            raise ValueError(f"data.operand_error_frac must be in [0, 1], got {self.operand_error_frac}")
+        for key in ("operand_error_frac", "eval_operand_error_frac"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"data.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.eval_errors_per_row < 0:
+            raise ValueError(f"data.eval_errors_per_row must be >= 0, got {self.eval_errors_per_row}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.on_bad_row not in ("error", "skip"):
@@ -79,6 +88,7 @@ class TrainPRMConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     head_lr: float = 1e-3  # the scoring head starts from zero and learns faster than the adapter
+    lm_loss_weight: float = 0.0  # auxiliary next-token loss on the steps labelled correct (Cobbe et al. 2021)
     seed: int = 0
     max_steps: int = 200
     batch_size: int = 16  # solutions per optimizer step
@@ -94,6 +104,8 @@ class TrainPRMConfig:
     def __post_init__(self):
         if self.max_steps < 0 or self.batch_size < 1:
             raise ValueError("max_steps must be >= 0 and batch_size >= 1")
+        if self.lm_loss_weight < 0:
+            raise ValueError(f"lm_loss_weight must be >= 0, got {self.lm_loss_weight}")
         if self.head_lr <= 0:
             raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
         if self.eval_every < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
@@ -130,7 +142,11 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     encoded = [prm.encode(e["prompt"], e["completions"], cfg.prm.max_length) for e in train_examples]
     labels = [e["labels"][:len(x.positions)] for e, x in zip(train_examples, encoded)]
     keep = [i for i, x in enumerate(encoded) if x.positions]  # a prompt longer than max_length leaves nothing
-    train_rows = [(encoded[i], labels[i]) for i in keep]
+    rows = [(encoded[i], labels[i], lm_targets(prm.tokenizer, train_examples[i]["prompt"], encoded[i], labels[i]))
+            for i in keep]
+    train_groups = group_rows([train_examples[i]["prompt"] for i in keep], rows, cfg.data.group_by_problem)
+    # Groups per optimizer step, so that a step still sees about `batch_size` solutions.
+    groups_per_step = max(1, round(cfg.batch_size * len(train_groups) / len(keep)))
     adapter = [p for p in prm.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": adapter, "lr": cfg.optim.lr}, {"params": list(prm.head.parameters()), "lr": cfg.head_lr}],
@@ -158,8 +174,9 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
             step -= 1
             break
         t0 = time.time()
-        batch = batch_for_step(train_rows, step, cfg.batch_size, cfg.seed)
-        stats = train_step(prm, optimizer, batch, cfg.optim.max_grad_norm, cfg.optim.micro_batch_size)
+        batch = [row for group in batch_for_step(train_groups, step, groups_per_step, cfg.seed) for row in group]
+        stats = train_step(prm, optimizer, batch, cfg.optim.max_grad_norm, cfg.optim.micro_batch_size,
+                           cfg.lm_loss_weight)
         scheduler.step()
         train_time += time.time() - t0
         losses.append(stats["loss"])
@@ -200,9 +217,10 @@ def load_examples(cfg: TrainPRMConfig) -> tuple[list[dict], list[dict], dict]:
         for i, task in enumerate([cfg.task, *cfg.extra_tasks]):
             data = load_task(task)
             seed = cfg.seed * 1000 + i
-            kw = dict(errors_per_row=cfg.data.errors_per_row, operand_error_frac=cfg.data.operand_error_frac)
-            train += generated_examples(data.train, seed=seed, **kw)
-            held += generated_examples(data.test, seed=seed + 500, **kw)
+            train += generated_examples(data.train, seed=seed, errors_per_row=cfg.data.errors_per_row,
+                                        operand_error_frac=cfg.data.operand_error_frac)
+            held += generated_examples(data.test, seed=seed + 500, errors_per_row=cfg.data.eval_errors_per_row,
+                                       operand_error_frac=cfg.data.eval_operand_error_frac)
             info[f"generated:{task.name}"] = len(data.train)
     for path in cfg.data.paths:
         examples, skipped = load_stepwise(path, cfg.data.on_bad_row)
@@ -228,29 +246,83 @@ def load_examples(cfg: TrainPRMConfig) -> tuple[list[dict], list[dict], dict]:
     return train, held, info
 
 
+def group_rows(prompts: list[str], rows: list, by_problem: bool) -> list[list]:
+    """Training rows as groups: one group per prompt (in order of first appearance) with ``by_problem``,
+    else one row per group. A problem's reference solution and its corrupted copies share every token
+    before the slip, so seeing them in the same batch is a contrastive signal: the loss can only be
+    lowered by looking at the step where they differ."""
+    if not by_problem:
+        return [[row] for row in rows]
+    groups: dict[str, list] = {}
+    for prompt, row in zip(prompts, rows):
+        groups.setdefault(prompt, []).append(row)
+    return list(groups.values())
+
+
+def lm_targets(tokenizer, prompt, enc, labels) -> list[int]:
+    """Token indices ``t`` (predicted from position ``t - 1``) of every step labelled correct (≥ 0.5),
+    its separator included: the targets of the auxiliary next-token loss."""
+    start = len(tokenizer(prompt_text(prompt) + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"])
+    out = []
+    for position, label in zip(enc.positions, labels):
+        if label >= 0.5:
+            out += range(start, position + 1)
+        start = position + 1
+    return out
+
+
+def prm_losses(prm: PRM, batch: list[tuple], normalizer: int, lm_normalizer: int = 0):
+    """(BCE, LM) for a micro-batch of rows ``(encoded, labels[, lm_targets])``.
+
+    BCE: the sum over the batch's steps of BCE(logit at the step's separator, label), divided by
+    ``normalizer`` (the step count of the whole optimizer step, so micro-batching does not change it).
+    LM (only with ``lm_normalizer`` > 0): next-token cross-entropy at the rows' ``lm_targets`` (the
+    tokens of correct steps), summed and divided by ``lm_normalizer``. Cobbe et al. (2021, "Training
+    Verifiers to Solve Math Word Problems") found that training a verifier jointly with the language
+    modelling objective helps it: here it teaches the backbone to compute the step (a step's result),
+    which the head at the separator then only has to compare with what is written.
+    """
+    enc = collate([row[0] for row in batch], prm.tokenizer.pad_token_id)
+    targets = torch.tensor([y for row in batch for y in row[1]], dtype=torch.float32, device=prm.device)
+    logits, hidden = prm.step_logits(**enc, return_hidden=True)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / normalizer
+    if not lm_normalizer:
+        return bce, None
+    rows = torch.tensor([r for r, row in enumerate(batch) for _ in row[2]], dtype=torch.long, device=prm.device)
+    where = torch.tensor([t for row in batch for t in row[2]], dtype=torch.long, device=prm.device)
+    if not len(where):
+        return bce, hidden.sum() * 0.0
+    token_logits = prm.model.get_output_embeddings()(hidden[rows, where - 1]).float()
+    lm = torch.nn.functional.cross_entropy(token_logits, enc["input_ids"].to(prm.device)[rows, where], reduction="sum")
+    return bce, lm / lm_normalizer
+
+
 def bce_loss(prm: PRM, batch: list[tuple], normalizer: int) -> torch.Tensor:
-    """Sum over the batch's steps of BCE(logit at the step's separator, label), divided by ``normalizer``
-    (the step count of the whole optimizer step, so micro-batching does not change the loss)."""
-    enc = collate([e for e, _ in batch], prm.tokenizer.pad_token_id)
-    targets = torch.tensor([y for _, labels in batch for y in labels], dtype=torch.float32, device=prm.device)
-    logits = prm.step_logits(**enc)
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / normalizer
+    """The BCE term of :func:`prm_losses`."""
+    return prm_losses(prm, batch, normalizer)[0]
 
 
-def train_step(prm: PRM, optimizer, batch: list[tuple], max_grad_norm: float, micro_batch_size: int) -> dict:
+def train_step(prm: PRM, optimizer, batch: list[tuple], max_grad_norm: float, micro_batch_size: int,
+               lm_loss_weight: float = 0.0) -> dict:
     prm.train()
     optimizer.zero_grad(set_to_none=True)
-    total_steps = sum(len(labels) for _, labels in batch)
-    loss_sum = 0.0
+    total_steps = sum(len(row[1]) for row in batch)
+    lm_tokens = sum(len(row[2]) for row in batch) if lm_loss_weight else 0
+    bce_sum = lm_sum = 0.0
     for start in range(0, len(batch), micro_batch_size):
-        loss = bce_loss(prm, batch[start:start + micro_batch_size], total_steps)
+        bce, lm = prm_losses(prm, batch[start:start + micro_batch_size], total_steps, lm_tokens)
+        loss = bce if lm is None else bce + lm_loss_weight * lm
         loss.backward()
-        loss_sum += loss.item()
+        bce_sum += bce.item()
+        lm_sum += 0.0 if lm is None else lm.item()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_sum, "grad_norm": float(grad_norm), "steps_in_batch": total_steps}
+    stats = {"loss": bce_sum, "grad_norm": float(grad_norm), "steps_in_batch": total_steps}
+    if lm_loss_weight:
+        stats["lm_loss"] = lm_sum
+    return stats
 
 
 def evaluate(prm: PRM, examples: list[dict]) -> dict:
@@ -266,6 +338,13 @@ def evaluate(prm: PRM, examples: list[dict]) -> dict:
         negatives = [s for e, row in zip(examples, scores) if e.get("error_kind") == kind
                      for s, y in zip(row, e["labels"]) if y < 0.5]
         metrics[f"step_auroc_{kind}"] = auroc(positives + negatives, [1] * len(positives) + [0] * len(negatives))
+    # The first wrong step (the slip itself) against the steps after it (locally consistent, labelled 0
+    # because they carry the wrong value forward: the PRM must remember the earlier slip).
+    for where, pick in (("first_error", lambda i, first: i == first), ("after_error", lambda i, first: i > first)):
+        negatives = [s for e, row in zip(examples, scores) if e.get("error_kind")
+                     for i, s in enumerate(row) if pick(i, first_error_index(e["labels"]))]
+        if positives and negatives:
+            metrics[f"step_auroc_{where}"] = auroc(positives + negatives, [1] * len(positives) + [0] * len(negatives))
     return metrics
 
 

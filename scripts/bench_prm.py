@@ -3,7 +3,7 @@
 What the default run measures (≈ 15–20 minutes on a 2-core CPU; longer when the machine is shared):
 
 1. **Training + step AUROC.** ``frugal train-prm`` with its default config (embedded SmolLM2-135M cut to
-   12 layers, LoRA, exact labels on generated arithmetic chains; ``max_minutes`` caps the loop), then
+   16 layers, LoRA on the top 8, exact labels on generated arithmetic chains; ``max_minutes`` caps the loop), then
    step accuracy, step AUROC and first-error F1 on held-out generated problems (never trained on).
 2. **Partial-reward validity** (the premise of early rejection). The embedded policy samples solutions
    to held-out problems of the same task; for τ ∈ {16, 32, 64} the PRM scores the first τ completion
@@ -196,7 +196,7 @@ def main() -> None:
 
     kinds = {k[len("step_auroc_"):]: v for k, v in held.items() if k.startswith("step_auroc_")}
     if kinds:
-        print("  step AUROC by injected slip (correct steps vs that kind's wrong steps): "
+        print("  step AUROC by slip kind and by position (correct solutions' steps vs those wrong steps): "
               + " ".join(f"{k}={v:.4f}" for k, v in kinds.items()))
     pv = partial_validity(prm, args)
     print(f"partial validity: {pv['samples']} policy samples, policy accuracy {pv['policy_accuracy']:.3f} "

@@ -1,14 +1,21 @@
 """Search benchmark: accuracy and compute of best-of-N, early rejection, beam search and particle
 filtering with the embedded policy and a trained PRM, on the arithmetic task.
 
-Default run (sized for a shared, busy 2-core CPU: about 20–35 minutes there): policy
-builtin:smollm2-135m-instruct, only the first 12 held-out problems of `arith` (2 one-digit operands,
-+ − *; the answer is read as the last number in the reply), budgets N ∈ {4, 8, 16}, completions of at
-most 40 tokens, early rejection with τ = 8 tokens (the policy's replies are short: τ = 64 would cover
-whole solutions) and beam width 4 (keeps N/4), beam search with beam width 4, particle filtering with
-systematic resampling every step, plus greedy as the reference point. Every strategy at every budget is
-measured in this run, with the same seeds. With 12 problems one problem is ~8 accuracy points, so the
-accuracy deltas are noisy: scale up with --problems (and --budgets, --max-new-tokens) on a bigger machine.
+Default run (sized for a shared, busy 2-core CPU: about 30–40 minutes there): policy
+builtin:smollm2-135m-instruct, the first 12 held-out problems of `arith` with 3 one-digit operands and
++ − (the task `frugal train-prm` trains its PRM on; the answer is read as the last number in the reply),
+budgets N ∈ {4, 8, 16}, completions of at most 48 tokens (steps of at most 32), and these settings, which
+differ from the issue's defaults (τ = 64, beam width 4) because of the task, not to tune the result:
+
+* early rejection with τ = 8 tokens and beam width 4 (keep N/4): the policy's replies are 20–48 tokens,
+  so τ = 64 would cover whole solutions and nothing could be rejected early; τ = 8 is about a fifth of a
+  reply (it decides on the first few words, which is where these replies differ most);
+* beam search with beam width 4; particle filtering with T = 1, systematic resampling when ESS < N/2,
+  final answer = best final score (the `SearchConfig` defaults); greedy as the reference point.
+
+Every strategy at every budget is measured in this run, with the same seeds. With 12 problems one
+problem is ~8 accuracy points, so the accuracy deltas are noisy: scale up with --problems (and
+--budgets, --max-new-tokens) on a bigger machine.
 
 Prints one line per strategy and budget, the ratios, and last:
 
@@ -41,15 +48,19 @@ def parse_args(argv=None):
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--problems", type=int, default=12)
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16])
-    ap.add_argument("--ops", nargs="+", default=["+", "-", "*"])
-    ap.add_argument("--operands", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--ops", nargs="+", default=["+", "-"])
+    ap.add_argument("--operands", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-step-tokens", type=int, default=32)
     ap.add_argument("--max-steps", type=int, default=6)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--tau", type=int, default=8)
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--aggregation", default="last")
-    ap.add_argument("--strategies", nargs="+", default=["greedy", "best_of_n", "early_rejection", "beam", "particle_filter"])
+    ap.add_argument("--pf-temperature", type=float, default=None, help="particle filtering T (default: the config's)")
+    ap.add_argument("--pf-ess", type=float, default=None, help="particle filtering ESS threshold (default: the config's)")
+    ap.add_argument("--pf-final", default=None, help="particle filtering final pick: best|weighted_majority")
+    ap.add_argument("--strategies", nargs="+", default=["best_of_n", "early_rejection", "particle_filter", "beam", "greedy"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest on a shared, busy machine; raise it on a free one)")
@@ -88,15 +99,20 @@ def main(argv=None) -> None:
     problems = load_task(task).test[:args.problems]
     model, tok = load_model(ModelConfig(name_or_path=args.model), device)
     engine = Engine(model, tok, EngineConfig(max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
-                                             max_step_tokens=args.max_new_tokens, temperature=args.temperature))
+                                             max_step_tokens=args.max_step_tokens, temperature=args.temperature))
     prm = CountingPRM(load_prm(prm_path, device))
     print(f"policy={args.model} prm={prm_path} problems={len(problems)} budgets={args.budgets} "
           f"max_new_tokens={args.max_new_tokens} tau={args.tau} beam_width={args.beam_width}", flush=True)
 
+    pf_overrides = {k: v for k, v in (("temperature", args.pf_temperature), ("ess_threshold", args.pf_ess),
+                                      ("final", args.pf_final)) if v is not None}
+    pf = SearchConfig(**pf_overrides)
+    print(f"task=arith operands={args.operands} ops={args.ops} (one digit) particle_filter: T={pf.temperature} "
+          f"ess_threshold={pf.ess_threshold} resampling={pf.resampling} final={pf.final}", flush=True)
     rows, records = [], []
     for name in args.strategies:
         cfg = SearchConfig(name=name, budgets=list(args.budgets), aggregation=args.aggregation, tau=args.tau,
-                           beam_width=args.beam_width)
+                           beam_width=args.beam_width, **pf_overrides)
         budgets = [1] if name == "greedy" else list(args.budgets)
         r, rec = run_strategy(name, problems, budgets, engine, prm if name != "greedy" else None, cfg,
                               seed=args.seed, progress=False)
@@ -130,6 +146,15 @@ def main(argv=None) -> None:
             metrics[key] = sum(deltas) / len(deltas)
             print(f"particle filtering vs {peer}: accuracy delta per N {[round(d, 1) for d in deltas]} points, "
                   f"generated-token ratio per N {[round(t, 2) for t in tokens]}")
+    print("per budget: N | accuracy % (" + " ".join(s for s in args.strategies if s != "greedy")
+          + ") | ER/BoN FLOPs | PF/BoN, PF/beam generated tokens")
+    for b in budgets:
+        accs = " ".join(f"{100 * at(s, b).accuracy:5.1f}" for s in args.strategies if s != "greedy" and s in have)
+        er = (f"{at('early_rejection', b).flops_total / at('best_of_n', b).flops_total:.3f}"
+              if {"best_of_n", "early_rejection"} <= have else "-")
+        toks = " ".join(f"{at('particle_filter', b).policy_generated_tokens / max(1, at(p, b).policy_generated_tokens):.2f}"
+                        for p in ("best_of_n", "beam") if {"particle_filter", p} <= have)
+        print(f"  N={b:<3d} | {accs} | {er} | {toks or '-'}")
     print(f"outputs in {out} (accuracy_vs_flops.png, summary.json, results.jsonl)")
     fmt = lambda k: f"{round(metrics[k], 3) + 0.0:.3f}" if k in metrics else "nan"  # noqa: E731 (+0.0: no "-0.000")
     print(f"BENCH search er_flops_ratio={fmt('er_flops_ratio')} er_acc_delta={fmt('er_acc_delta')} "

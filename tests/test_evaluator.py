@@ -10,7 +10,7 @@ from evaluator.config import SearchConfig
 from evaluator.engine import Candidate, CountingPRM, Counts, Engine, EngineConfig
 from evaluator.flops import ModelShape, policy_shape
 from evaluator.strategies import get
-from evaluator.strategies.common import vote
+from evaluator.strategies.common import logit, vote
 from evaluator.strategies.particle_filter import ess, multinomial_resample, smc, systematic_resample
 from train.prm import split_steps
 
@@ -186,7 +186,7 @@ def test_particle_filter_weights_and_finished_particles_persist():
     engine = Engine1(script, length=4)
     torch.manual_seed(0)
     res = get("particle_filter")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()),
-                                 _cfg(name="particle_filter", resampling="multinomial"))
+                                 _cfg(name="particle_filter", resampling="multinomial", ess_threshold=1.0))
     # the finished particle is never extended again (FakeEngine asserts it), stays in the pool and wins
     assert res[0].chosen.text == "v=0.9" + DELIM and res[0].chosen.finished
     assert all(not c.text.startswith("v=0.9") for call in engine.calls[1:] for c in call["cands"])
@@ -195,10 +195,23 @@ def test_particle_filter_weights_and_finished_particles_persist():
     engine.cfg.max_steps = 0  # loop once: propagate, weight, resample
     hits, trials = 0, 400
     for seed in range(trials):
-        sw = smc(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()), _cfg(name="particle_filter", resampling="multinomial"),
+        sw = smc(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()),
+                 _cfg(name="particle_filter", resampling="multinomial", ess_threshold=1.0),
                  generator=torch.Generator().manual_seed(seed))[0]
         hits += sum(c.text.startswith("v=0.9") for c in sw.particles)
     assert hits / (4 * trials) == pytest.approx(9 / 9.75, abs=0.03)
+
+
+def test_particle_filter_resamples_only_when_ess_is_low():
+    # Equal scores: ESS = N, never below 0.5·N, so no resampling; one particle far ahead (0.99 vs 0.2:
+    # odds 99 vs 0.25, ESS ≈ 1.02 < 2) triggers it at the first step.
+    cfg = _cfg(name="particle_filter", ess_threshold=0.5)
+    flat = smc(PROBLEMS[:1], 4, FakeEngine(lambda call, k, c: 0.6, length=3), CountingPRM(FakePRM()), cfg)[0]
+    assert flat.resamples == 0 and len({c.text for c in flat.particles}) == 1  # (the fake is deterministic)
+    assert torch.allclose(flat.log_weights, torch.full((4,), 3 * logit(0.6), dtype=torch.float64))
+    peaked = smc(PROBLEMS[:1], 4, FakeEngine(lambda call, k, c: 0.99 if k == 0 else 0.2, length=3),
+                 CountingPRM(FakePRM()), cfg, generator=torch.Generator().manual_seed(0))[0]
+    assert peaked.resamples >= 1
 
 
 def test_particle_gibbs_keeps_reference_in_slot_zero():
@@ -219,6 +232,8 @@ def test_counts_and_flops_hand_computed():
     c.add(2, 1, context=10)  # 2 tokens after a 10-token cache (11 + 12 keys), then one at position 13
     assert c.attention == 120 + 23 + 13 and c.tokens == 18
     assert ModelShape(params=100, layers=2, d_attn=8).flops(c) == 2 * 100 * 18 + 2 * 2 * 8 * 156
+    # the LM head (10 parameters) runs for the 6 generated tokens only, not for the 12 prefill tokens
+    assert ModelShape(params=100, layers=2, d_attn=8, head=10).flops(c) == 2 * 100 * 18 + 2 * 10 * 6 + 2 * 2 * 8 * 156
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +246,10 @@ def tiny():
 def test_policy_shape_counts_tied_head_once(tiny):
     model, _ = tiny
     shape = policy_shape(model)
-    assert shape.params == sum(p.numel() for p in model.parameters())  # tied: the head is the embedding
+    embed = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is embed  # tied: the head is the embedding matrix
+    assert shape.head == embed.numel()  # multiplied once, as the head (the lookup is free)
+    assert shape.params == sum(p.numel() for p in model.parameters()) - embed.numel()
     assert (shape.layers, shape.d_attn) == (2, 64)
 
 

@@ -3,11 +3,12 @@ stopping, strategy selection, token accounting, and the target scorer against fu
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from evaluator.engine import Counts
-from evaluator.strategies.ssr import SSRConfig, decode, mean_logprobs, select_strategies, with_hint
+from evaluator.strategies.ssr import SSRConfig, Scored, decode, score_steps, select_strategies, with_hint
 from train.prm import split_steps
 
 
@@ -17,7 +18,7 @@ class FakeEngine:
 
     def __init__(self, script, max_steps=6):
         self.script = script
-        self.cfg = SimpleNamespace(max_steps=max_steps, step_delimiter="\n\n")
+        self.cfg = SimpleNamespace(max_steps=max_steps, max_new_tokens=64, step_delimiter="\n\n")
         self.counts = Counts()
         self.calls = 0
 
@@ -36,11 +37,33 @@ class FakeEngine:
         return out
 
 
-def fake_scorer(engine, prompts, prefixes, steps, batch_size=32, how="mean"):
-    """Accept exactly the steps that say "good"; charge one token per word to the target."""
+def words(step, logp_of):
+    """One token per word: its log-prob ``logp_of(word)``, the target's greedy log-prob 0, its start."""
+    starts, at = [], 0
+    for w in step.split():
+        at = step.index(w, at)
+        starts.append(at)
+        at += len(w)
+    return Scored([logp_of(w) for w in step.split()], [0.0] * len(starts), starts, len(starts))
+
+
+def fake_scorer(engine, prompts, prefixes, steps, batch_size=32):
+    """Step level: every token of a step that says "good" is the target's greedy token, every token of any
+    other step is 5 nats below it; charges one token per word to the target."""
+    out = []
     for s in steps:
         engine.counts.add(len(s.split()))
-    return [0.0 if "good" in s else -5.0 for s in steps], [len(s.split()) for s in steps]
+        out.append(words(s, lambda w, ok="good" in s: 0.0 if ok else -5.0))
+    return out
+
+
+def word_scorer(engine, prompts, prefixes, steps, batch_size=32):
+    """Token level: every word is the target's greedy token except "bad" (5 nats below)."""
+    out = []
+    for s in steps:
+        engine.counts.add(len(s.split()))
+        out.append(words(s, lambda w: -5.0 if w == "bad" else 0.0))
+    return out
 
 
 def problem(q, answer="5"):
@@ -151,32 +174,119 @@ def test_config_validation():
         SSRConfig(hints=[])
     with pytest.raises(ValueError, match="ssr.score"):
         SSRConfig(score="max")
+    with pytest.raises(ValueError, match="ssr.regen_tokens"):
+        SSRConfig(regen_tokens=0)
 
 
-def test_mean_logprobs_matches_full_logits_on_tiny_model():
+def test_rejected_step_keeps_its_accepted_prefix_and_the_target_writes_the_rest():
+    def script(prefix):
+        def run(message, done):
+            if done == 0:
+                return (f"{prefix} says 2 plus bad 3\n\n", False)  # the draft's "bad" token is rejected
+            return (f"{prefix} so it is 5", True)
+        return run
+
+    class Continue(FakeEngine):  # the target continues an open step with "and 3\n\n"
+        def extend(self, problems, cands, stop_at_step=True, greedy=False, max_tokens=None):
+            self.calls += 1
+            out = []
+            for c in cands:
+                c = c.copy()
+                if c.text and not c.text.endswith("\n\n"):
+                    words = ["and", "3\n\n"][:max_tokens or 2]
+                    c.text, c.tokens = c.text + " ".join(words), c.tokens + len(words)
+                    self.counts.add(0, len(words))
+                    out.append(c)
+                else:
+                    out.append(super().extend(problems, [c], stop_at_step, greedy, max_tokens)[0])
+            return out
+
+    probs = [problem("What is 2 + 3?")]
+    cfg = SSRConfig(hints=[""], score="min", fast=0, regen_tokens=None)
+    draft, target = FakeEngine(script("draft")), Continue(script("target"))
+    paths = select_strategies(probs, 1, draft, target, cfg, scorer=word_scorer)
+    [res] = decode(probs, paths, draft, target, cfg, scorer=word_scorer)
+    # step 0: "draft says 2 plus " kept (3 tokens), the target writes "and 3\n\n"; step 1 accepted whole
+    assert res.chosen.text == "draft says 2 plus and 3\n\ndraft so it is 5"
+    assert res.info["target_tokens"] == 2 and res.info["accepted"] == 1 and res.info["proposed"] == 2
+    assert res.info["accepted_tokens"] == 4 + 5
+    # without the prefix the target rewrites the whole step
+    cfg_whole = SSRConfig(hints=[""], score="min", fast=0, keep_prefix=False, regen_tokens=None)
+    draft, target = FakeEngine(script("draft")), Continue(script("target"))
+    paths = select_strategies(probs, 1, draft, target, cfg_whole, scorer=word_scorer)
+    [res] = decode(probs, paths, draft, target, cfg_whole, scorer=word_scorer)
+    assert res.chosen.text == "target says 2 plus bad 3\n\ndraft so it is 5"
+    assert res.info["target_tokens"] == 6
+    # regen_tokens=1: the target writes one token, then the draft proposes the rest of the open step
+    cfg_one = SSRConfig(hints=[""], score="min", fast=0, regen_tokens=1)
+    draft, target = FakeEngine(script("draft")), Continue(script("target"))
+    paths = select_strategies(probs, 1, draft, target, cfg_one, scorer=word_scorer)
+    [res] = decode(probs, paths, draft, target, cfg_one, scorer=word_scorer)
+    assert res.info["target_tokens"] == 1
+    assert res.chosen.text.startswith("draft says 2 plus and")
+
+
+def _reference_logps(model, tok, engine, prompt, prefix, step):
+    head = tok(engine.prompt_text(prompt) + prefix, add_special_tokens=False)["input_ids"]
+    full = tok(engine.prompt_text(prompt) + prefix + step.rstrip(), add_special_tokens=False)["input_ids"]
+    assert full[:len(head)] == head
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+    lp = torch.stack([logp[t - 1, full[t]] for t in range(len(head), len(full))])
+    top = torch.stack([logp[t - 1].max() for t in range(len(head), len(full))])
+    return lp, top, full, head
+
+
+def test_judge_criteria_by_hand():
+    step = "it is 7 now"
+    sc = Scored([-0.1, -0.2, -3.0, -0.1], [-0.1, -0.1, -0.5, -0.1], [0, 3, 6, 8], 10)
+    assert sc.mean == pytest.approx(-0.85)
+    v = sc.judge(step, "mean", -1.0)  # whole step: mean -0.85 >= -1
+    assert v.accepted(step) and v.kept_tokens == 4
+    assert sc.judge(step, "mean", -0.5).keep == 0  # all or nothing
+    v = sc.judge(step, "min", -1.0)  # "7" (-3.0) fails: keep "it is "
+    assert (v.keep, v.kept_tokens, v.score) == (6, 2, pytest.approx(-3.0)) and step[:v.keep] == "it is "
+    v = sc.judge(step, "margin", 0.0)  # "is" is not the greedy token (-0.2 vs -0.1): keep "it "
+    assert (v.keep, v.kept_tokens) == (3, 1) and v.score == pytest.approx(-2.5)
+    assert sc.judge(step, "margin", -3.0).accepted(step)
+    assert not Scored([], [], [], 0).judge("", "margin", 0.0).accepted(" ")
+
+
+def test_score_steps_matches_full_logits_on_tiny_model():
     from evaluator.engine import Engine, EngineConfig
     from train.models import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random"), torch.device("cpu"))
     engine = Engine(model, tok, EngineConfig())
     prompts = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Hi"}]]
-    prefixes, steps = ["First,", ""], [" add them: 5\n\n", "Hello there"]
-    scores, processed = mean_logprobs(engine, prompts, prefixes, steps)
-    for prompt, prefix, step, score, n in zip(prompts, prefixes, steps, scores, processed):
-        head = tok(engine.prompt_text(prompt) + prefix, add_special_tokens=False)["input_ids"]
-        full = tok(engine.prompt_text(prompt) + prefix + step.rstrip(), add_special_tokens=False)["input_ids"]
-        assert full[:len(head)] == head
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
-        ref = torch.stack([logp[t - 1, full[t]] for t in range(len(head), len(full))]).mean()
-        assert score == pytest.approx(float(ref), abs=1e-4)
-        assert n == len(full)
-    assert engine.counts.prefill == sum(processed)
-    assert mean_logprobs(engine, prompts[:1], [""], ["  \n\n"])[0] == [float("-inf")]  # nothing to accept
-    # how="min": the weakest token of the step
-    low, _ = mean_logprobs(engine, prompts[1:], [""], ["Hello there"], how="min")
-    full = tok(engine.prompt_text(prompts[1]) + "Hello there", add_special_tokens=False)["input_ids"]
-    head = tok(engine.prompt_text(prompts[1]), add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
-    assert low[0] == pytest.approx(min(float(logp[t - 1, full[t]]) for t in range(len(head), len(full))), abs=1e-4)
+    prefixes, steps = ["First,", ""], [" add them: 5\n\n", "Hello there, friend"]
+    scored = score_steps(engine, prompts, prefixes, steps)
+    for prompt, prefix, step, sc in zip(prompts, prefixes, steps, scored):
+        lp, top, full, head = _reference_logps(model, tok, engine, prompt, prefix, step)
+        np.testing.assert_allclose(sc.logp, lp.numpy(), atol=1e-4)
+        np.testing.assert_allclose(sc.top, top.numpy(), atol=1e-4)
+        assert sc.processed == len(full) and len(sc.starts) == len(full) - len(head)
+        # each token's start, in characters of the step, is where its decoded text begins
+        text = engine.prompt_text(prompt) + prefix
+        for t, start in enumerate(sc.starts):
+            assert text + step[:start] == tok.decode(full[:len(head) + t])
+    assert engine.counts.prefill == sum(sc.processed for sc in scored)
+    [empty] = score_steps(engine, prompts[:1], [""], ["  \n\n"])  # nothing to accept
+    assert empty.mean == float("-inf") and not empty.judge("  \n\n", "margin", -100.0).accepted("  \n\n")
+    # margin 0 on the tiny model: the accepted prefix ends at the first non-greedy token
+    step, sc = steps[1], scored[1]
+    gaps = np.array(sc.logp) - np.array(sc.top)
+    first = int(np.argmax(gaps < 0)) if (gaps < 0).any() else len(gaps)
+    v = sc.judge(step, "margin", 0.0)
+    assert v.kept_tokens == first and (v.accepted(step) == (first == len(gaps)))
+
+
+def test_fast_mode_reads_answers_only_at_step_ends():
+    from evaluator.engine import Candidate
+    from evaluator.strategies.ssr import Path, _stop
+
+    cut = Path(0, "", Candidate(0, "so it is 1"))  # a one-token regeneration stopped inside "12"
+    assert _stop([cut], problem("q", "12"), fast=1) is None
+    done = Path(0, "", Candidate(0, "so it is 12\n\n"))
+    assert _stop([cut, done], problem("q", "12"), fast=1) == "first_answer"
+    assert _stop([Path(0, "", Candidate(0, "so it is 1", finished=True))], problem("q"), fast=1) == "first_answer"

@@ -117,7 +117,7 @@ def test_zero_inflated_beta_fit_recovers_unsolvable_share():
     assert fit.a / (fit.a + fit.b) == pytest.approx(a / (a + b), abs=0.03)
     model = TTSPM.fit(rng.binomial(k, p), k)
     for n in (8, 32):
-        assert model.predict(n) == pytest.approx(float(np.mean(1 - (1 - p) ** n)), abs=0.02)
+        assert model.predict(n, "mixture") == pytest.approx(float(np.mean(1 - (1 - p) ** n)), abs=0.02)
     # posterior solvability after failures falls from F_max; the per-sample gain with it
     z = ZIBetaFit(0.5, 1.0, 1.0)
     assert z.solvable_after_failures(0) == pytest.approx(0.5)

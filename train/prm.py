@@ -181,7 +181,9 @@ class PRM(torch.nn.Module):
     Attributes for compute accounting (read by the evaluator):
 
     * ``tokens_scored`` — total non-padding tokens this PRM has run through its backbone (all calls);
-    * ``last_tokens`` — non-padding tokens of the most recent ``score``/``score_partial`` call;
+    * ``last_tokens`` — tokens the most recent ``score``/``score_partial`` call ran (padding excluded; with
+      prompt sharing each distinct prompt once); ``last_attention`` — Σ over them of the keys each one
+      attended to (the attention FLOPs term);
     * ``num_parameters`` — parameters of the backbone (embeddings included, LoRA and head excluded);
       ``num_nonembedding_parameters`` without the input embedding. A forward pass costs ≈ 2·N FLOPs per
       token with N the non-embedding count (the LM head is never applied).
@@ -203,6 +205,7 @@ class PRM(torch.nn.Module):
         self.head.to(device=device, dtype=torch.float32)
         self.tokens_scored = 0
         self.last_tokens = 0
+        self.last_attention = 0  # Σ keys attended per token run in the last call (see ``score``)
         base = [p for n, p in model.named_parameters() if "lora_" not in n]
         self.num_parameters = sum(p.numel() for p in base)
         self.num_nonembedding_parameters = self.num_parameters - _hf_model(model).get_input_embeddings().weight.numel()
@@ -213,55 +216,130 @@ class PRM(torch.nn.Module):
 
     # ------------------------------------------------------------------ core forward
     def step_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-                    positions: torch.Tensor) -> torch.Tensor:
+                    positions: torch.Tensor, return_hidden: bool = False, **body_kwargs):
         """Logits of P(step correct) at ``(rows[k], positions[k])``: the decoder body runs once, the head
-        reads only the selected hidden states (shared by training and scoring)."""
+        reads only the selected hidden states (shared by training and scoring). ``body_kwargs`` go to the
+        decoder (scoring passes a prompt KV ``cache`` and ``position_ids``: see :meth:`score`).
+        ``return_hidden`` also returns the decoder's last hidden states (training's auxiliary LM loss)."""
         dev = self.device
         body = _hf_model(self.model).base_model  # the decoder without its LM head (LoRA layers stay active)
-        hidden = body(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).last_hidden_state
+        hidden = body(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **body_kwargs).last_hidden_state
         picked = hidden[rows.to(dev), positions.to(dev)].float()
         # A parameter-free layer norm first: hidden-state scales differ a lot between backbones and
         # between layers (a truncated backbone), and unnormalised features made the head's updates blow
         # up the loss at useful learning rates.
         picked = torch.nn.functional.layer_norm(picked, picked.shape[-1:])
-        return self.head(picked).squeeze(-1)
+        logits = self.head(picked).squeeze(-1)
+        return (logits, hidden) if return_hidden else logits
 
     def encode(self, prompt: Any, steps: Sequence[str], max_length: Optional[int] = None) -> Encoded:
         return encode(self.tokenizer, prompt, steps, self.cfg.separator, max_length)
 
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
-    def score(self, prompts: Sequence[Any], steps_batch: Sequence[Sequence[str]]) -> list[list[float]]:
+    def score(self, prompts: Sequence[Any], steps_batch: Sequence[Sequence[str]],
+              share_prompt: bool = True) -> list[list[float]]:
         """P(step correct) for every step of every solution, batched.
 
         ``prompts[i]`` (a string or chat messages) and ``steps_batch[i]`` (a list of step strings, without
         separators) describe solution i; returns one list of floats per solution, one per step (an empty
-        list for a solution with no steps). Counts tokens in ``last_tokens`` / ``tokens_scored``.
+        list for a solution with no steps).
+
+        Prompt sharing (``share_prompt``, the default): every sequence starts with its prompt's tokens
+        (the layout tokenizes the prompt on its own), so each distinct prompt runs through the backbone
+        once per call, its KV cache is kept, and each solution runs only its own step tokens on top of it
+        (the prefix cache of :class:`evaluator.engine.Engine`, on the PRM side). Exact up to float
+        round-off: attention is causal, so a prompt token's state never depends on what follows it.
+        ``share_prompt=False`` runs every full sequence (the reference). Compute accounting: tokens run
+        (each distinct prompt once, plus every solution's step tokens) in ``last_tokens`` /
+        ``tokens_scored``, and Σ over them of the keys each one attends to (itself included) in
+        ``last_attention`` (the attention FLOPs term, :mod:`evaluator.flops`).
         """
         if len(prompts) != len(steps_batch):
             raise ValueError(f"score: {len(prompts)} prompts but {len(steps_batch)} step lists")
         encoded = [self.encode(p, [str(s) for s in steps]) for p, steps in zip(prompts, steps_batch)]
         out: list[list[float]] = [[] for _ in encoded]
         todo = [i for i, e in enumerate(encoded) if e.positions]
-        tokens = 0
+        keys = [prompt_text(p) for p in prompts]
+        head_len: dict[str, int] = {}  # prompt text -> its token count (the prefix all its rows share)
+        for i in todo:
+            if keys[i] not in head_len:
+                head_len[keys[i]] = len(self.tokenizer(keys[i] + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"])
+        prompt_kv: dict[str, list] = {}  # prompt text -> per-layer (K, V), filled once per call
+        tokens = attention = 0
         was_training = self.training
         self.eval()
         try:
             for group in token_budget_batches([len(encoded[i].ids) for i in todo], self.cfg.score_batch_tokens):
                 idx = [todo[g] for g in group]
-                batch = collate([encoded[i] for i in idx], self.tokenizer.pad_token_id)
-                probs = torch.sigmoid(self.step_logits(**batch)).tolist()
+                if share_prompt:
+                    logits, n, a = self._shared_prompt_logits(encoded, idx, [keys[i] for i in idx], head_len, prompt_kv)
+                else:
+                    batch = collate([encoded[i] for i in idx], self.tokenizer.pad_token_id)
+                    logits = self.step_logits(**batch)
+                    lengths = [len(encoded[i].ids) for i in idx]
+                    n, a = sum(lengths), sum(m * (m + 1) // 2 for m in lengths)
+                probs = torch.sigmoid(logits).tolist()
+                tokens, attention = tokens + n, attention + a
                 k = 0
                 for i in idx:
-                    n = len(encoded[i].positions)
-                    out[i] = probs[k:k + n]
-                    k += n
-                tokens += int(batch["attention_mask"].sum())
+                    m = len(encoded[i].positions)
+                    out[i] = probs[k:k + m]
+                    k += m
         finally:
             self.train(was_training)
         self.last_tokens = tokens
+        self.last_attention = attention
         self.tokens_scored += tokens
         return out
+
+    def _shared_prompt_logits(self, encoded: Sequence[Encoded], idx: Sequence[int], keys: Sequence[str],
+                              head_len: dict, prompt_kv: dict) -> tuple[torch.Tensor, int, int]:
+        """Step logits of rows ``idx`` over their prompts' cached KV. Prompts not in ``prompt_kv`` are run
+        first (one left-padded forward; positions from the mask) and stored. The rows' step tokens then
+        run in one forward: [left-padded prompt KV | right-padded steps], positions continuing each
+        row's prompt. Returns (logits, tokens run, attention sum)."""
+        from transformers import DynamicCache
+
+        dev, pad = self.device, self.tokenizer.pad_token_id
+        body = _hf_model(self.model).base_model
+        tokens = attention = 0
+        heads = {k: encoded[i].ids[:head_len[k]] for i, k in zip(idx, keys)}
+        new = [k for k in dict.fromkeys(keys) if k not in prompt_kv]
+        if new:
+            width = max(len(heads[k]) for k in new)
+            ids = torch.tensor([[pad] * (width - len(heads[k])) + heads[k] for k in new], device=dev)
+            mask = torch.tensor([[0] * (width - len(heads[k])) + [1] * len(heads[k]) for k in new], device=dev)
+            cache = DynamicCache()
+            body(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                 cache=cache, use_cache=True)
+            for r, k in enumerate(new):
+                n = len(heads[k])
+                prompt_kv[k] = [(layer.keys[r:r + 1, :, -n:].clone(), layer.values[r:r + 1, :, -n:].clone())
+                                for layer in cache.layers]
+                tokens, attention = tokens + n, attention + n * (n + 1) // 2
+        width = max(head_len[k] for k in keys)
+        tails = [encoded[i].ids[head_len[k]:] for i, k in zip(idx, keys)]
+        tail_width = max(len(t) for t in tails)
+        layers = []
+        for layer in range(len(prompt_kv[keys[0]])):
+            # Zeros where a shorter prompt is padded: under attention mask 0, never attended to.
+            ks = [torch.nn.functional.pad(prompt_kv[k][layer][0], (0, 0, width - head_len[k], 0)) for k in keys]
+            vs = [torch.nn.functional.pad(prompt_kv[k][layer][1], (0, 0, width - head_len[k], 0)) for k in keys]
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        ids = torch.tensor([t + [pad] * (tail_width - len(t)) for t in tails], device=dev)
+        mask = torch.tensor([[0] * (width - head_len[k]) + [1] * (head_len[k] + len(t)) + [0] * (tail_width - len(t))
+                             for k, t in zip(keys, tails)], device=dev)
+        positions = torch.tensor([[head_len[k] + j for j in range(tail_width)] for k in keys], device=dev)
+        rows = torch.tensor([r for r, i in enumerate(idx) for _ in encoded[i].positions], dtype=torch.long)
+        where = torch.tensor([pos - head_len[k] for i, k in zip(idx, keys) for pos in encoded[i].positions],
+                             dtype=torch.long)
+        logits = self.step_logits(ids, mask, rows, where, cache=DynamicCache(ddp_cache_data=layers),
+                                  position_ids=positions, use_cache=True)
+        for k, t in zip(keys, tails):
+            p, n = head_len[k], len(t)
+            tokens, attention = tokens + n, attention + n * p + n * (n + 1) // 2
+        return logits, tokens, attention
 
     def score_partial(self, prompts: Sequence[Any], texts: Sequence[str]) -> list[list[float]]:
         """Step scores of possibly unfinished solutions given as text: the text is split on the separator

@@ -12,12 +12,34 @@ and the top-k hints by s(h) become the k parallel paths (k = the search budget).
 are kept: they are the paths' first proposals (already scored).
 
 Step-level speculative decoding (SSD). Each round, every unfinished path gets one step (text up to the
-step delimiter) from the draft; the target scores it with the same mean log-likelihood given the path so
-far; the step is accepted when the score ≥ ``threshold``, otherwise the target regenerates that step
-itself (``score=min`` uses the smallest token log-prob instead of the mean: one implausible token, say a
-wrong digit, rejects the step). Steps travel as text, so draft and target may use different tokenizers. Scoring a step is one
-batched forward pass of the target over prompt + path + step (it generates nothing), which is why the
-target's *generated* tokens fall with the acceptance rate while its processed tokens do not.
+step delimiter) from the draft, and the target verifies all drafted steps in one batched forward pass over
+prompt + path + step (:func:`score_steps`; it generates nothing). Criteria (``score``, ``threshold`` τ):
+
+    mean     accept the whole step iff (1/T) Σ_t log p_T(d_t | ·) ≥ τ        (the issue's step-level test)
+    min      token t passes iff log p_T(d_t | ·) ≥ τ
+    margin   token t passes iff log p_T(d_t | ·) − max_v log p_T(v | ·) ≥ τ   (τ = 0: d_t is the target's
+             greedy token)
+
+A mean dilutes the one token that matters: in "3 + 4 = 8" every token but the wrong digit is likely, so a
+step with a wrong answer can clear a mean threshold that a correct step's mean barely clears. The
+token-level criteria judge each token, and ``margin`` with τ = 0 is the greedy case of the acceptance test
+of token-level speculative decoding (Leviathan, Kalman & Matias 2023, "Fast Inference from Transformers via
+Speculative Decoding"; Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling"): with a
+greedy target, the text it keeps is the text the target would have written itself (up to re-tokenisation
+at the step boundary), so accuracy is the target's by construction and only the share of target-written
+tokens depends on the draft. τ < 0 trades accuracy for fewer target tokens.
+
+Refinement over the SSR paper (``keep_prefix``, default on): a rejected step is not thrown away whole —
+as in token-level speculative decoding, the drafted tokens before the first failing token are kept (cut
+at that token's first character via the tokenizer's offsets) and the target writes from there to the end
+of the step (``regen_tokens=None``), or only ``regen_tokens`` tokens, after which the draft continues the
+open step (``regen_tokens=1``, the default, is token-level speculative decoding with step-sized draft
+blocks: on the demo pairing the base draft's first token is usually rejected — the adapter answers
+tersely — but once steered by the target's token the draft writes the rest as the target would). The
+target's generated tokens then count only what it wrote after a rejection. Fast-mode answers are read
+only at step ends, so a number cut mid-step is never taken for an answer. Steps travel as text, so draft
+and target may use different tokenizers. Verification is a prefill: it counts as target prefill tokens
+and FLOPs, not as generated tokens.
 
 Fast modes (per problem, checked after every round; a path "has an answer" once ``extract_answer`` finds
 one in its text — for ``answer_format=number`` that is the first step containing a number):
@@ -27,8 +49,15 @@ one in its text — for ``answer_format=number`` that is the first step containi
     fast=2   stop as soon as two paths' answers agree; if none ever do, majority over the finished paths
 
 Accounting: one :class:`evaluator.engine.Engine` per model. The draft engine counts draft tokens, the
-target engine counts target tokens — its generated tokens (regenerated steps) and, as prefill, every token
-it processed while scoring. :func:`report` turns both into FLOPs (:mod:`evaluator.flops`).
+target engine counts target tokens — its generated tokens (what it wrote after rejections) and, as
+prefill, every token it processed while verifying (the prompt is re-encoded by every verification pass:
+no KV reuse there yet, so SSR's target FLOPs exceed target-only decoding on this CPU demo even though
+its generated tokens fall). :func:`report` turns both into FLOPs (:mod:`evaluator.flops`).
+
+Measured (``scripts/bench_ssr.py``, 40 held-out ± problems, k = 2, fast=1, target = SmolLM2-135M + a
+10-step demo adapter at 75 % greedy accuracy, draft = the base model): target generated tokens ÷
+target-only and accuracy change — ``margin:0:regen=1`` 0.131 / +0.0; ``margin:0`` (target writes the rest
+of a rejected step) 0.744 / +0.0; ``mean:-0.3`` 0.793 / −2.5; ``min:-2:regen=1`` 0.076 / −30.0.
 
 GPU pairings worth trying (same-family tokenizers are not required): Qwen2.5-0.5B-Instruct → Qwen2.5-7B-
 Instruct, Qwen2.5-Math-1.5B → Qwen2.5-Math-7B, SmolLM2-360M → Llama-3.1-8B. Offline demo: draft = the
@@ -58,68 +87,127 @@ class Path:
     draft_tokens: int = 0  # generated by the draft
     target_tokens: int = 0  # generated by the target
     scored_tokens: int = 0  # tokens the target processed to score this path's drafted steps
-    proposed: int = 0  # drafted steps scored (the first step included)
-    accepted: int = 0
+    proposed: int = 0  # drafted steps verified (the first step included)
+    accepted: int = 0  # drafted steps accepted whole
+    accepted_tokens: int = 0  # drafted tokens kept (whole steps and accepted prefixes of rejected ones)
+    scored: Optional["Scored"] = None  # the SPM's target scores of the pending first step
 
 
-# ---------------------------------------------------------------------- scoring with the target
+# ---------------------------------------------------------------------- verifying with the target
+
+@dataclass
+class Verdict:
+    """What a criterion decided about one drafted step: ``score`` (accepted iff ≥ threshold), ``keep``
+    (characters of the step accepted: ``len(step)`` when the whole step passes, else where the first
+    failing token starts; 0 for the step-level ``mean``) and ``kept_tokens`` (target tokens in that prefix)."""
+
+    score: float
+    keep: int
+    kept_tokens: int
+
+    def accepted(self, step: str) -> bool:
+        return self.keep >= len(step)
+
+
+@dataclass
+class Scored:
+    """The target's reading of one drafted step (criterion-free, so one pass serves every criterion):
+    per step token its log-prob ``logp``, the log-prob ``top`` of the target's own greedy token there, and
+    ``starts``, the character in the step where the token starts; ``processed``: tokens the pass ran."""
+
+    logp: list[float]
+    top: list[float]
+    starts: list[int]
+    processed: int
+
+    @property
+    def mean(self) -> float:
+        """Mean token log-prob (the SPM's ranking score); −inf for an empty step."""
+        return sum(self.logp) / len(self.logp) if self.logp else float("-inf")
+
+    def judge(self, step: str, how: str, threshold: float) -> Verdict:
+        if not self.logp:
+            return Verdict(float("-inf"), 0, 0)
+        if how == "mean":
+            ok = self.mean >= threshold
+            return Verdict(self.mean, len(step) if ok else 0, len(self.logp) if ok else 0)
+        s = token_scores(torch.tensor(self.logp), torch.tensor(self.top), how)
+        bad = (s < threshold).nonzero()
+        if len(bad) == 0:
+            return Verdict(float(s.min()), len(step), len(self.logp))
+        first = int(bad[0])
+        return Verdict(float(s.min()), self.starts[first], first)
+
+
+def token_scores(logp: torch.Tensor, top: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-token criterion scores from the target's log-prob of each drafted token (``logp``) and of its
+    own greedy choice at that position (``top``): ``min`` → log p(token); ``margin`` → log p(token) −
+    max log p (0 iff the drafted token is the target's greedy choice)."""
+    return logp if how == "min" else logp - top
+
 
 @torch.inference_mode()
-def mean_logprobs(engine: Engine, prompts: Sequence[list[dict]], prefixes: Sequence[str], steps: Sequence[str],
-                  batch_size: int = 32, how: str = "mean") -> tuple[list[float], list[int]]:
-    """Mean (``how="min"``: smallest) token log-probability of each ``steps[i]`` under ``engine.model`` given the templated prompt and
-    ``prefixes[i]``; returns (scores, tokens processed per row). One forward pass per batch through
-    ``train.policy_loss.selected_logprobs`` (the LM head only at the step's tokens), rows laid out as
-    [left-padded prompt + prefix | right-padded step]. Every processed token is charged to
-    ``engine.counts`` as prefill. An empty step scores −inf (there is nothing to accept); trailing
-    whitespace (the step delimiter) is not scored."""
-    from train.policy_loss import selected_logprobs
-    from train.token_selection import Selection
+def score_steps(engine: Engine, prompts: Sequence[list[dict]], prefixes: Sequence[str], steps: Sequence[str],
+                batch_size: int = 32) -> list[Scored]:
+    """Score each drafted ``steps[i]`` under ``engine.model`` given the templated prompt and ``prefixes[i]``;
+    ``Scored.judge`` then applies a criterion.
 
+    One forward pass per batch (rows laid out as [left-padded prompt + prefix | right-padded step], the
+    LM head only at the step's positions via ``logits_to_keep``); every processed token is charged to
+    ``engine.counts`` as prefill (verification generates nothing). Criteria (:meth:`Scored.judge`, ``how``):
+
+        mean     s = (1/T) Σ_t log p(d_t)          the whole step is accepted iff s ≥ threshold, else none of it
+        min      s_t = log p(d_t)                  token t passes iff s_t ≥ threshold
+        margin   s_t = log p(d_t) − max_v log p(v)  token t passes iff s_t ≥ threshold (threshold 0: d_t is the
+                                                     target's greedy token — lossless for a greedy target)
+
+    For the token-level criteria the step's score is min_t s_t and the accepted prefix ends where the first
+    failing token starts (``Verdict.keep``, in characters, via the tokenizer's offsets). An empty step is
+    rejected (there is nothing to accept); trailing whitespace (the step delimiter) is not scored, so a
+    target that would have ended the solution there does not reject an otherwise identical step."""
     tok, model = engine.tokenizer, engine.model
-    # Trailing whitespace (the step delimiter) is structure, not content: a target that would have ended
-    # the solution there instead of starting a new step should not reject an otherwise identical step.
-    steps = [s.rstrip() for s in steps]
-    rows = []
+    rows = []  # (ids, index where the step's tokens start, char offsets of the ids, len(context))
     for prompt, prefix, step in zip(prompts, prefixes, steps):
-        head = tok(engine.prompt_text(prompt) + prefix, add_special_tokens=False)["input_ids"]
-        full = tok(engine.prompt_text(prompt) + prefix + step, add_special_tokens=False)["input_ids"]
+        context = engine.prompt_text(prompt) + prefix
+        head = tok(context, add_special_tokens=False)["input_ids"]
+        enc = tok(context + step.rstrip(), add_special_tokens=False, return_offsets_mapping=True)
+        full = enc["input_ids"]
         common = 0  # the step's tokens start where the two tokenisations part (boundary merges)
         while common < min(len(head), len(full)) and head[common] == full[common]:
             common += 1
-        rows.append((full[:max(common, 1)], full[max(common, 1):]))
-    scores, processed = [float("-inf")] * len(rows), [0] * len(rows)
-    todo = [i for i, (_, tail) in enumerate(rows) if tail and steps[i].strip()]
+        rows.append((full, max(common, 1), enc["offset_mapping"], len(context)))
+    out = [Scored([], [], [], 0) for _ in rows]
+    todo = [i for i, (full, start, _, _) in enumerate(rows) if len(full) > start and steps[i].strip()]
     was_training = model.training
     model.eval()
     pad, dev = tok.pad_token_id, engine.device
     for b in range(0, len(todo), batch_size):
         batch = todo[b:b + batch_size]
-        width = max(len(rows[i][0]) for i in batch)
-        tail_width = max(len(rows[i][1]) for i in batch)
-        ids, mask, sel_rows, sel_pos = [], [], [], []
+        width = max(rows[i][1] for i in batch)
+        tail_width = max(len(rows[i][0]) - rows[i][1] for i in batch)
+        ids, mask = [], []
+        for i in batch:
+            full, start = rows[i][0], rows[i][1]
+            left, right = width - start, tail_width - (len(full) - start)
+            ids.append([pad] * left + full + [pad] * right)
+            mask.append([0] * left + [1] * len(full) + [0] * right)
+        ids_t, mask_t = torch.tensor(ids, device=dev), torch.tensor(mask, device=dev)
+        keep_cols = torch.arange(width - 1, width - 1 + tail_width, device=dev)  # column c predicts c + 1
+        logits = model(input_ids=ids_t, attention_mask=mask_t, position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=keep_cols).logits.float()
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, ids_t[:, width:width + tail_width].unsqueeze(-1)).squeeze(-1)  # [B, T]
+        top = logp_all.max(-1).values
         for r, i in enumerate(batch):
-            head, tail = rows[i]
-            ids.append([pad] * (width - len(head)) + head + tail + [pad] * (tail_width - len(tail)))
-            mask.append([0] * (width - len(head)) + [1] * (len(head) + len(tail)) + [0] * (tail_width - len(tail)))
-            sel_rows += [r] * len(tail)
-            sel_pos += list(range(len(tail)))
-        sel = Selection(torch.tensor(sel_rows, device=dev), torch.tensor(sel_pos, device=dev),
-                        torch.zeros(len(sel_rows), device=dev))
-        logp = selected_logprobs(model, torch.tensor(ids, device=dev), torch.tensor(mask, device=dev), width, sel)
-        if how == "mean":
-            agg = torch.zeros(len(batch), device=dev, dtype=logp.dtype).index_add_(0, sel.rows, logp)
-            agg = agg / torch.tensor([len(rows[i][1]) for i in batch], device=dev, dtype=logp.dtype)
-        else:
-            agg = torch.full((len(batch),), float("inf"), device=dev, dtype=logp.dtype).scatter_reduce(
-                0, sel.rows, logp, reduce="amin")
-        for r, i in enumerate(batch):
-            n = len(rows[i][0]) + len(rows[i][1])
-            scores[i], processed[i] = float(agg[r]), n
-            engine.counts.add(n)
+            full, start, offsets, ctx_len = rows[i]
+            n = len(full) - start
+            # a token that straddles the prefix/step boundary starts at the step's first character
+            starts = [max(0, offsets[start + t][0] - ctx_len) for t in range(n)]
+            out[i] = Scored(logp[r, :n].tolist(), top[r, :n].tolist(), starts, len(full))
+            engine.counts.add(len(full), scored=n)  # the LM head ran at the step's n positions
         engine.counts.calls += 1
     model.train(was_training)
-    return scores, processed
+    return out
 
 
 # ---------------------------------------------------------------------- the two modules
@@ -133,40 +221,48 @@ def with_hint(problem: dict, hint: str) -> dict:
     return {**problem, "prompt": prompt}
 
 
+def _score(scorer, target: Engine, prompts, prefixes, steps, cfg: SSRConfig) -> list[Scored]:
+    return (scorer or score_steps)(target, prompts, prefixes, steps, cfg.score_batch_size)
+
+
 def select_strategies(problems: Sequence[dict], k: int, draft: Engine, target: Engine, cfg: SSRConfig,
                       scorer=None) -> list[list[Path]]:
     """SPM: draft a first step for every (problem, hint), score it with the target, keep the top k per
-    problem (ties: pool order). The kept paths hold their drafted first step as a pending proposal."""
+    problem by mean token log-likelihood (ties: pool order). The kept paths hold their drafted first step
+    and its verdict as a pending proposal (one target pass both ranks and verifies it)."""
     hints = list(dict.fromkeys(cfg.hints))
     rows = [with_hint(p, h) for p in problems for h in hints]
     starts = [Candidate(i) for i in range(len(rows))]
     firsts = draft.extend(rows, starts, stop_at_step=True, greedy=cfg.greedy)
-    scores, processed = (scorer or mean_logprobs)(target, [r["prompt"] for r in rows], [""] * len(rows),
-                                                  [c.text for c in firsts], cfg.score_batch_size, cfg.score)
+    verdicts = _score(scorer, target, [r["prompt"] for r in rows], [""] * len(rows), [c.text for c in firsts], cfg)
     chosen = []
     for p in range(len(problems)):
         block = range(p * len(hints), (p + 1) * len(hints))
-        order = sorted(block, key=lambda j: (-scores[j], j))[:max(1, k)]
+        order = sorted(block, key=lambda j: (-verdicts[j].mean, j))[:max(1, k)]
         paths = []
         for j in order:
-            path = Path(p, hints[j - p * len(hints)], firsts[j], spm_score=scores[j])
-            path.draft_tokens, path.scored_tokens = firsts[j].tokens, processed[j]
+            path = Path(p, hints[j - p * len(hints)], firsts[j], spm_score=verdicts[j].mean, scored=verdicts[j])
+            path.draft_tokens, path.scored_tokens = firsts[j].tokens, verdicts[j].processed
             paths.append(path)
         # the hints that were drafted and scored but not kept still cost: charge them to the best path
         dropped = [j for j in block if j not in order]
         paths[0].draft_tokens += sum(firsts[j].tokens for j in dropped)
-        paths[0].scored_tokens += sum(processed[j] for j in dropped)
+        paths[0].scored_tokens += sum(verdicts[j].processed for j in dropped)
         chosen.append(paths)
     return chosen
 
 
 def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[Engine], target: Engine,
            cfg: SSRConfig, scorer=None) -> list[Result]:
-    """SSD over all paths of all problems, one draft call, one scoring pass and one target call per round.
+    """SSD over all paths of all problems, one draft call, one verification pass and one target call per
+    round.
 
     With ``cfg.speculative`` the paths' pending first steps (from :func:`select_strategies`) are judged
     first with their SPM scores; without it every path starts empty and the target writes every step.
-    ``scorer`` (default :func:`mean_logprobs`) has its signature; tests pass a fake one."""
+    A rejected step keeps its accepted prefix when ``cfg.keep_prefix`` (token-level criteria); the target
+    then writes from the first rejected token to the end of the step, or only ``cfg.regen_tokens`` tokens
+    (after which the draft takes over again). ``scorer`` (default :func:`score_steps`) has its
+    signature; tests pass a fake one."""
     # Work on copies (the same SPM paths can be decoded twice: speculatively and target-only). The
     # target-only baseline starts from empty paths and is not charged for SPM.
     paths = [[replace(path, cand=path.cand.copy()) if cfg.speculative else
@@ -176,28 +272,36 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
     rows = [with_hint(problems[path.problem], path.hint) for path in flat]
     for j, path in enumerate(flat):
         path.cand.problem = j
-    pending: dict[int, tuple[Candidate, Candidate, float]] = {}  # path -> (before, proposal, score)
-    if cfg.speculative:  # the SPM's drafted first steps are the first proposals (already scored)
+    pending: dict[int, tuple[Candidate, Candidate, Scored]] = {}  # path -> (before, proposal, target scores)
+    if cfg.speculative:  # the SPM's drafted first steps are the first proposals (already verified)
         for j, path in enumerate(flat):
-            pending[j] = (Candidate(j), path.cand, path.spm_score)
+            pending[j] = (Candidate(j), path.cand, path.scored)
             path.proposed += 1
     stopped = [False] * len(problems)
     stop_reason = ["end"] * len(problems)
-    for _ in range(target.cfg.max_steps + 2):
-        # 1. judge the pending proposals; 2. the target regenerates the rejected ones (and, without
-        # speculation, writes every step)
+    # Every round adds at least one token (or finishes) each active path: this bound is never the reason to stop.
+    for _ in range(target.cfg.max_new_tokens + target.cfg.max_steps + 2):
+        # 1. judge the pending proposals; 2. the target writes the rejected remainders (and, without
+        # speculation, every step)
         redo = []
-        for j, (before, proposal, score) in pending.items():
-            if score >= cfg.threshold:
+        for j, (before, proposal, scored) in pending.items():
+            step = proposal.text[len(before.text):]
+            verdict = scored.judge(step, cfg.score, cfg.threshold)
+            if verdict.accepted(step):
                 flat[j].cand = proposal
                 flat[j].accepted += 1
-            else:
-                redo.append((j, before))
+                flat[j].accepted_tokens += verdict.kept_tokens
+                continue
+            if cfg.keep_prefix and verdict.keep > 0:
+                before = Candidate(j, before.text + step[:verdict.keep], before.tokens + verdict.kept_tokens)
+                flat[j].accepted_tokens += verdict.kept_tokens
+            redo.append((j, before))
         if not cfg.speculative:
             redo = [(j, flat[j].cand) for j, path in enumerate(flat)
                     if not path.cand.finished and not stopped[path.problem]]
         if redo:
-            regen = target.extend(rows, [c for _, c in redo], stop_at_step=True, greedy=cfg.greedy)
+            cap = cfg.regen_tokens if cfg.speculative else None
+            regen = target.extend(rows, [c for _, c in redo], max_tokens=cap, stop_at_step=True, greedy=cfg.greedy)
             for (j, before), new in zip(redo, regen):
                 flat[j].target_tokens += new.tokens - before.tokens
                 flat[j].cand = new
@@ -205,7 +309,7 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
         # 3. fast-mode stopping
         for p, group in enumerate(paths):
             if not stopped[p]:
-                reason = _stop(group, problems[p], cfg.fast)
+                reason = _stop(group, problems[p], cfg.fast, target.cfg.step_delimiter)
                 if reason:
                     stopped[p], stop_reason[p] = True, reason
         active = [j for j, path in enumerate(flat) if not path.cand.finished and not stopped[path.problem]]
@@ -213,26 +317,31 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
             break
         if not cfg.speculative:
             continue
-        # 4. the draft proposes the next step of every active path; the target scores all of them at once
+        # 4. the draft proposes the next step (or the rest of the open one) of every active path; the target
+        # verifies all of them in one pass
         befores = [flat[j].cand for j in active]
         proposals = draft.extend(rows, befores, stop_at_step=True, greedy=cfg.greedy)
         steps = [new.text[len(old.text):] for old, new in zip(befores, proposals)]
-        scores, processed = (scorer or mean_logprobs)(target, [rows[j]["prompt"] for j in active],
-                                                      [c.text for c in befores], steps, cfg.score_batch_size, cfg.score)
-        for j, old, new, s, n in zip(active, befores, proposals, scores, processed):
+        verdicts = _score(scorer, target, [rows[j]["prompt"] for j in active], [c.text for c in befores], steps, cfg)
+        for j, old, new, v in zip(active, befores, proposals, verdicts):
             flat[j].draft_tokens += new.tokens - old.tokens
-            flat[j].scored_tokens += n
+            flat[j].scored_tokens += v.processed
             flat[j].proposed += 1
-            pending[j] = (old, new, s)
-    return [_result(p, group, problems, cfg.fast, stop_reason[p]) for p, group in enumerate(paths)]
+            pending[j] = (old, new, v)
+    return [_result(p, group, problems, cfg.fast, stop_reason[p], target.cfg.step_delimiter)
+            for p, group in enumerate(paths)]
 
 
-def _answer(path: Path, problem: dict) -> Optional[str]:
+def _answer(path: Path, problem: dict, delimiter: Optional[str] = None) -> Optional[str]:
+    """The path's answer; with ``delimiter`` only once its text ends a step (or the solution), so that a
+    number cut mid-step ("1" of "12", after a one-token regeneration) is never taken as an answer."""
+    if delimiter is not None and not (path.cand.finished or path.cand.text.endswith(delimiter)):
+        return None
     return extract_answer(path.cand.text, problem.get("answer_format", "boxed"))
 
 
-def _stop(group: list[Path], problem: dict, fast: int) -> Optional[str]:
-    answers = [_answer(path, problem) for path in group]
+def _stop(group: list[Path], problem: dict, fast: int, delimiter: str = "\n\n") -> Optional[str]:
+    answers = [_answer(path, problem, delimiter) for path in group]
     if fast == 1 and any(a is not None for a in answers):
         return "first_answer"
     if fast == 2:
@@ -244,8 +353,9 @@ def _stop(group: list[Path], problem: dict, fast: int) -> Optional[str]:
     return None
 
 
-def _result(p: int, group: list[Path], problems: Sequence[dict], fast: int, reason: str) -> Result:
-    answers = [_answer(path, problems[p]) for path in group]
+def _result(p: int, group: list[Path], problems: Sequence[dict], fast: int, reason: str,
+            delimiter: str = "\n\n") -> Result:
+    answers = [_answer(path, problems[p], delimiter) for path in group]  # what `_stop` saw
     pick = None
     if fast == 1 and reason == "first_answer":
         pick = next(i for i, a in enumerate(answers) if a is not None)
@@ -266,6 +376,7 @@ def _result(p: int, group: list[Path], problems: Sequence[dict], fast: int, reas
         "stop": reason, "draft_tokens": sum(x.draft_tokens for x in group),
         "target_tokens": sum(x.target_tokens for x in group), "scored_tokens": sum(x.scored_tokens for x in group),
         "proposed": sum(x.proposed for x in group), "accepted": sum(x.accepted for x in group),
+        "accepted_tokens": sum(x.accepted_tokens for x in group),
     }
     return Result(chosen, cands, info)
 

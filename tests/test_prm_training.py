@@ -1,0 +1,79 @@
+"""PRM training levers: problem-grouped batches, the auxiliary LM loss (targets and that it trains), and a
+held-out generated set that does not move when the training corruption mix changes. builtin:tiny-random."""
+
+import torch
+
+from train.models import LoraConfig, ModelConfig
+from train.prm import PRMConfig, build_prm
+
+TINY = ModelConfig(name_or_path="builtin:tiny-random", dtype="float32")
+
+
+def test_group_rows_keeps_a_problems_solutions_together():
+    from recipes.train_prm import group_rows
+    from train.runtime import batch_for_step
+
+    prompts = ["p1", "p2", "p1", "p3", "p2", "p1"]
+    rows = ["a", "b", "c", "d", "e", "f"]
+    assert group_rows(prompts, rows, by_problem=True) == [["a", "c", "f"], ["b", "e"], ["d"]]
+    assert group_rows(prompts, rows, by_problem=False) == [[r] for r in rows]
+    groups = group_rows(prompts, rows, by_problem=True)
+    for step in (1, 2, 3):  # every batch holds whole problems
+        batch = [r for g in batch_for_step(groups, step, 2, seed=0) for r in g]
+        for prompt in {prompts[rows.index(r)] for r in batch}:
+            mine = [r for p, r in zip(prompts, rows) if p == prompt]
+            assert batch.count(mine[0]) >= 1 and all(r in batch for r in mine)
+
+
+def test_lm_targets_are_the_correct_steps_and_their_separators():
+    from recipes.train_prm import lm_targets
+
+    prm = build_prm(TINY, LoraConfig(r=4, alpha=8), PRMConfig())
+    steps = ["1 + 2 = 3", "3 + 4 = 8", "The answer is 8."]
+    enc = prm.encode("What is 1 + 2 + 4?", steps)
+    decode = lambda idx: prm.tokenizer.decode([enc.ids[i] for i in idx])  # noqa: E731
+    assert decode(lm_targets(prm.tokenizer, "What is 1 + 2 + 4?", enc, [1.0, 0.0, 0.0])) == "1 + 2 = 3\n\n"
+    both = lm_targets(prm.tokenizer, "What is 1 + 2 + 4?", enc, [1.0, 0.0, 1.0])
+    assert decode(both) == "1 + 2 = 3\n\nThe answer is 8.\n\n"
+    assert both == sorted(both) and both[-1] == enc.positions[-1]
+    assert lm_targets(prm.tokenizer, "What is 1 + 2 + 4?", enc, [0.0, 0.0, 0.0]) == []
+
+
+def test_aux_lm_loss_trains_next_token_prediction_and_is_off_by_default():
+    from recipes.train_prm import lm_targets, prm_losses, train_step
+
+    torch.manual_seed(0)
+    prm = build_prm(TINY, LoraConfig(r=8, alpha=16), PRMConfig())
+    rows = []
+    for q, steps, labels in [("What is 2 + 3?", ["2 + 3 = 5", "The answer is 5."], [1.0, 1.0]),
+                             ("What is 2 + 3?", ["2 + 3 = 6", "The answer is 6."], [0.0, 0.0])]:
+        enc = prm.encode(q, steps)
+        rows.append((enc, labels, lm_targets(prm.tokenizer, q, enc, labels)))
+    assert rows[1][2] == []  # no LM targets in a wrong solution
+    bce, lm = prm_losses(prm, rows, 4)
+    assert lm is None  # lm_normalizer 0: no LM term
+    opt = torch.optim.AdamW([p for p in prm.parameters() if p.requires_grad], lr=1e-2)
+    first = train_step(prm, opt, rows, 0.0, micro_batch_size=1, lm_loss_weight=1.0)
+    for _ in range(20):
+        last = train_step(prm, opt, rows, 0.0, micro_batch_size=1, lm_loss_weight=1.0)
+    assert last["lm_loss"] < first["lm_loss"] - 0.5
+    assert "lm_loss" not in train_step(prm, opt, rows, 1.0, micro_batch_size=2)
+
+
+def test_held_out_generated_set_ignores_the_training_corruption_mix():
+    from hydra import compose, initialize_config_dir
+
+    from recipes.train_prm import TrainPRMConfig, load_examples, to_config
+    from tests.conftest import ROOT
+
+    def examples(*overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train_prm", overrides=["model=tiny_random", "task.n_train=30", "task.n_test=10", *overrides])
+        return load_examples(to_config(cfg, TrainPRMConfig))
+
+    train_a, held_a, _ = examples("data.errors_per_row=1", "data.operand_error_frac=0.5")
+    train_b, held_b, _ = examples("data.errors_per_row=3", "data.operand_error_frac=0.1")
+    assert held_a == held_b and len(held_a) == 20  # 10 problems x (reference + 1 corrupted copy)
+    assert len(train_b) == 2 * len(train_a)  # 1 + 3 solutions per problem instead of 1 + 1
+    train_c, _, _ = examples("data.eval_errors_per_row=2")
+    assert train_c == train_a
