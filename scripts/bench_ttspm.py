@@ -10,13 +10,14 @@ accuracy ≈ 2%, coverage@8 ≈ 12%: a flat curve), while single-digit problems 
 problems: the forecast's own sampling error (4 pilots per problem) shrinks as 1/√problems; at 80 problems
 its bootstrap spread was larger than the 3-point target.
 
-Honest protocol: the forecast form (the default ``mixture``) was fixed on a development set — the train
+Honest protocol: the forecast form (the default ``beta``) was fixed on a development set — the train
 split of the same space (``--split train``: 140 other problems) — before this held-out run was analysed.
 1. One engine call draws 4 + 32 solutions per problem (evaluator engine, temperature 1.0, 12 new tokens);
    each is graded by the training verifier. Columns 0–3 are the pilots, columns 4–35 the measurement pool
    (independent draws).
-2. Predicted accuracy at N ∈ {8, 16, 32} from the pilots only (zero-inflated Beta mixture, the default;
-   the plain Beta mixture, the pooled MLE and the paper's plug-in forms are printed too) against the measured coverage (pass@N: is any of N
+2. Predicted accuracy at N ∈ {8, 16, 32} from the pilots only (a Beta prior over problems fitted by
+   beta-binomial maximum likelihood, the default; the zero-inflated Beta mixture, the pooled MLE and the
+   paper's plug-in forms are printed too) against the measured coverage (pass@N: is any of N
    samples correct — what F(N) models, i.e. best-of-N with an oracle verifier), measured on the pool with
    the unbiased estimator 1 − C(32 − c, N)/C(32, N) (the mean over all N-subsets of the 32 samples).
 3. ``budget=auto``: each problem starts from its 4 pilots and draws more samples one at a time from its
