@@ -46,16 +46,22 @@ def fsdp_run(tmp_path_factory):
     return out, _launch("fsdp", out)
 
 
-def test_two_processes_keep_identical_lora_parameters(two_rank_run):
+def _assert_identical_trained_lora(out):
+    """Both ranks saved the same LoRA parameters, and training changed them; returns rank 0's."""
     import torch
 
-    out, _ = two_rank_run
     rank0, rank1 = (torch.load(out / f"rank{r}_params.pt") for r in (0, 1))
     init = torch.load(out / "rank0_init.pt")
     assert rank0.keys() == rank1.keys() and len(rank0) > 0
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
     assert any(not torch.equal(rank0[n], init[n]) for n in rank0), "training changed nothing"
+    return rank0
+
+
+def test_two_processes_keep_identical_lora_parameters(two_rank_run):
+    out, _ = two_rank_run
+    _assert_identical_trained_lora(out)
     # ranks really saw different data, so equal parameters come from the gradient sync
     seen0, seen1 = (json.loads((out / f"rank{r}_seen.json").read_text()) for r in (0, 1))
     assert all(set(a) != set(b) for a, b in zip(seen0["questions"], seen1["questions"]))
@@ -157,12 +163,7 @@ def test_fsdp_shards_the_base_and_keeps_identical_lora_parameters(fsdp_run, two_
     import torch
 
     out, stdout = fsdp_run
-    rank0, rank1 = (torch.load(out / f"rank{r}_params.pt") for r in (0, 1))
-    init = torch.load(out / "rank0_init.pt")
-    assert rank0.keys() == rank1.keys() and len(rank0) > 0
-    for name in rank0:
-        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
-    assert any(not torch.equal(rank0[n], init[n]) for n in rank0), "training changed nothing"
+    rank0 = _assert_identical_trained_lora(out)
     held = [json.loads((out / f"rank{r}_base.json").read_text()) for r in (0, 1)]
     assert held[0]["sharded"] == held[0]["frozen"] > 0  # every frozen weight is sharded...
     assert held[0]["local"] + held[1]["local"] == held[0]["full"]  # ...into two disjoint halves
