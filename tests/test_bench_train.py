@@ -205,3 +205,23 @@ def test_decode_drops_finished_rows_and_matches_generate(sample):
         n = int(lengths[row])
         assert out[row, :n].tolist() == ref[row, :n].tolist()
         assert (n == 12) or int(ref[row, n - 1]) in eos
+
+
+def test_generate_stops_a_row_at_a_stop_string():
+    import torch
+
+    from train.rollout import GenerationConfig, generate
+
+    model, tok = _tiny_lora()
+    with torch.no_grad():  # varied greedy output (see test_decode_drops_finished_rows_and_matches_generate)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    prompts = [[{"role": "user", "content": "What is 3 + 4?"}]]
+    free = generate(model, tok, prompts, GenerationConfig(max_new_tokens=12), greedy=True)
+    ids = free.completion_ids[0, : int(free.completion_mask[0].sum())].tolist()
+    stop = tok.decode(ids[3:5])
+    assert stop.strip() and stop not in tok.decode(ids[:4])  # first completed by token 5
+    cut = generate(model, tok, prompts, GenerationConfig(max_new_tokens=12, stop_strings=[stop]), greedy=True)
+    n = int(cut.completion_mask[0].sum())
+    assert cut.completion_ids[0, :n].tolist() == ids[:n] and n <= 5 and stop in cut.texts[0]
