@@ -333,19 +333,21 @@ def fit_zibeta(successes: Sequence[int], trials) -> ZIBetaFit:
 
 @dataclass
 class TTSPM:
-    """Pilot counts plus the three fits; ``predict`` and ``saturation`` take ``form`` in FORMS."""
+    """Pilot counts plus the fits of each form; ``predict`` and ``saturation`` take ``form`` in FORMS."""
 
     successes: np.ndarray
     trials: np.ndarray
-    mixture: ZIBetaFit
-    beta: BetaFit
-    pooled: PooledFit
-    plugin: PooledFit
+    mixture: Optional[ZIBetaFit]
+    beta: Optional[BetaFit]
+    pooled: Optional[PooledFit]
+    plugin: Optional[PooledFit]
 
     @classmethod
-    def fit(cls, successes: Sequence[int], trials) -> "TTSPM":
+    def fit(cls, successes: Sequence[int], trials, forms: Sequence[str] = FORMS) -> "TTSPM":
+        """Fit every form in ``forms`` (the others are left None: predicting with them fails)."""
         c, k = _as_counts(successes, trials)
-        return cls(c, k, fit_zibeta(c, k), fit_beta(c, k), fit_pooled(c, k), fit_plugin(c, k))
+        fitters = {"mixture": fit_zibeta, "beta": fit_beta, "pooled": fit_pooled, "plugin": fit_plugin}
+        return cls(c, k, *(fitters[f](c, k) if f in forms else None for f in ("mixture", "beta", "pooled", "plugin")))
 
     @property
     def f_max_observed(self) -> float:
@@ -394,6 +396,35 @@ class TTSPM:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.gain(mid, form) >= eps else (lo, mid)
         return hi
+
+    def forecast_error(self, n, form: str = "beta", reps: int = 200, pool: Optional[int] = None,
+                       seed: int = 0) -> np.ndarray:
+        """Sampling error of this kind of forecast, by parametric bootstrap from the fitted Beta prior:
+        ``reps`` times, draw as many problems as were piloted (p_i ~ Beta(a, b)) with the same pilot counts
+        k_i, refit ``form`` on simulated pilots and predict F(N); the error is that prediction minus the
+        simulated problems' true coverage mean_i[1 − (1 − p_i)^N] or, with ``pool``, minus the coverage
+        *measured* from ``pool`` further samples per problem (unbiased pass@N, so the measurement's own
+        noise is included). Returns an array (reps, len(n)) of errors in coverage units.
+
+        This is the uncertainty that k pilots per problem leave even when the model form is right: it shrinks
+        as 1/√(problems), and a forecast cannot be judged to a tolerance much tighter than its spread."""
+        budgets = np.atleast_1d(np.asarray(n, dtype=int))
+        if pool is not None and pool < budgets.max():
+            raise ValueError(f"forecast_error: pool={pool} must be >= the largest N ({budgets.max()})")
+        prior = self.beta or fit_beta(self.successes, self.trials)
+        rng = np.random.default_rng(seed)
+        out = np.empty((reps, budgets.size))
+        for r in range(reps):
+            p = rng.beta(max(prior.a, 1e-3), max(prior.b, 1e-3), self.trials.size)
+            pilots = rng.binomial(self.trials.astype(np.int64), p)
+            predicted = TTSPM.fit(pilots, self.trials, forms=[form]).predict(budgets, form)
+            if pool is None:
+                truth = 1.0 - np.mean((1.0 - p[:, None]) ** budgets[None, :], axis=0)
+            else:
+                counts = rng.binomial(pool, p)
+                truth = np.array([np.mean([pass_at_n(pool, int(c), int(b)) for c in counts]) for b in budgets])
+            out[r] = predicted - truth
+        return out
 
     def summary(self) -> dict:
         return {"problems": int(self.successes.size), "pilot_samples": int(self.trials.sum()),

@@ -59,6 +59,7 @@ class PlanConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = None
     plots: bool = True
+    interval_draws: int = 200  # parametric-bootstrap draws for the 90% band of the headline forecast (0 = none)
 
     def __post_init__(self):
         if self.pilots < 1:
@@ -67,6 +68,8 @@ class PlanConfig:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {'|'.join(FORMS)}, got {self.form!r}")
+        if self.interval_draws < 0:
+            raise ValueError(f"interval_draws must be >= 0, got {self.interval_draws}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.split not in ("test", "train"):
@@ -99,12 +102,20 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     grid = sorted({2 ** i for i in range(int(np.log2(cfg.max_n)) + 1)} | {cfg.max_n})
     curves = {form: [float(x) for x in model_fit.predict(grid, form)] for form in FORMS}
     n_star = {form: model_fit.saturation(cfg.eps, form) for form in FORMS}
+    # 90% band of the headline forecast: how far k pilots over this many problems can leave it off even
+    # when the form is right (TTSPM.forecast_error); truth = prediction - error.
+    band = None
+    if cfg.interval_draws:
+        err = model_fit.forecast_error(grid, cfg.form, reps=cfg.interval_draws, seed=cfg.seed)
+        head = np.asarray(curves[cfg.form])
+        band = {"low": [float(x) for x in np.clip(head - np.percentile(err, 95, axis=0), 0, 1)],
+                "high": [float(x) for x in np.clip(head - np.percentile(err, 5, axis=0), 0, 1)]}
     observed = {n: float(np.mean([pass_at_n(cfg.pilots, int(c), n) for c in counts])) for n in range(1, cfg.pilots + 1)}
     plan = {
         "eps": cfg.eps, "form": cfg.form, "pilots": cfg.pilots, "problems": len(problems),
         "fit": model_fit.summary(), "n_star": n_star,
         "predicted_at_n_star": {f: float(model_fit.predict(n_star[f], f)) for f in FORMS},
-        "curve": {"n": grid, **curves}, "observed_pass_at_n": observed,
+        "curve": {"n": grid, **curves}, "band90": band, "observed_pass_at_n": observed,
         "policy_tokens": {"prefill": engine.counts.prefill, "generated": engine.counts.decode},
         "minutes": (time.time() - started) / 60, "run_dir": str(run_dir),
     }
@@ -126,11 +137,13 @@ def report(plan: dict) -> str:
              f"{plan['fit']['pilot_accuracy']:.3f}, solved at least once {plan['fit']['f_max_observed']:.3f}, "
              f"Beta(a={plan['fit']['beta']['a']:.3f}, b={plan['fit']['beta']['b']:.3f}), pooled "
              f"F_max={plan['fit']['pooled']['f_max']:.3f} p={plan['fit']['pooled']['p']:.3f}",
-             f"{'N':>6} " + " ".join(f"{f:>9}" for f in FORMS)]
+             f"{'N':>6} " + " ".join(f"{f:>9}" for f in FORMS) + (f"  {plan['form']} 90% band" if plan.get("band90") else "")]
     marked = next((n for n in plan["curve"]["n"] if n >= star), None)
     for i, n in enumerate(plan["curve"]["n"]):
+        band = plan.get("band90")
+        band = f"  {100 * band['low'][i]:5.1f}-{100 * band['high'][i]:5.1f}%" if band else ""
         mark = f"  <- first N >= N* = {star}" if n == marked else ""
-        lines.append(f"{n:>6} " + " ".join(f"{100 * plan['curve'][f][i]:8.1f}%" for f in FORMS) + mark)
+        lines.append(f"{n:>6} " + " ".join(f"{100 * plan['curve'][f][i]:8.1f}%" for f in FORMS) + band + mark)
     lines.append("N* (eps={:g}): ".format(plan["eps"]) + ", ".join(
         f"{f}={plan['n_star'][f]} ({100 * plan['predicted_at_n_star'][f]:.1f}%)" for f in FORMS))
     return "\n".join(lines)
@@ -148,6 +161,9 @@ def plot(plan: dict, path: Path) -> Path:
     for form in FORMS:
         style = "-" if form == plan["form"] else "--"
         ax.plot(plan["curve"]["n"], [100 * v for v in plan["curve"][form]], style, marker="o", ms=3, label=f"F(N) {form}")
+    if plan.get("band90"):
+        ax.fill_between(plan["curve"]["n"], [100 * v for v in plan["band90"]["low"]],
+                        [100 * v for v in plan["band90"]["high"]], alpha=0.15, label=f"90% band ({plan['form']})")
     obs = plan["observed_pass_at_n"]
     ax.plot([int(n) for n in obs], [100 * v for v in obs.values()], "k^", label="pilots (pass@n)")
     star = plan["n_star"][plan["form"]]

@@ -37,7 +37,7 @@ from train.config import LoggerConfig, OptimConfig, scrub_secrets, to_config
 from train.models import LoraConfig, ModelConfig
 from train.prm import (HEAD_FILE, PROMPT_SUFFIX, PRM, PRMConfig, auroc, build_prm, collate, first_error_index,
                        prompt_text, step_metrics)
-from train.prm_data import generated_examples, load_stepwise
+from train.prm_data import equation_drills, generated_examples, load_stepwise
 from train.tracking import Tracker
 
 log = logging.getLogger("frugal.train_prm")
@@ -54,6 +54,9 @@ class PRMDataConfig:
     eval_errors_per_row: int = 1
     eval_operand_error_frac: float = 0.5
     group_by_problem: bool = False  # keep a problem's solutions (reference + corrupted copies) in one batch
+    # Single-equation checks ("What is 7 + 8?" / "7 + 8 = 15", right or with a wrong result) added to every
+    # optimizer step, built from the generated training rows (train.prm_data.equation_drills).
+    drills_per_step: int = 0
     paths: list[str] = field(default_factory=list)  # stepwise JSONL files / HF datasets (TRL format)
     eval_paths: list[str] = field(default_factory=list)  # held-out stepwise data; else a hash split of `paths`
     eval_fraction: float = 0.1
@@ -67,6 +70,10 @@ class PRMDataConfig:
         for key in ("operand_error_frac", "eval_operand_error_frac"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"data.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.drills_per_step < 0:
+            raise ValueError(f"data.drills_per_step must be >= 0, got {self.drills_per_step}")
+        if self.drills_per_step and not self.generated:
+            raise ValueError("data.drills_per_step needs data.generated=true (drills come from generated tasks)")
         if self.eval_errors_per_row < 0:
             raise ValueError(f"data.eval_errors_per_row must be >= 0, got {self.eval_errors_per_row}")
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -147,6 +154,8 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     train_groups = group_rows([train_examples[i]["prompt"] for i in keep], rows, cfg.data.group_by_problem)
     # Groups per optimizer step, so that a step still sees about `batch_size` solutions.
     groups_per_step = max(1, round(cfg.batch_size * len(train_groups) / len(keep)))
+    drills = [(e, lab, []) for e, lab in ((prm.encode(d["prompt"], d["completions"]), d["labels"])
+                                         for d in load_drills(cfg))]
     adapter = [p for p in prm.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": adapter, "lr": cfg.optim.lr}, {"params": list(prm.head.parameters()), "lr": cfg.head_lr}],
@@ -175,6 +184,8 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
             break
         t0 = time.time()
         batch = [row for group in batch_for_step(train_groups, step, groups_per_step, cfg.seed) for row in group]
+        if drills:  # last, so that the short drills share micro-batches with each other, not with solutions
+            batch += batch_for_step(drills, step, cfg.data.drills_per_step, cfg.seed + 1)
         stats = train_step(prm, optimizer, batch, cfg.optim.max_grad_norm, cfg.optim.micro_batch_size,
                            cfg.lm_loss_weight)
         scheduler.step()
@@ -244,6 +255,14 @@ def load_examples(cfg: TrainPRMConfig) -> tuple[list[dict], list[dict], dict]:
     if not train:
         raise ValueError("train-prm: no training examples (check task / data.paths)")
     return train, held, info
+
+
+def load_drills(cfg: TrainPRMConfig) -> list[dict]:
+    """Equation drills from the generated tasks' training rows (none unless ``data.drills_per_step``)."""
+    if not cfg.data.drills_per_step:
+        return []
+    rows = [row for task in [cfg.task, *cfg.extra_tasks] for row in load_task(task).train]
+    return equation_drills(rows, seed=cfg.seed)
 
 
 def group_rows(prompts: list[str], rows: list, by_problem: bool) -> list[list]:

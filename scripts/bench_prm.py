@@ -6,7 +6,9 @@ What the default run measures (≈ 15–20 minutes on a 2-core CPU; longer when 
    16 layers, LoRA on the top 8, exact labels on generated arithmetic chains; ``max_minutes`` caps the loop), then
    step accuracy, step AUROC and first-error F1 on held-out generated problems (never trained on).
 2. **Partial-reward validity** (the premise of early rejection). The embedded policy samples solutions
-   to held-out problems of the same task; for τ ∈ {16, 32, 64} the PRM scores the first τ completion
+   to held-out problems of the same task, prompted with 3 worked solutions (``--fewshot``, chat turns) so
+   that it writes one equation per step as the PRM's data does (bare questions get prose the PRM never
+   saw: Kendall ≈ 0.1 at τ = 64); for τ ∈ {16, 32, 64} the PRM scores the first τ completion
    tokens with ``score_partial`` (aggregated with the PRM's configured aggregation) and we report Pearson
    and Kendall τ-b between that score and whether the *finished* solution is correct.
 3. **Scoring throughput** (steps/s) of batched ``PRM.score`` against the peer measured in the same run:
@@ -108,9 +110,10 @@ def partial_validity(prm, args) -> dict:
     from tasks.config import PromptConfig
 
     # The 135M policy rarely writes \boxed{}; grading the last number ("number" format, no instruction)
-    # makes its solutions sometimes right, which is what a correlation needs.
-    task = dataclasses.replace(recipe_config(args).task, n_train=0, n_test=args.problems,
-                               prompt=PromptConfig(answer_format=args.answer_format))
+    # makes its solutions sometimes right, which is what a correlation needs. With --fewshot k the policy
+    # sees k worked solutions first and writes its own in the PRM's step format (one equation per step).
+    task = dataclasses.replace(recipe_config(args).task, n_train=args.fewshot, n_test=args.problems,
+                               prompt=PromptConfig(answer_format=args.answer_format, num_fewshot=args.fewshot))
     rows = load_task(task).test[:args.problems]
     policy, tok = load_model(ModelConfig(name_or_path=args.policy))
     torch.manual_seed(0)
@@ -166,6 +169,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--answer-format", default="number", help="how policy answers are read (boxed|answer_line|number)")
     ap.add_argument("--policy", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--fewshot", type=int, default=3, help="worked examples in the policy's prompt (0 = bare question)")
     ap.add_argument("--throughput-solutions", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None)
@@ -199,7 +203,7 @@ def main() -> None:
         print("  step AUROC by slip kind and by position (correct solutions' steps vs those wrong steps): "
               + " ".join(f"{k}={v:.4f}" for k, v in kinds.items()))
     pv = partial_validity(prm, args)
-    print(f"partial validity: {pv['samples']} policy samples, policy accuracy {pv['policy_accuracy']:.3f} "
+    print(f"partial validity: {pv['samples']} policy samples ({args.fewshot}-shot), policy accuracy {pv['policy_accuracy']:.3f} "
           f"(generation {pv['generate_s']:.0f} s); aggregation={prm.cfg.aggregation}")
     for tau in TAUS:
         print(f"  tau={tau:>2}: pearson={pv[f'pearson_tau{tau}']:.4f} kendall={pv[f'kendall_tau{tau}']:.4f}")

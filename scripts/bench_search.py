@@ -4,6 +4,9 @@ filtering with the embedded policy and a trained PRM, on the arithmetic task.
 Default run (sized for a shared, busy 2-core CPU: about 30–40 minutes there): policy
 builtin:smollm2-135m-instruct, the first 12 held-out problems of `arith` with 3 one-digit operands and
 + − (the task `frugal train-prm` trains its PRM on; the answer is read as the last number in the reply),
+prompted with 3 worked solutions as earlier chat turns (``--fewshot``, ``task.prompt.num_fewshot``) so that
+the policy writes one equation per step, the format the PRM was trained on (asked the bare question it
+writes prose that the PRM cannot judge, and every strategy is then a lottery),
 budgets N ∈ {4, 8, 16}, completions of at most 48 tokens (steps of at most 32), and these settings, which
 differ from the issue's defaults (τ = 64, beam width 4) because of the task, not to tune the result:
 
@@ -46,6 +49,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prm", default=None, help="PRM folder (default: the newest outputs/train_prm/*/*/final)")
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
+    ap.add_argument("--adapter", default=None, help="policy LoRA adapter folder (e.g. from frugal train)")
+    ap.add_argument("--fewshot", type=int, default=3,
+                    help="worked examples before each question (task.prompt.num_fewshot; 0 = the bare question)")
     ap.add_argument("--problems", type=int, default=12)
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--ops", nargs="+", default=["+", "-"])
@@ -95,9 +101,9 @@ def main(argv=None) -> None:
     out = Path(args.out or ROOT / "outputs/bench/search" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = TaskConfig(name="arith", ops=list(args.ops), num_operands=args.operands, digits=1,
-                      prompt=PromptConfig(answer_format="number"))
+                      prompt=PromptConfig(answer_format="number", num_fewshot=args.fewshot))
     problems = load_task(task).test[:args.problems]
-    model, tok = load_model(ModelConfig(name_or_path=args.model), device)
+    model, tok = load_model(ModelConfig(name_or_path=args.model, adapter=args.adapter), device)
     engine = Engine(model, tok, EngineConfig(max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
                                              max_step_tokens=args.max_step_tokens, temperature=args.temperature))
     prm = CountingPRM(load_prm(prm_path, device))
@@ -107,7 +113,7 @@ def main(argv=None) -> None:
     pf_overrides = {k: v for k, v in (("temperature", args.pf_temperature), ("ess_threshold", args.pf_ess),
                                       ("final", args.pf_final)) if v is not None}
     pf = SearchConfig(**pf_overrides)
-    print(f"task=arith operands={args.operands} ops={args.ops} (one digit) particle_filter: T={pf.temperature} "
+    print(f"task=arith operands={args.operands} ops={args.ops} (one digit) fewshot={args.fewshot} particle_filter: T={pf.temperature} "
           f"ess_threshold={pf.ess_threshold} resampling={pf.resampling} final={pf.final}", flush=True)
     rows, records = [], []
     for name in args.strategies:

@@ -60,6 +60,7 @@ def parse_args(argv=None):
     ap.add_argument("--eps", type=float, default=0.01, help="auto budget: smallest worthwhile gain per sample")
     ap.add_argument("--ops", nargs="+", default=["+", "-", "*"])
     ap.add_argument("--digits", type=int, default=1)
+    ap.add_argument("--operands", type=int, default=2, help="operands per problem")
     ap.add_argument("--split", default="test", choices=["test", "train"],
                     help="problems: the held-out (test) split, or the train split as a development set")
     ap.add_argument("--max-new-tokens", type=int, default=12)
@@ -82,7 +83,8 @@ def draw_samples(args) -> tuple[np.ndarray, dict]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = TaskConfig(name="arith", ops=list(args.ops), digits=args.digits, test_fraction=0.5, n_test=1000,
+    task = TaskConfig(name="arith", ops=list(args.ops), digits=args.digits, num_operands=args.operands,
+                      test_fraction=0.5, n_test=1000,
                       prompt=PromptConfig(answer_format="number"))
     data = load_task(task)
     problems = (data.test if args.split == "test" else data.train)[:args.problems]
@@ -94,7 +96,8 @@ def draw_samples(args) -> tuple[np.ndarray, dict]:
     correct = sample_correctness(problems, engine, args.pilots + args.samples, progress=True)
     info = {"problems": len(problems), "minutes_sampling": (time.time() - t0) / 60,
             "generated_tokens": engine.counts.decode, "prefill_tokens": engine.counts.prefill,
-            "task": {"ops": list(args.ops), "digits": args.digits, "split": args.split}, "ids": [p["id"] for p in problems]}
+            "task": {"ops": list(args.ops), "digits": args.digits,
+                                                                "operands": args.operands, "split": args.split}, "ids": [p["id"] for p in problems]}
     return correct, info
 
 
@@ -138,6 +141,12 @@ def main(argv=None) -> dict:
     print("max |predicted - measured| (points): " + ", ".join(f"{f}={e:.2f}" for f, e in errors.items())
           + (f"; bootstrap over problems ({args.form}): median {np.median(boot):.2f}, 90% {np.percentile(boot, 90):.2f}"
              if boot else ""))
+    # What the target can be judged to: the spread of this forecast's error from sampling alone, simulated
+    # with the model form assumed right (evaluator.ttspm.TTSPM.forecast_error), at this problem count.
+    sim = np.abs(fit.forecast_error(budgets, args.form, reps=args.bootstrap * 4, pool=n_pool, seed=args.seed)).max(1) * 100
+    print(f"{args.form}: sampling error of a {k}-pilot forecast over {P} problems (parametric bootstrap, "
+          f"{len(sim)} draws, {n_pool}-sample measurement): median max error {np.median(sim):.2f}, "
+          f"90% {np.percentile(sim, 90):.2f}, share within 3 points {np.mean(sim <= 3):.2f}")
     # Pilot noise on these same problems: every disjoint set of k columns as the pilots, the others as the pool.
     repeats = []
     for start in range(0, correct.shape[1] - k + 1, k):
@@ -181,6 +190,7 @@ def main(argv=None) -> dict:
           f"{100 * acc_auto:.1f}% with {samples_auto} samples (pilots included)")
     result = {"measured": measured, "predicted": predicted, "max_abs_err": errors, "bootstrap_err_median":
               float(np.median(boot)) if boot else None, "pilot_set_errors": repeats, "form": args.form,
+              "simulated_err_median": float(np.median(sim)), "simulated_within_3": float(np.mean(sim <= 3)),
               "fit": fit.summary(), "best_n": best_n, "acc_fixed": acc_fixed,
               "acc_auto": acc_auto, "samples_auto": samples_auto, "samples_fixed": samples_fixed,
               "eps": args.eps, "info": info}

@@ -14,7 +14,7 @@ text, so the split does not move with the seed, ``n_train`` or the file's order.
 from __future__ import annotations
 
 from tasks.config import TaskConfig
-from tasks.rows import BadRow, TaskData
+from tasks.rows import BadRow, TaskData, add_fewshot
 
 
 def load_task(cfg: TaskConfig) -> TaskData:
@@ -25,6 +25,8 @@ def load_task(cfg: TaskConfig) -> TaskData:
         "gsm8k": files.gsm8k, "jsonl": files.jsonl, "hf": files.hf,
     }
     data = loaders[cfg.name](cfg)
+    if cfg.prompt.num_fewshot:
+        data = add_fewshot(data, cfg.prompt, cfg.name)
     if cfg.max_train is not None:
         data.train = data.train[: cfg.max_train]
     if cfg.max_test is not None:

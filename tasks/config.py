@@ -17,8 +17,17 @@ class PromptConfig:
     answer_format: str = "boxed"
     system: Optional[str] = None  # system message; None = none
     instruction: Optional[str] = None  # appended to the question; None = the default for answer_format
+    # Worked examples before the question, as earlier chat turns: the first `num_fewshot` training rows
+    # with a reference solution (steps joined by `step_separator`, then the answer in answer_format).
+    # They show a small model the step format a PRM reads; those rows leave the training split.
+    num_fewshot: int = 0
+    step_separator: str = "\n\n"
 
     def __post_init__(self):
+        if self.num_fewshot < 0:
+            raise ValueError(f"task.prompt.num_fewshot must be >= 0, got {self.num_fewshot}")
+        if not self.step_separator:
+            raise ValueError("task.prompt.step_separator must not be empty")
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"task.prompt.answer_format must be one of {'|'.join(ANSWER_FORMATS)}, "
                              f"got {self.answer_format!r}")

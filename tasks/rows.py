@@ -19,6 +19,14 @@ INSTRUCTIONS = {
 }
 
 
+# How a reference solution states its answer (few-shot examples; the PRM's generated data).
+ANSWER_STEPS = {
+    "boxed": "The answer is \\boxed{{{value}}}.",
+    "answer_line": "Answer: {value}",
+    "number": "The answer is \\boxed{{{value}}}.",  # graded by its last number
+}
+
+
 class BadRow(ValueError):
     """A data row that cannot be used; the message names the file (or task) and the row."""
 
@@ -36,6 +44,35 @@ def chat_prompt(question: str, cfg: PromptConfig) -> list[dict]:
     content = f"{question}\n{instruction}".strip() if instruction else question
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
     return messages + [{"role": "user", "content": content}]
+
+
+def reference_solution(row: dict, separator: str = "\n\n") -> str:
+    """A row's reference steps and its answer step (in the row's answer format), one step per piece."""
+    answer = ANSWER_STEPS[row.get("answer_format", "boxed")].format(value=row["answer"])
+    return separator.join([*row["steps"], answer])
+
+
+def add_fewshot(data: TaskData, cfg: PromptConfig, source: str) -> TaskData:
+    """Prepend ``cfg.num_fewshot`` worked examples (user question, assistant reference solution) to every
+    row's chat prompt, taken from the first training rows that have reference steps; those rows are
+    removed from the training split, so no prompt contains its own answer."""
+    shots = [row for row in data.train if row.get("steps")][:cfg.num_fewshot]
+    if len(shots) < cfg.num_fewshot:
+        raise ValueError(f"task.prompt.num_fewshot={cfg.num_fewshot}: {source} has only {len(shots)} training "
+                         "rows with reference steps (few-shot examples need worked solutions: arith, multiply, gsm8k)")
+    turns = []
+    for shot in shots:
+        user = [m for m in shot["prompt"] if m["role"] == "user"]
+        turns += [user[-1], {"role": "assistant", "content": reference_solution(shot, cfg.step_separator)}]
+
+    def with_shots(row: dict) -> dict:
+        system = [m for m in row["prompt"] if m["role"] == "system"]
+        rest = [m for m in row["prompt"] if m["role"] != "system"]
+        return {**row, "prompt": system + turns + rest}
+
+    used = {id(row) for row in shots}
+    return TaskData([with_shots(r) for r in data.train if id(r) not in used], [with_shots(r) for r in data.test],
+                    data.skipped, {**data.info, "fewshot_ids": [row["id"] for row in shots]})
 
 
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")

@@ -77,3 +77,33 @@ def test_held_out_generated_set_ignores_the_training_corruption_mix():
     assert len(train_b) == 2 * len(train_a)  # 1 + 3 solutions per problem instead of 1 + 1
     train_c, _, _ = examples("data.eval_errors_per_row=2")
     assert train_c == train_a
+
+
+def test_equation_drills_hand_worked():
+    from train.prm_data import equation_drills
+
+    rows = [{"steps": ["5 - 7 = -2", "-2 + 8 = 6"]}, {"steps": ["5 - 7 = -2", "-2 - 1 = -3"]}]
+    drills = equation_drills(rows, seed=0, wrong_per_fact=2)
+    assert [d["prompt"] for d in drills[::4]] == ["What is 5 - 7?", "What is -2 + 8?", "What is -2 - 1?"]  # 5 - 7 once
+    assert len(drills) == 3 * 4 and sum(d["labels"][0] for d in drills) == 6  # balanced
+    for d in drills:
+        lhs, rhs = d["completions"][0].split(" = ")
+        assert d["prompt"] == f"What is {lhs}?" and (int(rhs) == eval(lhs)) == (d["labels"] == [1.0])
+    wrong = [d["completions"][0] for d in drills[:4] if d["labels"] == [0.0]]
+    assert len(set(wrong)) == 2  # two different slips per fact
+
+
+def test_recipe_adds_drills_to_every_step(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from recipes.train_prm import run
+    from tests.conftest import ROOT
+    from train.tracking import read_jsonl
+
+    overrides = ["model=tiny_random", "task.n_train=12", "task.n_test=4", "max_steps=2", "eval_every=0",
+                 "save_every=0", "batch_size=4", "prm.num_layers=0", "lora.r=4", "max_minutes=null",
+                 "data.drills_per_step=3", f"output_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        run(compose("train_prm", overrides=overrides))
+    logged = [r["steps_in_batch"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert logged == [4 * 3 + 3] * 2  # 4 solutions of 3 steps (2 equations + answer) and 3 one-step drills

@@ -54,6 +54,27 @@ def test_gsm8k_answer_after_hashes():
     assert first["answer"].lstrip("-").replace(".", "").isdigit() and first["steps"] and "<<" not in first["steps"][0]
 
 
+def test_fewshot_turns_show_worked_solutions_and_leave_train():
+    plain = load_task(TaskConfig(name="arith", ops=["+", "-"], num_operands=3, n_train=20, n_test=4))
+    cfg = TaskConfig(name="arith", ops=["+", "-"], num_operands=3, n_train=20, n_test=4,
+                     prompt=PromptConfig(answer_format="number", num_fewshot=2))
+    data = load_task(cfg)
+    shots = plain.train[:2]
+    assert data.info["fewshot_ids"] == [r["id"] for r in shots]
+    assert [r["id"] for r in data.train] == [r["id"] for r in plain.train[2:]]  # the examples left train
+    prompt = data.test[0]["prompt"]
+    assert [m["role"] for m in prompt] == ["user", "assistant", "user", "assistant", "user"]
+    assert prompt[0]["content"] == shots[0]["question"] and prompt[-1]["content"] == data.test[0]["question"]
+    a, b = shots[0]["steps"]  # e.g. "5 - 7 = -2", "-2 + 8 = 6"
+    assert prompt[1]["content"] == f"{a}\n\n{b}\n\nThe answer is \\boxed{{{shots[0]['answer']}}}."
+    system = load_task(TaskConfig(name="arith", prompt=PromptConfig(system="Be brief.", num_fewshot=1)))
+    assert [m["role"] for m in system.test[0]["prompt"]] == ["system", "user", "assistant", "user"]
+    with pytest.raises(ValueError, match="num_fewshot=1: svamp has only 0 training rows with reference steps"):
+        load_task(TaskConfig(name="svamp", prompt=PromptConfig(num_fewshot=1)))
+    with pytest.raises(ValueError, match="num_fewshot must be >= 0"):
+        PromptConfig(num_fewshot=-1)
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 

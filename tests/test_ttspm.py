@@ -242,6 +242,27 @@ def test_auto_best_of_n_stops_verified_problems_early():
     assert results[0].chosen.text.startswith("p0 s1 ") and len(results[0].candidates) == 2
 
 
+def test_forecast_error_is_centred_and_shrinks_with_problems():
+    """Parametric bootstrap of the forecast: with the form right (data drawn from a Beta prior) the
+    beta forecast is nearly unbiased, its spread falls like 1/sqrt(problems), and a finite measurement
+    pool only adds noise."""
+    rng = np.random.default_rng(0)
+
+    def spread(problems, pool=None):
+        counts = rng.binomial(4, rng.beta(0.8, 5.0, problems))
+        err = TTSPM.fit(counts, 4).forecast_error([8, 32], "beta", reps=150, pool=pool, seed=1)
+        assert err.shape == (150, 2)
+        return err
+
+    small, large = spread(100), spread(1600)
+    assert abs(large.mean(0)).max() < 0.01  # centred: the mean error is under one point
+    ratio = small.std(0) / large.std(0)
+    assert np.all((2.5 < ratio) & (ratio < 6.5)), ratio  # sqrt(1600 / 100) = 4
+    assert spread(100, pool=32).std(0)[1] > 0.9 * small.std(0)[1]
+    with pytest.raises(ValueError, match="pool=16"):
+        TTSPM.fit([1, 2], 4).forecast_error([32], pool=16)
+
+
 # ---------------------------------------------------------------------- the recipe
 
 def test_plan_recipe_end_to_end_on_tiny_model(tmp_path):
@@ -258,4 +279,6 @@ def test_plan_recipe_end_to_end_on_tiny_model(tmp_path):
     assert (tmp_path / "plan.png").stat().st_size > 0
     assert len((tmp_path / "pilots.jsonl").read_text().splitlines()) == 3
     assert saved["policy_tokens"]["generated"] > 0
-    assert "N* (eps=0.01)" in report(plan)
+    assert "N* (eps=0.01)" in report(plan) and "90% band" in report(plan)
+    band = saved["band90"]
+    assert len(band["low"]) == len(band["high"]) == 5 and all(lo <= hi for lo, hi in zip(band["low"], band["high"]))

@@ -23,11 +23,11 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from tasks.rows import BadRow
+from tasks.rows import ANSWER_STEPS, BadRow
 
 log = logging.getLogger(__name__)
 
-ANSWER_STEP = "The answer is \\boxed{{{value}}}."  # the final step appended to generated solutions
+ANSWER_STEP = ANSWER_STEPS["boxed"]  # the final step appended to generated solutions
 
 
 # ---------------------------------------------------------------------- validation / loading
@@ -219,6 +219,36 @@ def generated_examples(rows: list[dict], errors_per_row: int = 1, seed: int = 0,
             # copy slip; a wrong number in the answer step contradicts the last equation.
             out.append({"prompt": row["question"], "completions": bad, "labels": labels,
                         "error_kind": "answer" if index == len(steps) - 1 else kind})
+    return out
+
+
+def equation_drills(rows: list[dict], seed: int = 0, wrong_per_fact: int = 2) -> list[dict]:
+    """Single-equation checks from generated rows' reference steps: for every distinct equation
+    ``lhs = rhs`` of the rows, the prompt ``What is lhs?`` with ``wrong_per_fact`` different wrong
+    right-hand sides (:func:`_wrong_value`, the same slip as a ``result`` error; label 0) and as many
+    copies of the true step (label 1), so that the labels stay balanced.
+
+    Why: a wrong *result* is only visible to a PRM that can do the arithmetic, and a full solution
+    teaches at most one such fact per corrupted copy. A drill is about a third of a solution's tokens and
+    is nothing but that fact, so a fixed training time shows the PRM several times more of them."""
+    rng = random.Random(seed)
+    seen, out = set(), []
+    for row in rows:
+        for step in row.get("steps") or []:
+            m = _EQUATION.match(step)
+            if m is None:
+                continue
+            lhs, rhs = m.group("lhs").strip(), int(m.group("rhs"))
+            if lhs in seen:
+                continue
+            seen.add(lhs)
+            prompt, wrong = f"What is {lhs}?", set()
+            while len(wrong) < wrong_per_fact:
+                wrong.add(_wrong_value(rhs, rng))
+            for value in sorted(wrong):
+                out.append({"prompt": prompt, "completions": [f"{lhs} = {rhs}"], "labels": [1.0], "error_kind": None})
+                out.append({"prompt": prompt, "completions": [f"{lhs} = {value}"], "labels": [0.0],
+                            "error_kind": "result"})
     return out
 
 
