@@ -184,7 +184,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
             break
         t0 = time.time()
         batch = [row for group in batch_for_step(train_groups, step, groups_per_step, cfg.seed) for row in group]
-        if drills:  # last, so that the short drills share micro-batches with each other, not with solutions
+        if drills:  # last: with batch_size a multiple of micro_batch_size, drills share micro-batches only with drills
             batch += batch_for_step(drills, step, cfg.data.drills_per_step, cfg.seed + 1)
         stats = train_step(prm, optimizer, batch, cfg.optim.max_grad_norm, cfg.optim.micro_batch_size,
                            cfg.lm_loss_weight)
