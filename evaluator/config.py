@@ -67,6 +67,9 @@ class SearchConfig:
     beam_width: int = 4  # beam / early rejection: keep N / beam_width, each expands beam_width children
     tau: int = 64  # early rejection: tokens generated before the partial PRM score decides
     threshold: Optional[float] = None  # early rejection: keep partials scoring >= threshold (>= 1 kept)
+    # Early rejection (best_of_n): share of the N candidates dropped at τ; keeps max(1, round(N·(1 − rate))).
+    # null: keep N // beam_width (rate 1 − 1/beam_width).
+    rejection_rate: Optional[float] = None
     er_search: str = "best_of_n"  # early rejection on top of: best_of_n | beam
     temperature: float = 1.0  # particle filtering: weights ∝ exp(logit(r) / temperature)
     resampling: str = "systematic"  # multinomial | systematic
@@ -96,6 +99,8 @@ class SearchConfig:
             raise ValueError("search.beam_width, search.tau and search.sweeps must be >= 1")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"search.threshold must be in [0, 1] or null, got {self.threshold}")
+        if self.rejection_rate is not None and not 0.0 <= self.rejection_rate < 1.0:
+            raise ValueError(f"search.rejection_rate must be in [0, 1) or null, got {self.rejection_rate}")
         if self.er_search not in ("best_of_n", "beam"):
             raise ValueError(f"search.er_search must be best_of_n|beam, got {self.er_search!r}")
         if self.temperature <= 0:

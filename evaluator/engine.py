@@ -24,7 +24,10 @@ Token accounting (:class:`Counts`, one per model; :mod:`evaluator.flops` turns t
 
 What is reused (prompt-prefix reuse): every distinct prompt except its last token is prefilled once
 into a KV cache and kept (per prompt, until :meth:`Engine.clear_prompt_cache`; the harness clears it
-between chunks of problems); each call gathers those KV rows for its candidates and ``generate``
+between chunks of problems). Prompts that begin with the same tokens (the chat template's system prompt,
+few-shot worked examples: often most of a short question's prompt) prefill that shared prefix once and
+only their own rest over it — the automatic prefix caching of serving engines (vLLM, SGLang) — and are
+charged so (``shared_prefix_min_tokens``). Each call gathers those KV rows for its candidates and ``generate``
 continues every row from [last prompt token + partial solution] with the usual KV cache, so every
 generated token costs one forward position. The partial solutions are not cached across calls: steps
 are text (the PRM reads text; the next step may re-tokenise the boundary differently), so each call
@@ -62,6 +65,9 @@ class EngineConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     batch_size: int = 64  # rows per generate call (bounds memory)
+    # Prompts whose token prefix of at least this many tokens is the same (a system prompt, few-shot
+    # examples) prefill that prefix once and their own rest over it (0 = off; see `Engine._prefill`).
+    shared_prefix_min_tokens: int = 32
 
     def __post_init__(self):
         if not self.step_delimiter:
@@ -69,6 +75,8 @@ class EngineConfig:
         for key in ("max_steps", "max_step_tokens", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
+        if self.shared_prefix_min_tokens < 0:
+            raise ValueError(f"engine.shared_prefix_min_tokens must be >= 0, got {self.shared_prefix_min_tokens}")
         if self.temperature <= 0:
             raise ValueError(f"engine.temperature must be > 0 (greedy is a strategy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -136,6 +144,7 @@ class Engine:
         self._template_cache: dict[tuple, str] = {}
         self._ids_cache: dict[str, list[int]] = {}
         self._kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prompt -> per-layer (K, V)
+        self._shared: Optional[tuple[list[int], list]] = None  # (ids, per-layer (K, V)) of a shared prefix
 
     @property
     def device(self) -> torch.device:
@@ -192,6 +201,7 @@ class Engine:
         """Forget the prompts' KV caches. The store grows with every new prompt, so callers running many
         problems clear it between chunks (the harness does, per strategy, budget and chunk)."""
         self._kv.clear()
+        self._shared = None
 
     def _prompt_cache_for(self, prompts: list[str], heads: list[list[int]], width: int):
         """A DynamicCache with each prompt's KV (all but its last token), left-padded to ``width``.
@@ -201,15 +211,7 @@ class Engine:
 
         new = [(p, h) for p, h in zip(prompts, heads) if p not in self._kv and h]
         if new:
-            ids, mask = _left_pad([h for _, h in new], self.tokenizer.pad_token_id, self.device)
-            fresh = DynamicCache()
-            self.model(input_ids=ids, attention_mask=mask, cache=fresh, use_cache=True,
-                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1)
-            for r, (prompt, head) in enumerate(new):
-                n = len(head)
-                self._kv[prompt] = [(layer.keys[r:r + 1, :, -n:].clone(), layer.values[r:r + 1, :, -n:].clone())
-                                    for layer in fresh.layers]
-                self.counts.add(n)
+            self._prefill(new)
         ref = next(self._kv[p] for p, h in zip(prompts, heads) if h)
         layers = []
         for i, (ref_k, ref_v) in enumerate(ref):
@@ -221,6 +223,53 @@ class Engine:
                 values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
             layers.append((torch.cat(keys), torch.cat(values)))
         return DynamicCache(ddp_cache_data=layers)
+
+    def _prefill(self, new: list[tuple[str, list[int]]]) -> None:
+        """Prefill new prompts (``(prompt, head ids)``) into ``self._kv``, batched and charged.
+
+        Shared prefix: when the heads (with the kept ``self._shared`` prefix, or among themselves) begin
+        with the same ``m >= shared_prefix_min_tokens`` tokens, those m are run once (batch 1) and each
+        prompt runs only its own ``n - m`` tokens over that KV (charged with ``context=m``). Causal
+        attention makes a prefix's KV independent of what follows it, so the stored KV is the same as a
+        whole-prompt prefill (up to float rounding)."""
+        from transformers import DynamicCache
+
+        heads = [h for _, h in new]
+        shortest = min(len(h) for h in heads)
+        shared_ids, shared_kv = self._shared if self._shared is not None else ([], None)
+        if not (shared_ids and len(shared_ids) < shortest and all(h[:len(shared_ids)] == shared_ids for h in heads)):
+            shared_ids, shared_kv = [], None
+            if len(heads) > 1:  # a new shared prefix: the longest common one, leaving each prompt a token
+                m = min(_common_prefix_length(heads), shortest - 1)
+                if self.cfg.shared_prefix_min_tokens and m >= self.cfg.shared_prefix_min_tokens:
+                    shared_ids = heads[0][:m]
+                    cache = DynamicCache()
+                    self.model(input_ids=torch.tensor([shared_ids], device=self.device), cache=cache,
+                               use_cache=True, logits_to_keep=1)
+                    shared_kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+                    self._shared = (shared_ids, shared_kv)
+                    self.counts.add(m)
+        m = len(shared_ids)
+        ids, mask = _left_pad([h[m:] for h in heads], self.tokenizer.pad_token_id, self.device)
+        if m:  # [shared prefix | left-padded rest]: positions come from the attention mask
+            mask = torch.cat([torch.ones(len(heads), m, dtype=mask.dtype, device=mask.device), mask], dim=1)
+            cache = DynamicCache(ddp_cache_data=[(k.expand(len(heads), -1, -1, -1).contiguous(),
+                                                  v.expand(len(heads), -1, -1, -1).contiguous())
+                                                 for k, v in shared_kv])
+        else:
+            cache = DynamicCache()
+        self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, m:], logits_to_keep=1)
+        for r, (prompt, head) in enumerate(new):
+            rest = len(head) - m
+            kv = []
+            for i, layer in enumerate(cache.layers):
+                k, v = layer.keys[r:r + 1, :, -rest:], layer.values[r:r + 1, :, -rest:]
+                if m:
+                    k, v = torch.cat([shared_kv[i][0], k], dim=2), torch.cat([shared_kv[i][1], v], dim=2)
+                kv.append((k.clone() if not m else k, v.clone() if not m else v))
+            self._kv[prompt] = kv
+            self.counts.add(rest, context=m)
 
     def _limit(self, cand: Candidate, cap: Optional[int]) -> int:
         left = self.cfg.max_new_tokens - cand.tokens
@@ -360,6 +409,14 @@ class CountingPRM:
         total = sum(lengths) if total is None else int(total)
         self.counts.prefill += total
         self.counts.attention += sum(n * (n + 1) // 2 for n in lengths) if lengths else total
+
+
+def _common_prefix_length(seqs: list[list[int]]) -> int:
+    first, n = seqs[0], min(len(x) for x in seqs)
+    for i in range(n):
+        if any(x[i] != first[i] for x in seqs):
+            return i
+    return n
 
 
 def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:

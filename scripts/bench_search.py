@@ -10,11 +10,19 @@ writes prose that the PRM cannot judge, and every strategy is then a lottery),
 budgets N ∈ {4, 8, 16}, completions of at most 48 tokens (steps of at most 32), and these settings, which
 differ from the issue's defaults (τ = 64, beam width 4) because of the task, not to tune the result:
 
-* early rejection with τ = 8 tokens and beam width 4 (keep N/4): the policy's replies are 20–48 tokens,
-  so τ = 64 would cover whole solutions and nothing could be rejected early; τ = 8 is about a fifth of a
-  reply (it decides on the first few words, which is where these replies differ most);
+* early rejection with τ = 8 tokens and rejection rate 0.875 (keep N/8, at least one): the few-shot
+  policy's replies are ~28 tokens, so τ = 64 would cover whole solutions and nothing could be rejected
+  early; τ = 8 is the first equation (where these replies differ most). With τ a third of a reply,
+  keeping N/4 (the beam width) generates 0.46× best-of-N's tokens but, with the PRM's partial and final
+  scoring on top, costs ~0.6× its FLOPs: halving the compute takes the higher rate (``--rejection-rate``;
+  a negative value keeps N // beam width);
 * beam search with beam width 4; particle filtering with T = 1, systematic resampling when ESS < N/2,
   final answer = best final score (the `SearchConfig` defaults); greedy as the reference point.
+
+The 3-shot prompts share their first ~180 of ~193 tokens: the engine prefills that shared prefix once per
+(strategy, budget, chunk of problems) and each problem's own ~13 tokens over it (prefix caching, as a
+serving engine does; ``engine.shared_prefix_min_tokens``), so FLOPs measure the search, not re-reading
+the examples.
 
 Every strategy at every budget is measured in this run, with the same seeds. With 12 problems one
 problem is ~8 accuracy points, so the accuracy deltas are noisy: scale up with --problems (and
@@ -62,6 +70,8 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--tau", type=int, default=8)
     ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--rejection-rate", type=float, default=0.875,
+                    help="early rejection: share of candidates dropped at tau (search.rejection_rate; <0 = N // beam width kept)")
     ap.add_argument("--aggregation", default="last")
     ap.add_argument("--pf-temperature", type=float, default=None, help="particle filtering T (default: the config's)")
     ap.add_argument("--pf-ess", type=float, default=None, help="particle filtering ESS threshold (default: the config's)")
@@ -108,7 +118,8 @@ def main(argv=None) -> None:
                                              max_step_tokens=args.max_step_tokens, temperature=args.temperature))
     prm = CountingPRM(load_prm(prm_path, device))
     print(f"policy={args.model} prm={prm_path} problems={len(problems)} budgets={args.budgets} "
-          f"max_new_tokens={args.max_new_tokens} tau={args.tau} beam_width={args.beam_width}", flush=True)
+          f"max_new_tokens={args.max_new_tokens} tau={args.tau} beam_width={args.beam_width} "
+          f"rejection_rate={args.rejection_rate}", flush=True)
 
     pf_overrides = {k: v for k, v in (("temperature", args.pf_temperature), ("ess_threshold", args.pf_ess),
                                       ("final", args.pf_final)) if v is not None}
@@ -118,7 +129,8 @@ def main(argv=None) -> None:
     rows, records = [], []
     for name in args.strategies:
         cfg = SearchConfig(name=name, budgets=list(args.budgets), aggregation=args.aggregation, tau=args.tau,
-                           beam_width=args.beam_width, **pf_overrides)
+                           beam_width=args.beam_width, **pf_overrides,
+                           rejection_rate=args.rejection_rate if args.rejection_rate >= 0 else None)
         budgets = [1] if name == "greedy" else list(args.budgets)
         r, rec = run_strategy(name, problems, budgets, engine, prm if name != "greedy" else None, cfg,
                               seed=args.seed, progress=False)

@@ -61,6 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--ops", nargs="+", default=["+", "-", "*"])
     ap.add_argument("--digits", type=int, default=1)
     ap.add_argument("--operands", type=int, default=2, help="operands per problem")
+    ap.add_argument("--fewshot", type=int, default=0,
+                    help="worked examples before each question (task.prompt.num_fewshot; 0 = the bare question)")
     ap.add_argument("--split", default="test", choices=["test", "train"],
                     help="problems: the held-out (test) split, or the train split as a development set")
     ap.add_argument("--max-new-tokens", type=int, default=12)
@@ -85,7 +87,7 @@ def draw_samples(args) -> tuple[np.ndarray, dict]:
         torch.set_num_threads(args.threads)
     task = TaskConfig(name="arith", ops=list(args.ops), digits=args.digits, num_operands=args.operands,
                       test_fraction=0.5, n_test=1000,
-                      prompt=PromptConfig(answer_format="number"))
+                      prompt=PromptConfig(answer_format="number", num_fewshot=args.fewshot))
     data = load_task(task)
     problems = (data.test if args.split == "test" else data.train)[:args.problems]
     model, tok = load_model(ModelConfig(name_or_path=args.model, adapter=args.adapter), torch.device("cpu"))
@@ -97,7 +99,7 @@ def draw_samples(args) -> tuple[np.ndarray, dict]:
     info = {"problems": len(problems), "minutes_sampling": (time.time() - t0) / 60,
             "generated_tokens": engine.counts.decode, "prefill_tokens": engine.counts.prefill,
             "task": {"ops": list(args.ops), "digits": args.digits,
-                                                                "operands": args.operands, "split": args.split}, "ids": [p["id"] for p in problems]}
+                                                                "operands": args.operands, "fewshot": args.fewshot, "split": args.split}, "ids": [p["id"] for p in problems]}
     return correct, info
 
 

@@ -125,6 +125,23 @@ def test_early_rejection_keeps_exactly_the_top_candidates():
     assert sorted(_value(c.text) for c in engine.calls[1]["cands"]) == [0.7, 0.8, 0.9]
 
 
+def test_early_rejection_rate_and_lone_survivor_not_rescored():
+    partial = [0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6]
+    prm = CountingPRM(FakePRM())
+    # rate 0.75 keeps round(8 · 0.25) = 2: the pair is completed and both completions are scored
+    engine = FakeEngine(lambda call, k, c: partial[k] if call == 0 else 0.5, length=3)
+    get("early_rejection")(PROBLEMS[:1], 8, engine, prm, _cfg(name="early_rejection", tau=16, rejection_rate=0.75))
+    assert sorted(_value(c.text) for c in engine.calls[1]["cands"]) == [0.8, 0.9] and prm.counts.calls == 2
+    # rate 0.9 keeps max(1, round(0.8)) = 1: the lone survivor is the answer, so no second PRM call
+    prm = CountingPRM(FakePRM())
+    engine = FakeEngine(lambda call, k, c: partial[k] if call == 0 else 0.5, length=3)
+    res = get("early_rejection")(PROBLEMS[:1], 8, engine, prm, _cfg(name="early_rejection", tau=16, rejection_rate=0.9))
+    assert [_value(c.text) for c in engine.calls[1]["cands"]] == [0.9] and prm.counts.calls == 1
+    assert res[0].chosen.finished and res[0].chosen.text.startswith("v=0.9") and res[0].info["rejected"] == 7
+    with pytest.raises(ValueError, match="rejection_rate"):
+        _cfg(name="early_rejection", rejection_rate=1.0)
+
+
 def test_beam_keeps_the_best_and_expands_them():
     # step-1 values per candidate; later steps score 0.5 except children of the 0.95 beam, which score 0.99
     first = [0.3, 0.95, 0.1, 0.6]
@@ -282,6 +299,32 @@ def test_engine_prefix_sharing_matches_plain_generate(tiny):
     out = engine.extend(PROBLEMS, [Candidate(0), Candidate(1), Candidate(0)], stop_at_step=False, greedy=True)
     plain = generate(model, tok, [p["prompt"] for p in PROBLEMS], GenerationConfig(max_new_tokens=8), greedy=True)
     assert [c.text for c in out] == [plain.texts[0], plain.texts[1], plain.texts[0]]
+
+
+def test_engine_shared_prefix_prefilled_once_same_output(tiny):
+    """Few-shot prompts share most of their tokens: that prefix is prefilled (and charged) once, and the
+    generations are the same as with every prompt prefilled whole."""
+    model, tok = tiny
+    shots = [{"role": "user", "content": "What is 2 + 3 and then minus one?"},
+             {"role": "assistant", "content": "2 + 3 = 5\n\n5 - 1 = 4\n\nThe answer is 4."}] * 3
+    problems = [{"prompt": shots + [{"role": "user", "content": q}]} for q in ("q0 is short", "what about q1")]
+    heads = [tok.apply_chat_template(p["prompt"], add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"][:-1] for p in problems]
+    shared = next(i for i, (a, b) in enumerate(zip(*heads)) if a != b)
+    assert shared >= 32
+    texts, prefill, kv = {}, {}, {}
+    for min_tokens in (32, 0):  # 0: sharing off
+        engine = Engine(model, tok, EngineConfig(max_new_tokens=8, shared_prefix_min_tokens=min_tokens))
+        out = engine.extend(problems, [Candidate(0), Candidate(1), Candidate(0)], stop_at_step=False, greedy=True)
+        texts[min_tokens], prefill[min_tokens] = [c.text for c in out], engine.counts.prefill
+        kv[min_tokens] = [engine._kv[engine.prompt_text(p["prompt"])] for p in problems]
+    assert texts[32] == texts[0]
+    for with_sharing, without in zip(kv[32], kv[0]):  # each prompt's stored KV, every layer
+        for (k1, v1), (k0, v0) in zip(with_sharing, without):
+            assert k1.shape == k0.shape and torch.allclose(k1, k0, atol=1e-5) and torch.allclose(v1, v0, atol=1e-5)
+    tails = 3  # each row: its prompt's last token
+    assert prefill[0] == len(heads[0]) + len(heads[1]) + tails
+    assert prefill[32] == shared + (len(heads[0]) - shared) + (len(heads[1]) - shared) + tails
 
 
 def test_engine_cuts_at_step_delimiter_and_eos(tiny):

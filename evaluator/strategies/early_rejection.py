@@ -7,12 +7,16 @@ Early-rejection best-of-N (``search.er_search=best_of_n``), budget N, beam width
 
     1. sample N prefixes y_i[:τ] ~ p_θ(·|x)  (τ = search.tau tokens; a solution may finish earlier);
     2. partial scores s_i = agg(PRM(x, y_i[:τ]))  (the unfinished last step counts as a step);
-    3. keep S = top max(1, N // M) prefixes by s_i, or {i : s_i ≥ threshold} (at least the best one)
-       when search.threshold is set; drop the rest;
-    4. complete the survivors, score them in full, answer ŷ = argmax_{i∈S} agg(PRM(x, y_i)).
+    3. keep S = top max(1, N // M) prefixes by s_i — or top max(1, round(N·(1 − α))) with a rejection
+       rate α (``search.rejection_rate``; Sun et al. reject a fixed share the same way), or
+       {i : s_i ≥ threshold} (at least the best one) when search.threshold is set; drop the rest;
+    4. complete the survivors, score them in full, answer ŷ = argmax_{i∈S} agg(PRM(x, y_i)). A problem
+       left with one survivor has nothing to choose between: its completion is not scored (its
+       ``scores`` stay those of its prefix).
 
 Policy cost falls from N·L generated tokens to N·τ + |S|·(L − τ); PRM cost from N full solutions to N
-prefixes + |S| solutions.
+prefixes + (|S| solutions where |S| > 1). The saving therefore grows with L/τ and with α: with short
+replies (τ a third of L) it takes a high rejection rate to halve best-of-N's compute.
 
 Early-rejection beam search (``search.er_search=beam``): step-level beam search
 (:mod:`evaluator.strategies.beam`) where each child generates only τ tokens of its next step, the
@@ -20,6 +24,8 @@ children are ranked on that partial step, and only the kept beams complete it.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from evaluator.strategies.beam import beam_search
 from evaluator.strategies.common import Result, best, by_problem, fresh, solution_score
@@ -33,7 +39,8 @@ def run(problems, budget, engine, prm, cfg) -> list[Result]:
     survivors = [c for group in by_problem(prefixes, len(problems)) for c in reject(group, budget, cfg)]
     unfinished = [c for c in survivors if not c.finished]
     completed = engine.extend(problems, unfinished, stop_at_step=False)
-    prm.score_candidates(problems, completed)
+    survivors_of = Counter(c.problem for c in survivors)
+    prm.score_candidates(problems, [c for c in completed if survivors_of[c.problem] > 1])
     full = iter(completed)
     survivors = [c if c.finished else next(full) for c in survivors]
     results = []
@@ -43,11 +50,14 @@ def run(problems, budget, engine, prm, cfg) -> list[Result]:
 
 
 def reject(group, budget: int, cfg) -> list:
-    """The candidates of one problem that survive: top ``budget // beam_width`` by partial score (the
-    earlier candidate wins a tie), or all scoring ≥ ``threshold`` (at least the best one)."""
+    """The candidates of one problem that survive: top ``budget // beam_width`` (or
+    ``round(budget · (1 − rejection_rate))``, at least 1) by partial score (the earlier candidate wins a
+    tie), or all scoring ≥ ``threshold`` (at least the best one)."""
     ranked = sorted(range(len(group)), key=lambda i: (-solution_score(group[i], cfg.aggregation), i))
     if cfg.threshold is not None:
         kept = [i for i in ranked if solution_score(group[i], cfg.aggregation) >= cfg.threshold] or ranked[:1]
+    elif getattr(cfg, "rejection_rate", None) is not None:
+        kept = ranked[:max(1, round(budget * (1 - cfg.rejection_rate)))]
     else:
         kept = ranked[:max(1, budget // cfg.beam_width)]
     return [group[i] for i in sorted(kept)]
