@@ -265,9 +265,11 @@ class Engine:
             kv = []
             for i, layer in enumerate(cache.layers):
                 k, v = layer.keys[r:r + 1, :, -rest:], layer.values[r:r + 1, :, -rest:]
-                if m:
+                if m:  # [shared prefix | own rest], a new tensor
                     k, v = torch.cat([shared_kv[i][0], k], dim=2), torch.cat([shared_kv[i][1], v], dim=2)
-                kv.append((k.clone() if not m else k, v.clone() if not m else v))
+                else:  # a copy, not a view that keeps the whole batch's cache alive
+                    k, v = k.clone(), v.clone()
+                kv.append((k, v))
             self._kv[prompt] = kv
             self.counts.add(rest, context=m)
 
