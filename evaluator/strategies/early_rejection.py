@@ -56,7 +56,7 @@ def reject(group, budget: int, cfg) -> list:
     ranked = sorted(range(len(group)), key=lambda i: (-solution_score(group[i], cfg.aggregation), i))
     if cfg.threshold is not None:
         kept = [i for i in ranked if solution_score(group[i], cfg.aggregation) >= cfg.threshold] or ranked[:1]
-    elif getattr(cfg, "rejection_rate", None) is not None:
+    elif cfg.rejection_rate is not None:
         kept = ranked[:max(1, round(budget * (1 - cfg.rejection_rate)))]
     else:
         kept = ranked[:max(1, budget // cfg.beam_width)]
