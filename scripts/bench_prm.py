@@ -3,8 +3,9 @@
 What the default run measures (≈ 15–20 minutes on a 2-core CPU; longer when the machine is shared):
 
 1. **Training + step AUROC.** ``frugal train-prm`` with its default config (embedded SmolLM2-135M cut to
-   16 layers, LoRA on the top 8, exact labels on generated arithmetic chains; ``max_minutes`` caps the loop), then
-   step accuracy, step AUROC and first-error F1 on held-out generated problems (never trained on).
+   16 layers, LoRA on all of them, exact labels on generated arithmetic chains plus equation drills;
+   ``max_minutes`` caps the run), then step accuracy, step AUROC and first-error F1 on all 400 held-out
+   solutions of generated problems never trained on (``--eval-examples``).
 2. **Partial-reward validity** (the premise of early rejection). The embedded policy samples solutions
    to held-out problems of the same task, prompted with 3 worked solutions (``--fewshot``, chat turns) so
    that it writes one equation per step as the PRM's data does (bare questions get prose the PRM never
@@ -163,7 +164,8 @@ def main() -> None:
     ap.add_argument("--prm", help="an existing PRM folder (skip training)")
     ap.add_argument("--max-minutes", type=float, default=None, help="training wall-time cap (default: the recipe's)")
     ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--eval-examples", type=int, default=200, help="held-out solutions for step metrics")
+    ap.add_argument("--eval-examples", type=int, default=400,
+                    help="held-out solutions for step metrics (400 = all of the default recipe's: 200 problems x 2)")
     ap.add_argument("--problems", type=int, default=32, help="held-out problems for partial validity")
     ap.add_argument("--samples", type=int, default=4, help="policy samples per problem")
     ap.add_argument("--max-new-tokens", type=int, default=96)
