@@ -64,13 +64,18 @@ def pearson(x, y) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
+def eval_overrides(args) -> list[str]:
+    """The held-out size: the recipe's own ``data.max_eval_examples`` unless ``--eval-examples`` is given."""
+    return [] if args.eval_examples is None else [f"data.max_eval_examples={args.eval_examples}"]
+
+
 def train(args) -> tuple[Path, dict]:
     from hydra import compose, initialize_config_dir
 
     from recipes.train_prm import run
 
     out = Path(args.workdir) / "train_prm"
-    overrides = [f"output_dir={out}", f"data.max_eval_examples={args.eval_examples}", "save_every=0",
+    overrides = [f"output_dir={out}", *eval_overrides(args), "save_every=0",
                  f"num_threads={args.threads}"]
     if args.max_minutes is not None:
         overrides.append(f"max_minutes={args.max_minutes}")
@@ -89,7 +94,7 @@ def recipe_config(args):
     from recipes.train_prm import TrainPRMConfig, to_config
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return to_config(compose("train_prm", overrides=[f"data.max_eval_examples={args.eval_examples}",
+        return to_config(compose("train_prm", overrides=[*eval_overrides(args),
                                                         *args.override]), TrainPRMConfig)
 
 
@@ -164,8 +169,9 @@ def main() -> None:
     ap.add_argument("--prm", help="an existing PRM folder (skip training)")
     ap.add_argument("--max-minutes", type=float, default=None, help="training wall-time cap (default: the recipe's)")
     ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--eval-examples", type=int, default=400,
-                    help="held-out solutions for step metrics (400 = all of the default recipe's: 200 problems x 2)")
+    ap.add_argument("--eval-examples", type=int, default=None,
+                    help="held-out solutions for step metrics (default: the recipe's data.max_eval_examples, "
+                         "400 = all of the default recipe's: 200 problems x 2)")
     ap.add_argument("--problems", type=int, default=32, help="held-out problems for partial validity")
     ap.add_argument("--samples", type=int, default=4, help="policy samples per problem")
     ap.add_argument("--max-new-tokens", type=int, default=96)
