@@ -398,6 +398,7 @@ class CountingPRM:
         if getattr(self.prm, "last_attention", None) is not None:  # the PRM counted what it ran (train.prm)
             self.counts.prefill += int(self.prm.last_tokens)
             self.counts.attention += int(self.prm.last_attention)
+            self.counts.scored += int(getattr(self.prm, "last_lm_tokens", 0))  # its LM head (logprob_features)
             return
         # Otherwise assume every (prompt + steps) sequence was run in full.
         separator = getattr(getattr(self.prm, "cfg", None), "separator", "\n\n")

@@ -17,8 +17,8 @@ tokens: ``generate`` keeps the logits of the last position of a prefill only (``
 that position's logits are the first generated token's. ``scored`` counts prefill tokens whose logits are
 computed as well (SSR's target verification of a drafted step). (For SmolLM2-135M the tied head is 28M of its
 135M matrix parameters, so charging it to every prefill token would overstate prefill by ~26%.) A PRM
-never applies the LM head (it reads hidden states): N_head = 0 and N = its decoder blocks, LoRA and
-scoring head. Backward passes are not involved (inference only). Norms, activations and softmax are
+reads hidden states: N = its decoder blocks, LoRA and scoring head, and N_head = 0, unless it has
+``logprob_features`` (then its LM head runs on every step token: ``scored`` = those tokens). Backward passes are not involved (inference only). Norms, activations and softmax are
 ignored (< 1% at these sizes). Counted, not counted: a row that stops early in a batch is not charged
 for the padding steps static batching keeps running (a serving engine with continuous batching does not
 run them); every generated token is charged one pass of the decoder body, though the last one of a call
@@ -73,7 +73,8 @@ def policy_shape(model) -> ModelShape:
 
 def prm_shape(prm) -> ModelShape:
     """Shape of a ``train.prm.PRM`` (or anything with ``model`` and ``num_nonembedding_parameters``): the
-    decoder blocks (LoRA factors included) and the scoring head; an untied LM head is never applied."""
+    decoder blocks (LoRA factors included) and the scoring head; the LM head (N_head) only for a PRM with
+    ``logprob_features``, which runs it on every step token."""
     base, config = _hf_config(prm.model)
     extra = sum(p.numel() for n, p in prm.model.named_parameters() if "lora_" in n)
     extra += sum(p.numel() for p in prm.head.parameters()) if hasattr(prm, "head") else 0
@@ -81,4 +82,6 @@ def prm_shape(prm) -> ModelShape:
     if lm_head is not None and lm_head.weight is not base.get_input_embeddings().weight:
         extra -= lm_head.weight.numel()  # counted in num_nonembedding_parameters, but never run
     layers, d_attn = _attn_shape(config)
-    return ModelShape(int(prm.num_nonembedding_parameters) + extra, layers, d_attn)
+    uses_lm_head = lm_head is not None and getattr(prm, "evidence", None) is not None  # logprob_features
+    return ModelShape(int(prm.num_nonembedding_parameters) + extra, layers, d_attn,
+                      lm_head.weight.numel() if uses_lm_head else 0)

@@ -154,12 +154,14 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     train_groups = group_rows([train_examples[i]["prompt"] for i in keep], rows, cfg.data.group_by_problem)
     # Groups per optimizer step, so that a step still sees about `batch_size` solutions.
     groups_per_step = max(1, round(cfg.batch_size * len(train_groups) / len(keep)))
-    drills = [(e, lab, []) for e, lab in ((prm.encode(d["prompt"], d["completions"]), d["labels"])
-                                         for d in load_drills(cfg))]
+    drills = [(e, lab, lm_targets(prm.tokenizer, d["prompt"], e, lab))
+              for d, e, lab in ((d, prm.encode(d["prompt"], d["completions"]), d["labels"]) for d in load_drills(cfg))]
     adapter = [p for p in prm.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": adapter, "lr": cfg.optim.lr}, {"params": list(prm.head.parameters()), "lr": cfg.head_lr}],
-        weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    groups = [{"params": adapter, "lr": cfg.optim.lr}, {"params": list(prm.head.parameters()), "lr": cfg.head_lr}]
+    if prm.evidence is not None:
+        # Two weights on a scale of nats, from zero: at the head's rate they would barely move in a short run.
+        groups.append({"params": list(prm.evidence.parameters()), "lr": 10 * cfg.head_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay, betas=(cfg.optim.beta1, cfg.optim.beta2))
     scheduler = make_scheduler(optimizer, cfg)
 
     start_step = 0
@@ -303,17 +305,16 @@ def prm_losses(prm: PRM, batch: list[tuple], normalizer: int, lm_normalizer: int
     """
     enc = collate([row[0] for row in batch], prm.tokenizer.pad_token_id)
     targets = torch.tensor([y for row in batch for y in row[1]], dtype=torch.float32, device=prm.device)
-    logits, hidden = prm.step_logits(**enc, return_hidden=True)
+    if not lm_normalizer:
+        logits = prm.step_logits(**enc)
+    else:
+        logits, token_logprobs = prm.step_logits(**enc, return_token_logprobs=True)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / normalizer
     if not lm_normalizer:
         return bce, None
     rows = torch.tensor([r for r, row in enumerate(batch) for _ in row[2]], dtype=torch.long, device=prm.device)
     where = torch.tensor([t for row in batch for t in row[2]], dtype=torch.long, device=prm.device)
-    if not len(where):
-        return bce, hidden.sum() * 0.0
-    token_logits = prm.model.get_output_embeddings()(hidden[rows, where - 1]).float()
-    lm = torch.nn.functional.cross_entropy(token_logits, enc["input_ids"].to(prm.device)[rows, where], reduction="sum")
-    return bce, lm / lm_normalizer
+    return bce, -token_logprobs[rows, where].sum() / lm_normalizer
 
 
 def bce_loss(prm: PRM, batch: list[tuple], normalizer: int) -> torch.Tensor:

@@ -2,10 +2,21 @@
 
 A PRM reads ``prompt, step_1, sep, step_2, sep, …`` and outputs, at the last token of the separator that
 follows each step, P(step i is correct | prompt, steps ≤ i) = σ(w·h_i + b), where h_i is the backbone's
-final hidden state there, layer-normalised without parameters (the LM head is never applied, so
-scoring costs one forward pass of the decoder body). This is the discriminative PRM of Lightman et al. (2023, "Let's Verify Step by Step") and
+final hidden state there, layer-normalised without parameters (by default the LM head is never applied,
+so scoring costs one forward pass of the decoder body). This is the discriminative PRM of Lightman et al. (2023, "Let's Verify Step by Step") and
 Math-Shepherd (Wang et al., 2024), in the token layout of TRL's ``PRMTrainer`` (a label on the last token
 of the separator after each step).
+
+With ``logprob_features`` the head also sees how likely the backbone itself finds each step, read through
+its own LM head (a discriminative head plus generative evidence, in the spirit of Zhang et al. 2024,
+"Generative Verifiers: Reward Modeling as Next-Token Prediction"):
+
+    P(step i correct) = σ(w·h_i + b + a₁·m_i + a₂·min_{j≤i} m_j),   m_i = min_{t ∈ step i} log p(x_t | x_<t)
+
+(step i's tokens without its separator). Trained with the auxiliary next-token loss on correct steps
+(``lm_loss_weight`` in the recipe), the backbone learns to *compute* a step, so that a wrong result is a
+token it finds unlikely; the running minimum carries a slip to every later step, as the labels do.
+This costs the LM head on step tokens (counted in the evaluator's FLOPs).
 
 One API is used everywhere (training recipe, evaluator, export)::
 
@@ -50,6 +61,9 @@ class PRMConfig:
     score_batch_tokens: int = 8192  # padded tokens per scoring forward pass (bounds memory)
     num_layers: int = 0  # keep only the first N decoder layers of the backbone (0 = all): N/L of the cost
     lora_last_layers: int = 0  # LoRA only on the top N (kept) decoder layers (0 = all): backward stops there
+    # Also feed the head the backbone's own log-probability of each step's tokens (through its LM head):
+    # the step's least likely token, and the least likely token of any step so far (see PRM).
+    logprob_features: bool = False
 
     def __post_init__(self):
         if not self.separator:
@@ -115,6 +129,7 @@ class Encoded:
 
     ids: list[int]
     positions: list[int]
+    start: int = 0  # index of the first step token (the prompt's token count)
 
 
 def encode(tokenizer, prompt: Any, steps: Sequence[str], separator: str,
@@ -125,13 +140,13 @@ def encode(tokenizer, prompt: Any, steps: Sequence[str], separator: str,
     ids = tokenizer(prompt_text(prompt) + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"]
     sep = _separator_ids(tokenizer, separator)
     step_ids = tokenizer(list(steps), add_special_tokens=False)["input_ids"] if steps else []
-    positions = []
+    positions, start = [], len(ids)
     for piece in step_ids:
         if max_length is not None and len(ids) + len(piece) + len(sep) > max_length:
             break
         ids = ids + piece + sep
         positions.append(len(ids) - 1)
-    return Encoded(list(ids), positions)
+    return Encoded(list(ids), positions, start)
 
 
 def _separator_ids(tokenizer, separator: str) -> list[int]:
@@ -142,18 +157,25 @@ def _separator_ids(tokenizer, separator: str) -> list[int]:
 
 
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``/``attention_mask`` and the flat ``(rows, positions)`` of every step."""
+    """Right-padded ``input_ids``/``attention_mask`` and, flat over every step, its row, the position of
+    its scored token (``positions``) and of its first token (``starts``)."""
     width = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    rows, positions = [], []
+    rows, positions, starts = [], [], []
     for r, e in enumerate(batch):
         ids[r, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
         mask[r, :len(e.ids)] = 1
         rows += [r] * len(e.positions)
         positions += e.positions
+        starts += step_starts(e)
     return {"input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows, dtype=torch.long),
-            "positions": torch.tensor(positions, dtype=torch.long)}
+            "positions": torch.tensor(positions, dtype=torch.long), "starts": torch.tensor(starts, dtype=torch.long)}
+
+
+def step_starts(e: Encoded) -> list[int]:
+    """Index of the first token of each step of ``e`` (a step runs from there to its separator's end)."""
+    return [e.start] + [p + 1 for p in e.positions[:-1]] if e.positions else []
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -186,7 +208,8 @@ class PRM(torch.nn.Module):
       attended to (the attention FLOPs term);
     * ``num_parameters`` — parameters of the backbone (embeddings included, LoRA and head excluded);
       ``num_nonembedding_parameters`` without the input embedding. A forward pass costs ≈ 2·N FLOPs per
-      token with N the non-embedding count (the LM head is never applied).
+      token with N the non-embedding count; with ``logprob_features`` the LM head also runs on the
+      ``last_lm_tokens`` step tokens of the last call.
     """
 
     def __init__(self, model, tokenizer, cfg: PRMConfig, backbone: str, head: Optional[torch.nn.Linear] = None):
@@ -203,6 +226,13 @@ class PRM(torch.nn.Module):
             torch.nn.init.zeros_(head.bias)
         self.head = head
         self.head.to(device=device, dtype=torch.float32)
+        # Weights of the two log-probability features (zero: no effect until trained).
+        self.evidence = torch.nn.Linear(2, 1, bias=False) if cfg.logprob_features else None
+        if self.evidence is not None:
+            torch.nn.init.zeros_(self.evidence.weight)
+            self.evidence.to(device=device, dtype=torch.float32)
+        self.separator_length = len(_separator_ids(tokenizer, cfg.separator))
+        self.last_lm_tokens = 0  # tokens whose LM-head logits the last call computed (logprob_features)
         self.tokens_scored = 0
         self.last_tokens = 0
         self.last_attention = 0  # Σ keys attended per token run in the last call (see ``score``)
@@ -216,21 +246,68 @@ class PRM(torch.nn.Module):
 
     # ------------------------------------------------------------------ core forward
     def step_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-                    positions: torch.Tensor, return_hidden: bool = False, **body_kwargs):
+                    positions: torch.Tensor, starts: Optional[torch.Tensor] = None,
+                    first_state: Optional[torch.Tensor] = None, return_token_logprobs: bool = False,
+                    **body_kwargs):
         """Logits of P(step correct) at ``(rows[k], positions[k])``: the decoder body runs once, the head
         reads only the selected hidden states (shared by training and scoring). ``body_kwargs`` go to the
         decoder (scoring passes a prompt KV ``cache`` and ``position_ids``: see :meth:`score`).
-        ``return_hidden`` also returns the decoder's last hidden states (training's auxiliary LM loss)."""
+
+        With ``logprob_features`` (or ``return_token_logprobs``, training's auxiliary LM loss) the LM head
+        also runs on every step token: ``starts[k]`` is step k's first token, and ``first_state`` (one
+        hidden state per row) predicts a row's token 0 when the rows start mid-sequence (over a cached
+        prompt). ``return_token_logprobs`` also returns them, as a (rows, width) tensor that is 0 elsewhere."""
         dev = self.device
         body = _hf_model(self.model).base_model  # the decoder without its LM head (LoRA layers stay active)
         hidden = body(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev), **body_kwargs).last_hidden_state
-        picked = hidden[rows.to(dev), positions.to(dev)].float()
+        rows, positions = rows.to(dev), positions.to(dev)
+        picked = hidden[rows, positions].float()
         # A parameter-free layer norm first: hidden-state scales differ a lot between backbones and
         # between layers (a truncated backbone), and unnormalised features made the head's updates blow
         # up the loss at useful learning rates.
         picked = torch.nn.functional.layer_norm(picked, picked.shape[-1:])
         logits = self.head(picked).squeeze(-1)
-        return (logits, hidden) if return_hidden else logits
+        if self.evidence is None and not return_token_logprobs:
+            return logits
+        if starts is None:
+            raise ValueError("step_logits: log-probability features need the steps' first tokens (starts)")
+        token_logprobs = self._token_logprobs(hidden, input_ids.to(dev), rows, starts.to(dev), positions, first_state)
+        if self.evidence is not None:
+            logits = logits + self.evidence(self._logprob_features(token_logprobs, rows, starts.to(dev), positions)).squeeze(-1)
+        return (logits, token_logprobs) if return_token_logprobs else logits
+
+    def _token_logprobs(self, hidden, input_ids, rows, starts, positions, first_state) -> torch.Tensor:
+        """log p(token t | tokens < t) under the backbone's LM head, for every token of every step (its
+        separator included), as a (rows, width) tensor that is 0 at the other positions."""
+        spans = [(r, a, b) for r, a, b in zip(rows.tolist(), starts.tolist(), positions.tolist())]
+        r_idx = torch.tensor([r for r, a, b in spans for _ in range(a, b + 1)], dtype=torch.long, device=hidden.device)
+        t_idx = torch.tensor([t for r, a, b in spans for t in range(a, b + 1)], dtype=torch.long, device=hidden.device)
+        # The state that predicts token t is the one at t - 1; token 0 of a row over a cached prompt is
+        # predicted by the prompt's last state (first_state).
+        first = first_state if first_state is not None else torch.zeros_like(hidden[:, 0])
+        predictors = torch.cat([first[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)[r_idx, t_idx]
+        lm_head = self.model.get_output_embeddings()
+        values = []
+        for chunk in range(0, len(t_idx), 1024):  # bounds the (tokens × vocabulary) logits held at once
+            logp = torch.log_softmax(lm_head(predictors[chunk:chunk + 1024]).float(), dim=-1)
+            values.append(logp.gather(-1, input_ids[r_idx[chunk:chunk + 1024], t_idx[chunk:chunk + 1024], None])[:, 0])
+        self.last_lm_tokens += len(t_idx)
+        out = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
+        return out.index_put((r_idx, t_idx), torch.cat(values) if values else out.new_zeros(0))
+
+    def _logprob_features(self, token_logprobs, rows, starts, positions) -> torch.Tensor:
+        """Per step: (the least log-probability among its tokens, separator excluded, so that an unfinished
+        step is judged on what is written; the same minimum over this and every earlier step of its
+        row). The second carries a slip forward: the label of every step from the first wrong one on is 0."""
+        ends = positions - self.separator_length  # last token of each step
+        lowest = torch.stack([token_logprobs[r, a:b + 1].min() for r, a, b in
+                              zip(rows.tolist(), starts.tolist(), ends.tolist())]) if len(rows) else token_logprobs.new_zeros(0)
+        so_far, previous_row, running = [], None, None
+        for k, r in enumerate(rows.tolist()):
+            running = lowest[k] if r != previous_row else torch.minimum(running, lowest[k])
+            so_far.append(running)
+            previous_row = r
+        return torch.stack([lowest, torch.stack(so_far)], dim=-1) if so_far else token_logprobs.new_zeros((0, 2))
 
     def encode(self, prompt: Any, steps: Sequence[str], max_length: Optional[int] = None) -> Encoded:
         return encode(self.tokenizer, prompt, steps, self.cfg.separator, max_length)
@@ -265,8 +342,9 @@ class PRM(torch.nn.Module):
         for i in todo:
             if keys[i] not in head_len:
                 head_len[keys[i]] = len(self.tokenizer(keys[i] + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"])
-        prompt_kv: dict[str, list] = {}  # prompt text -> per-layer (K, V), filled once per call
+        prompt_kv: dict[str, tuple] = {}  # prompt text -> (per-layer (K, V), last state), filled once per call
         tokens = attention = 0
+        self.last_lm_tokens = 0
         was_training = self.training
         self.eval()
         try:
@@ -311,21 +389,22 @@ class PRM(torch.nn.Module):
             ids = torch.tensor([[pad] * (width - len(heads[k])) + heads[k] for k in new], device=dev)
             mask = torch.tensor([[0] * (width - len(heads[k])) + [1] * len(heads[k]) for k in new], device=dev)
             cache = DynamicCache()
-            body(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                 cache=cache, use_cache=True)
+            last = body(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        cache=cache, use_cache=True).last_hidden_state[:, -1]
             for r, k in enumerate(new):
                 n = len(heads[k])
-                prompt_kv[k] = [(layer.keys[r:r + 1, :, -n:].clone(), layer.values[r:r + 1, :, -n:].clone())
-                                for layer in cache.layers]
+                # The prompt's last state too: it predicts the first step token (logprob_features).
+                prompt_kv[k] = ([(layer.keys[r:r + 1, :, -n:].clone(), layer.values[r:r + 1, :, -n:].clone())
+                                 for layer in cache.layers], last[r])
                 tokens, attention = tokens + n, attention + n * (n + 1) // 2
         width = max(head_len[k] for k in keys)
         tails = [encoded[i].ids[head_len[k]:] for i, k in zip(idx, keys)]
         tail_width = max(len(t) for t in tails)
         layers = []
-        for layer in range(len(prompt_kv[keys[0]])):
+        for layer in range(len(prompt_kv[keys[0]][0])):
             # Zeros where a shorter prompt is padded: under attention mask 0, never attended to.
-            ks = [torch.nn.functional.pad(prompt_kv[k][layer][0], (0, 0, width - head_len[k], 0)) for k in keys]
-            vs = [torch.nn.functional.pad(prompt_kv[k][layer][1], (0, 0, width - head_len[k], 0)) for k in keys]
+            ks = [torch.nn.functional.pad(prompt_kv[k][0][layer][0], (0, 0, width - head_len[k], 0)) for k in keys]
+            vs = [torch.nn.functional.pad(prompt_kv[k][0][layer][1], (0, 0, width - head_len[k], 0)) for k in keys]
             layers.append((torch.cat(ks), torch.cat(vs)))
         ids = torch.tensor([t + [pad] * (tail_width - len(t)) for t in tails], device=dev)
         mask = torch.tensor([[0] * (width - head_len[k]) + [1] * (head_len[k] + len(t)) + [0] * (tail_width - len(t))
@@ -334,7 +413,10 @@ class PRM(torch.nn.Module):
         rows = torch.tensor([r for r, i in enumerate(idx) for _ in encoded[i].positions], dtype=torch.long)
         where = torch.tensor([pos - head_len[k] for i, k in zip(idx, keys) for pos in encoded[i].positions],
                              dtype=torch.long)
-        logits = self.step_logits(ids, mask, rows, where, cache=DynamicCache(ddp_cache_data=layers),
+        starts = torch.tensor([s - head_len[k] for i, k in zip(idx, keys) for s in step_starts(encoded[i])],
+                              dtype=torch.long)
+        first_state = torch.stack([prompt_kv[k][1] for k in keys])
+        logits = self.step_logits(ids, mask, rows, where, starts, first_state, cache=DynamicCache(ddp_cache_data=layers),
                                   position_ids=positions, use_cache=True)
         for k, t in zip(keys, tails):
             p, n = head_len[k], len(t)
@@ -362,12 +444,22 @@ class PRM(torch.nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         if _is_peft(self.model):
             self.model.save_pretrained(directory)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, directory / HEAD_FILE)
+        state = dict(self.head.state_dict())
+        if self.evidence is not None:
+            state["evidence.weight"] = self.evidence.weight
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, directory / HEAD_FILE)
 
     def load_head(self, file: str | Path) -> None:
         from safetensors.torch import load_file
 
-        self.head.load_state_dict(load_file(str(file), device=str(self.device)))
+        state = load_file(str(file), device=str(self.device))
+        evidence = state.pop("evidence.weight", None)
+        if (evidence is None) != (self.evidence is None):
+            raise ValueError(f"{file}: the head {'lacks' if evidence is None else 'has'} log-probability feature "
+                             f"weights but prm.logprob_features is {self.evidence is not None}")
+        self.head.load_state_dict(state)
+        if evidence is not None:
+            self.evidence.load_state_dict({"weight": evidence})
 
     def save(self, out_dir: str | Path) -> Path:
         """Write a PRM folder: ``adapter/`` (peft adapter + ``head.safetensors``) and ``prm.json`` (backbone,
@@ -405,7 +497,6 @@ def load_prm(path: str | Path, device: Optional[torch.device] = None, dtype: str
     """Load a PRM folder written by :meth:`PRM.save` (the backbone is loaded from its name in
     ``prm.json``; scores are identical to the saved PRM's at the same dtype)."""
     from peft import PeftModel
-    from safetensors.torch import load_file
 
     from train.models import ModelConfig, load_model
 
@@ -421,9 +512,9 @@ def load_prm(path: str | Path, device: Optional[torch.device] = None, dtype: str
     if meta.get("has_adapter", True):
         model = PeftModel.from_pretrained(model, str(path / ADAPTER_DIR), is_trainable=False)
     model.eval()
-    head = torch.nn.Linear(meta["hidden_size"], 1)
-    head.load_state_dict(load_file(str(path / ADAPTER_DIR / HEAD_FILE)))
-    return PRM(model, tok, cfg, meta["backbone"], head)
+    prm = PRM(model, tok, cfg, meta["backbone"])
+    prm.load_head(path / ADAPTER_DIR / HEAD_FILE)
+    return prm
 
 
 def truncate_layers(model, keep: int) -> None:
