@@ -212,7 +212,7 @@ class PRM(torch.nn.Module):
       ``last_lm_tokens`` step tokens of the last call.
     """
 
-    def __init__(self, model, tokenizer, cfg: PRMConfig, backbone: str, head: Optional[torch.nn.Linear] = None):
+    def __init__(self, model, tokenizer, cfg: PRMConfig, backbone: str):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -220,11 +220,10 @@ class PRM(torch.nn.Module):
         self.backbone = backbone  # the ModelConfig.name_or_path it was built from (saved in prm.json)
         hidden = _hf_model(model).config.hidden_size
         device = next(model.parameters()).device
-        if head is None:  # a zero head starts every step at P = 0.5 (no prior before training)
-            head = torch.nn.Linear(hidden, 1)
-            torch.nn.init.zeros_(head.weight)
-            torch.nn.init.zeros_(head.bias)
-        self.head = head
+        # A zero head starts every step at P = 0.5 (no prior before training); load_head fills a saved one.
+        self.head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
         self.head.to(device=device, dtype=torch.float32)
         # Weights of the two log-probability features (zero: no effect until trained).
         self.evidence = torch.nn.Linear(2, 1, bias=False) if cfg.logprob_features else None
@@ -299,15 +298,14 @@ class PRM(torch.nn.Module):
         """Per step: (the least log-probability among its tokens, separator excluded, so that an unfinished
         step is judged on what is written; the same minimum over this and every earlier step of its
         row). The second carries a slip forward: the label of every step from the first wrong one on is 0."""
+        if not len(rows):
+            return token_logprobs.new_zeros((0, 2))
         ends = positions - self.separator_length  # last token of each step
-        lowest = torch.stack([token_logprobs[r, a:b + 1].min() for r, a, b in
-                              zip(rows.tolist(), starts.tolist(), ends.tolist())]) if len(rows) else token_logprobs.new_zeros(0)
-        so_far, previous_row, running = [], None, None
-        for k, r in enumerate(rows.tolist()):
-            running = lowest[k] if r != previous_row else torch.minimum(running, lowest[k])
-            so_far.append(running)
-            previous_row = r
-        return torch.stack([lowest, torch.stack(so_far)], dim=-1) if so_far else token_logprobs.new_zeros((0, 2))
+        lowest = torch.stack([token_logprobs[r, a:b + 1].min()
+                              for r, a, b in zip(rows.tolist(), starts.tolist(), ends.tolist())])
+        # A row's steps are contiguous and in order (collate), so each row's running minimum is a cummin.
+        so_far = torch.cat([lowest[rows == r].cummin(0).values for r in rows.unique_consecutive()])
+        return torch.stack([lowest, so_far], dim=-1)
 
     def encode(self, prompt: Any, steps: Sequence[str], max_length: Optional[int] = None) -> Encoded:
         return encode(self.tokenizer, prompt, steps, self.cfg.separator, max_length)
