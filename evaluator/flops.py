@@ -74,7 +74,7 @@ def policy_shape(model) -> ModelShape:
 def prm_shape(prm) -> ModelShape:
     """Shape of a ``train.prm.PRM`` (or anything with ``model`` and ``num_nonembedding_parameters``): the
     decoder blocks (LoRA factors included) and the scoring head; the LM head (N_head) only for a PRM with
-    ``logprob_features``, which runs it on every step token."""
+    ``logprob_features``, which runs it on every step token (only its candidate rows: ``PRM.lm_head_rows``)."""
     base, config = _hf_config(prm.model)
     extra = sum(p.numel() for n, p in prm.model.named_parameters() if "lora_" in n)
     extra += sum(p.numel() for p in prm.head.parameters()) if hasattr(prm, "head") else 0
@@ -84,4 +84,4 @@ def prm_shape(prm) -> ModelShape:
     layers, d_attn = _attn_shape(config)
     uses_lm_head = lm_head is not None and getattr(prm, "evidence", None) is not None  # logprob_features
     return ModelShape(int(prm.num_nonembedding_parameters) + extra, layers, d_attn,
-                      lm_head.weight.numel() if uses_lm_head else 0)
+                      prm.lm_head_rows * lm_head.weight.shape[1] if uses_lm_head else 0)

@@ -156,6 +156,9 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     groups_per_step = max(1, round(cfg.batch_size * len(train_groups) / len(keep)))
     drills = [(e, lab, lm_targets(prm.tokenizer, d["prompt"], e, lab))
               for d, e, lab in ((d, prm.encode(d["prompt"], d["completions"]), d["labels"]) for d in load_drills(cfg))]
+    if prm.evidence is not None and cfg.prm.logprob_vocab == "train":
+        # The features' softmax over the training data's own tokens (train/prm.py: V'); saved with the head.
+        prm.set_candidate_vocab({i for row in rows + drills for i in row[0].ids})
     adapter = [p for p in prm.model.parameters() if p.requires_grad]
     groups = [{"params": adapter, "lr": cfg.optim.lr}, {"params": list(prm.head.parameters()), "lr": cfg.head_lr}]
     if prm.evidence is not None:

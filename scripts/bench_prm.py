@@ -3,7 +3,8 @@
 What the default run measures (≈ 15–20 minutes on a 2-core CPU; longer when the machine is shared):
 
 1. **Training + step AUROC.** ``frugal train-prm`` with its default config (embedded SmolLM2-135M cut to
-   16 layers, LoRA on all of them, exact labels on generated arithmetic chains plus equation drills;
+   12 layers, LoRA on all of them, the log-probability features and the next-token loss, exact labels on
+   generated arithmetic chains plus equation drills;
    ``max_minutes`` caps the run), then step accuracy, step AUROC and first-error F1 on all 400 held-out
    solutions of generated problems never trained on (``--eval-examples``).
 2. **Partial-reward validity** (the premise of early rejection). The embedded policy samples solutions

@@ -90,3 +90,44 @@ def test_the_lm_head_is_charged_for_every_step_token(lp_prm):
     assert counting.counts.scored == lp_prm.last_lm_tokens == by_hand
     shape = prm_shape(lp_prm)
     assert shape.head == lp_prm.model.get_output_embeddings().weight.numel()
+
+
+def test_candidate_vocabulary_softmax_by_hand_save_and_charge(tmp_path):
+    """``logprob_vocab: train``: log p̃(x_t) = z_{x_t} − log Σ_{v ∈ V' ∪ {x_t}} exp z_v, checked against the
+    plain forward's logits, with one step token deliberately left out of V' (it joins its own sum)."""
+    from evaluator.flops import prm_shape
+
+    torch.manual_seed(1)
+    prm = build_prm(TINY, LoraConfig(r=4, alpha=8), PRMConfig(logprob_features=True))
+    with torch.no_grad():
+        prm.evidence.weight.copy_(torch.tensor([[0.7, 0.3]]))
+    enc = prm.encode("What is 2 + 3?", ["2 + 3 = 5", "The answer is 5."])
+    step_tokens = enc.ids[enc.start:]
+    left_out = step_tokens[2]
+    prm.set_candidate_vocab([i for i in enc.ids if i != left_out] + [7, 7, 11])
+    vocab = prm.candidate_ids.tolist()
+    assert vocab == sorted(set(vocab)) and left_out not in vocab
+    batch = collate([enc], prm.tokenizer.pad_token_id)
+    prm.eval()
+    with torch.no_grad():
+        _, token_logprobs = prm.step_logits(**batch, return_token_logprobs=True)
+        logits = prm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0].float()
+    for t in range(enc.start, len(enc.ids)):
+        x = enc.ids[t]
+        z = logits[t - 1]
+        expected = z[x] - torch.logsumexp(z[sorted(set(vocab) | {x})], dim=0)
+        assert token_logprobs[0, t].item() == pytest.approx(expected.item(), abs=1e-4), t
+        if x == left_out:  # without the extra column its log-probability would be undefined
+            assert token_logprobs[0, t].item() < 0
+    # Saved with the head; the reloaded PRM scores the same; the evaluator charges |V'| + 1 head rows.
+    scores = prm.score(["What is 2 + 3?"], [["2 + 3 = 5", "The answer is 5."]])
+    reloaded = load_prm(prm.save(tmp_path / "prm"))
+    assert reloaded.candidate_ids.tolist() == vocab
+    assert reloaded.score(["What is 2 + 3?"], [["2 + 3 = 5", "The answer is 5."]])[0] == pytest.approx(scores[0], abs=1e-5)
+    hidden = prm.model.get_output_embeddings().weight.shape[1]
+    assert prm_shape(reloaded).head == (len(vocab) + 1) * hidden
+
+
+def test_prm_config_refuses_an_unknown_logprob_vocab():
+    with pytest.raises(ValueError, match="prm.logprob_vocab"):
+        PRMConfig(logprob_vocab="tiny")

@@ -107,3 +107,30 @@ def test_recipe_adds_drills_to_every_step(tmp_path):
         run(compose("train_prm", overrides=overrides))
     logged = [r["steps_in_batch"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert logged == [4 * 3 + 3] * 2  # 4 solutions of 3 steps (2 equations + answer) and 3 one-step drills
+
+
+def test_recipe_with_logprob_features_saves_the_training_vocabulary(tmp_path):
+    """``prm.logprob_features=true`` (``logprob_vocab: train``): the features' softmax runs over exactly the
+    token ids of the training solutions and drills, saved with the head and restored by ``load_prm``."""
+    from hydra import compose, initialize_config_dir
+
+    from recipes.train_prm import TrainPRMConfig, load_drills, load_examples, run
+    from tests.conftest import ROOT
+    from train.config import to_config
+    from train.prm import load_prm
+    from train.tracking import read_jsonl
+
+    overrides = ["model=tiny_random", "task.n_train=12", "task.n_test=4", "max_steps=2", "eval_every=0",
+                 "save_every=0", "batch_size=4", "prm.num_layers=0", "lora.r=4", "max_minutes=null",
+                 "data.drills_per_step=3", "prm.logprob_features=true", "lm_loss_weight=1.0", f"output_dir={tmp_path}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        raw = compose("train_prm", overrides=overrides)
+    summary = run(raw)
+    assert all("lm_loss" in r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r)
+    prm = load_prm(summary["prm"])
+    cfg = to_config(raw, TrainPRMConfig)
+    train, _, _ = load_examples(cfg)
+    texts = [(e["prompt"], e["completions"]) for e in train] + [(d["prompt"], d["completions"]) for d in load_drills(cfg)]
+    expected = sorted({i for prompt, steps in texts for i in prm.encode(prompt, steps, cfg.prm.max_length).ids})
+    assert prm.candidate_ids.tolist() == expected
+    assert len(expected) < prm.model.get_output_embeddings().weight.shape[0]

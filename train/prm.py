@@ -2,8 +2,8 @@
 
 A PRM reads ``prompt, step_1, sep, step_2, sep, …`` and outputs, at the last token of the separator that
 follows each step, P(step i is correct | prompt, steps ≤ i) = σ(w·h_i + b), where h_i is the backbone's
-final hidden state there, layer-normalised without parameters (by default the LM head is never applied,
-so scoring costs one forward pass of the decoder body). This is the discriminative PRM of Lightman et al. (2023, "Let's Verify Step by Step") and
+final hidden state there, layer-normalised without parameters (without ``logprob_features`` the LM head
+is never applied, so scoring costs one forward pass of the decoder body). This is the discriminative PRM of Lightman et al. (2023, "Let's Verify Step by Step") and
 Math-Shepherd (Wang et al., 2024), in the token layout of TRL's ``PRMTrainer`` (a label on the last token
 of the separator after each step).
 
@@ -17,6 +17,16 @@ its own LM head (a discriminative head plus generative evidence, in the spirit o
 (``lm_loss_weight`` in the recipe), the backbone learns to *compute* a step, so that a wrong result is a
 token it finds unlikely; the running minimum carries a slip to every later step, as the labels do.
 This costs the LM head on step tokens (counted in the evaluator's FLOPs).
+
+The softmax need not span the whole vocabulary. With ``logprob_vocab: train`` (the default) the training
+recipe sets a candidate vocabulary V' — every token id of the training data — and
+
+    log p̃(x_t) = z_{x_t} − log Σ_{v ∈ V' ∪ {x_t}} exp z_v
+
+(the fixed target-vocabulary subset of Jean et al. 2015, "On Using Very Large Target Vocabulary for
+Neural Machine Translation"; the scored token always joins the sum, so unseen text is still defined).
+For generated arithmetic V' has 27 tokens instead of SmolLM2's 49,152: the LM head's cost, forward and
+backward, all but vanishes, and the competitors that matter (the other digits) are all in V'.
 
 One API is used everywhere (training recipe, evaluator, export)::
 
@@ -64,6 +74,9 @@ class PRMConfig:
     # Also feed the head the backbone's own log-probability of each step's tokens (through its LM head):
     # the step's least likely token, and the least likely token of any step so far (see PRM).
     logprob_features: bool = False
+    # Their softmax: "train" = over the training data's token ids (set by the recipe, saved with the head;
+    # see above), "full" = over the whole vocabulary.
+    logprob_vocab: str = "train"
 
     def __post_init__(self):
         if not self.separator:
@@ -76,6 +89,8 @@ class PRMConfig:
             raise ValueError(f"prm.num_layers must be >= 0, got {self.num_layers}")
         if self.lora_last_layers < 0:
             raise ValueError(f"prm.lora_last_layers must be >= 0, got {self.lora_last_layers}")
+        if self.logprob_vocab not in ("train", "full"):
+            raise ValueError(f"prm.logprob_vocab must be train|full, got {self.logprob_vocab!r}")
         if self.score_batch_tokens < 64:
             raise ValueError(f"prm.score_batch_tokens must be >= 64, got {self.score_batch_tokens}")
 
@@ -231,6 +246,7 @@ class PRM(torch.nn.Module):
             torch.nn.init.zeros_(self.evidence.weight)
             self.evidence.to(device=device, dtype=torch.float32)
         self.separator_length = len(_separator_ids(tokenizer, cfg.separator))
+        self.candidate_ids: Optional[torch.Tensor] = None  # V' of the features' softmax (None: the whole vocabulary)
         self.last_lm_tokens = 0  # tokens whose LM-head logits the last call computed (logprob_features)
         self.tokens_scored = 0
         self.last_tokens = 0
@@ -285,14 +301,37 @@ class PRM(torch.nn.Module):
         # predicted by the prompt's last state (first_state).
         first = first_state if first_state is not None else torch.zeros_like(hidden[:, 0])
         predictors = torch.cat([first[:, None].to(hidden.dtype), hidden[:, :-1]], dim=1)[r_idx, t_idx]
+        tokens = input_ids[r_idx, t_idx]
         lm_head = self.model.get_output_embeddings()
         values = []
         for chunk in range(0, len(t_idx), 1024):  # bounds the (tokens × vocabulary) logits held at once
-            logp = torch.log_softmax(lm_head(predictors[chunk:chunk + 1024]).float(), dim=-1)
-            values.append(logp.gather(-1, input_ids[r_idx[chunk:chunk + 1024], t_idx[chunk:chunk + 1024], None])[:, 0])
+            h, x = predictors[chunk:chunk + 1024], tokens[chunk:chunk + 1024]
+            if self.candidate_ids is None:
+                values.append(torch.log_softmax(lm_head(h).float(), dim=-1).gather(-1, x[:, None])[:, 0])
+                continue
+            # Softmax over V' ∪ {x_t} (module docstring): the scored token's own logit joins the sum
+            # once, as an extra column when it is not already in V'.
+            weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+            candidates = h @ weight[self.candidate_ids].T + (0 if bias is None else bias[self.candidate_ids])
+            own = (h * weight[x]).sum(-1) + (0 if bias is None else bias[x])
+            extra = own.masked_fill(torch.isin(x, self.candidate_ids), float("-inf"))
+            normaliser = torch.logsumexp(torch.cat([candidates, extra[:, None]], dim=-1).float(), dim=-1)
+            values.append(own.float() - normaliser)
         self.last_lm_tokens += len(t_idx)
         out = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
         return out.index_put((r_idx, t_idx), torch.cat(values) if values else out.new_zeros(0))
+
+    def set_candidate_vocab(self, token_ids) -> None:
+        """Restrict the log-probability features' softmax to ``token_ids`` (plus each scored token); the
+        training recipe passes every token id of its training data (``prm.logprob_vocab: train``)."""
+        self.candidate_ids = torch.tensor(sorted(set(int(i) for i in token_ids)), dtype=torch.long, device=self.device)
+
+    @property
+    def lm_head_rows(self) -> int:
+        """Rows of the LM head one step token costs: |V'| + 1 with a candidate vocabulary, else all."""
+        if self.candidate_ids is not None:
+            return len(self.candidate_ids) + 1
+        return self.model.get_output_embeddings().weight.shape[0]
 
     def _logprob_features(self, token_logprobs, rows, starts, positions) -> torch.Tensor:
         """Per step: (the least log-probability among its tokens, separator excluded, so that an unfinished
@@ -445,6 +484,8 @@ class PRM(torch.nn.Module):
         state = dict(self.head.state_dict())
         if self.evidence is not None:
             state["evidence.weight"] = self.evidence.weight
+        if self.candidate_ids is not None:
+            state["candidate_ids"] = self.candidate_ids
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, directory / HEAD_FILE)
 
     def load_head(self, file: str | Path) -> None:
@@ -452,12 +493,14 @@ class PRM(torch.nn.Module):
 
         state = load_file(str(file), device=str(self.device))
         evidence = state.pop("evidence.weight", None)
+        vocab = state.pop("candidate_ids", None)
         if (evidence is None) != (self.evidence is None):
             raise ValueError(f"{file}: the head {'lacks' if evidence is None else 'has'} log-probability feature "
                              f"weights but prm.logprob_features is {self.evidence is not None}")
         self.head.load_state_dict(state)
         if evidence is not None:
             self.evidence.load_state_dict({"weight": evidence})
+        self.candidate_ids = vocab
 
     def save(self, out_dir: str | Path) -> Path:
         """Write a PRM folder: ``adapter/`` (peft adapter + ``head.safetensors``) and ``prm.json`` (backbone,
