@@ -301,7 +301,8 @@ def prm_losses(prm: PRM, batch: list[tuple], normalizer: int, lm_normalizer: int
     BCE: the sum over the batch's steps of BCE(logit at the step's separator, label), divided by
     ``normalizer`` (the step count of the whole optimizer step, so micro-batching does not change it).
     LM (only with ``lm_normalizer`` > 0): next-token cross-entropy at the rows' ``lm_targets`` (the
-    tokens of correct steps), summed and divided by ``lm_normalizer``. Cobbe et al. (2021, "Training
+    tokens of correct steps), summed and divided by ``lm_normalizer``; its softmax is the features' (over
+    the candidate vocabulary V' when the PRM has one: ``PRM._token_logprobs``). Cobbe et al. (2021, "Training
     Verifiers to Solve Math Word Problems") found that training a verifier jointly with the language
     modelling objective helps it: here it teaches the backbone to compute the step (a step's result),
     which the head at the separator then only has to compare with what is written.
