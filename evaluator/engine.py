@@ -29,10 +29,11 @@ few-shot worked examples: often most of a short question's prompt) prefill that 
 only their own rest over it — the automatic prefix caching of serving engines (vLLM, SGLang) — and are
 charged so (``shared_prefix_min_tokens``). Each call gathers those KV rows for its candidates and ``generate``
 continues every row from [last prompt token + partial solution] with the usual KV cache, so every
-generated token costs one forward position. The partial solutions are not cached across calls: steps
-are text (the PRM reads text; the next step may re-tokenise the boundary differently), so each call
-re-encodes each candidate's partial solution, and the counts say so — step-wise strategies (beam,
-particle filtering) pay that per step. ``summary.json`` reports prefill and generated tokens
+generated token costs one forward position. The partial solutions' KV is not cached across calls
+(candidates are copied, resampled and cut at step ends), so each call encodes each candidate's partial
+solution again, and the counts say so — step-wise strategies (beam, particle filtering) pay that per
+step. It encodes the token ids this engine sampled for the candidate (``Candidate.ids``), not its text
+re-tokenised, which would not round-trip (:meth:`Engine._partial_ids`). ``summary.json`` reports prefill and generated tokens
 separately.
 
 :class:`CountingPRM` wraps a PRM (``train.prm.PRM`` or anything with the same ``score`` /
@@ -126,9 +127,11 @@ class Candidate:
     tokens: int = 0  # generated tokens in ``text`` (inherited by copies; bounds max_new_tokens)
     finished: bool = False
     scores: list[float] = field(default_factory=list)  # PRM step scores of ``text`` (set by strategies)
+    # (engine, text, token ids): the ids that engine fed and generated for ``text`` (see Engine.extend)
+    ids: Optional[tuple] = None
 
     def copy(self) -> "Candidate":
-        return Candidate(self.problem, self.text, self.tokens, self.finished, list(self.scores))
+        return Candidate(self.problem, self.text, self.tokens, self.finished, list(self.scores), self.ids)
 
     def steps(self, delimiter: str = "\n\n") -> list[str]:
         return split_steps(self.text, delimiter)
@@ -175,12 +178,11 @@ class Engine:
         if not todo:
             return out
         cap = max_tokens if max_tokens is not None else (self.cfg.max_step_tokens if stop_at_step else None)
-        items = []  # (templated prompt, tail ids = last prompt token + partial solution)
+        items, partials = [], []  # (templated prompt, tail ids = last prompt token + partial solution)
         for i in todo:
             prompt = self.prompt_text(problems[out[i].problem]["prompt"])
-            text = out[i].text
-            partial = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-            items.append((prompt, self._prompt_ids(prompt)[-1:] + partial))
+            partials.append(self._partial_ids(out[i]))
+            items.append((prompt, self._prompt_ids(prompt)[-1:] + partials[-1]))
         # Rows of one prompt side by side (they share its prefill), similar lengths together (less padding).
         order = sorted(range(len(todo)), key=lambda k: (items[k][0], len(items[k][1])))
         for start in range(0, len(order), self.cfg.batch_size):
@@ -188,8 +190,18 @@ class Engine:
             limits = [self._limit(out[todo[k]], cap) for k in chunk]
             rows = self._generate([items[k] for k in chunk], max(limits), stop_at_step, greedy)
             for k, limit, (ids, context) in zip(chunk, limits, rows):
-                self._apply(out[todo[k]], ids[:limit], context, stop_at_step)
+                self._apply(out[todo[k]], partials[k], ids[:limit], context, stop_at_step)
         return out
+
+    def _partial_ids(self, cand: Candidate) -> list[int]:
+        """The token ids to continue ``cand`` from: the very ids this engine fed and sampled for its text
+        when it wrote all of it, else the text re-encoded (steps written by another model, e.g. SSR's draft,
+        or edited). Why not always re-encode: BPE does not round-trip, e.g. SmolLM2 samples "\n\n" as one
+        token but encodes "4\n\n1" with two "\n" tokens, and a policy continued from such out-of-
+        distribution ids writes differently (here: step after step, never its answer line)."""
+        if cand.ids is not None and cand.ids[0] is self and cand.ids[1] == cand.text:
+            return list(cand.ids[2])
+        return self.tokenizer(cand.text, add_special_tokens=False)["input_ids"] if cand.text else []
 
     # ------------------------------------------------------------------ internals
     def _prompt_ids(self, prompt: str) -> list[int]:
@@ -317,8 +329,9 @@ class Engine:
             rows.append((generated[r].tolist(), context + len(tail)))
         return rows
 
-    def _apply(self, cand: Candidate, ids: list[int], context: int, stop_at_step: bool) -> None:
-        """Cut one row's new tokens at its first stop (step delimiter, stop string, EOS) and charge it."""
+    def _apply(self, cand: Candidate, partial: list[int], ids: list[int], context: int, stop_at_step: bool) -> None:
+        """Cut one row's new tokens at its first stop (step delimiter, stop string, EOS) and charge it;
+        ``partial`` (the ids it was continued from) + the kept ids are remembered when they spell the text."""
         eos_at = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
         body = ids[:eos_at] if eos_at is not None else ids
         pieces = [self.tokenizer.decode([t]) for t in body]
@@ -337,14 +350,16 @@ class Engine:
             while kept < len(pieces) and length < cut:
                 length += len(pieces[kept])
                 kept += 1
-            new_text, used = new_text[:cut], kept
+            exact = length == cut  # the cut falls between tokens, so the kept ids spell the kept text
+            new_text, used, kept_ids = new_text[:cut], kept, body[:kept]
         elif eos_at is not None:
-            ends_solution, used = True, eos_at + 1  # the EOS token was generated too
+            ends_solution, used, exact, kept_ids = True, eos_at + 1, True, body  # the EOS was generated too
         else:
-            used = len(ids)
+            used, exact, kept_ids = len(ids), True, body
         self.counts.add(0, used, context)
         cand.text += new_text
         cand.tokens += used
+        cand.ids = (self, cand.text, partial + kept_ids) if exact else None
         cand.finished = (ends_solution or cand.tokens >= self.cfg.max_new_tokens
                          or (self.num_steps(cand) >= self.cfg.max_steps and cand.text.endswith(self.cfg.step_delimiter)))
 

@@ -64,6 +64,8 @@ def parse_args(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--ops", nargs="+", default=["+", "-"])
     ap.add_argument("--operands", type=int, default=3)
+    ap.add_argument("--answer-format", default="boxed", choices=["boxed", "number"],
+                    help="task.prompt.answer_format: boxed (the stated answer) | number (the reply's last number)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--max-step-tokens", type=int, default=32)
     ap.add_argument("--max-steps", type=int, default=6)
@@ -111,7 +113,7 @@ def main(argv=None) -> None:
     out = Path(args.out or ROOT / "outputs/bench/search" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = TaskConfig(name="arith", ops=list(args.ops), num_operands=args.operands, digits=1,
-                      prompt=PromptConfig(answer_format="number", num_fewshot=args.fewshot))
+                      prompt=PromptConfig(answer_format=args.answer_format, num_fewshot=args.fewshot))
     problems = load_task(task).test[:args.problems]
     model, tok = load_model(ModelConfig(name_or_path=args.model, adapter=args.adapter), device)
     engine = Engine(model, tok, EngineConfig(max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
@@ -124,7 +126,7 @@ def main(argv=None) -> None:
     pf_overrides = {k: v for k, v in (("temperature", args.pf_temperature), ("ess_threshold", args.pf_ess),
                                       ("final", args.pf_final)) if v is not None}
     pf = SearchConfig(**pf_overrides)
-    print(f"task=arith operands={args.operands} ops={args.ops} (one digit) fewshot={args.fewshot} particle_filter: T={pf.temperature} "
+    print(f"task=arith operands={args.operands} ops={args.ops} (one digit) fewshot={args.fewshot} answer_format={args.answer_format} particle_filter: T={pf.temperature} "
           f"ess_threshold={pf.ess_threshold} resampling={pf.resampling} final={pf.final}", flush=True)
     rows, records = [], []
     for name in args.strategies:

@@ -10,7 +10,7 @@ from evaluator.config import SearchConfig
 from evaluator.engine import Candidate, CountingPRM, Counts, Engine, EngineConfig
 from evaluator.flops import ModelShape, policy_shape
 from evaluator.strategies import get
-from evaluator.strategies.common import logit, vote
+from evaluator.strategies.common import best, logit, vote
 from evaluator.strategies.particle_filter import ess, multinomial_resample, smc, systematic_resample
 from train.prm import split_steps
 
@@ -100,6 +100,22 @@ def test_best_of_n_picks_highest_aggregate_and_weighted_vote():
     assert res[0].chosen.text.endswith("answer 7")
     res = get("best_of_n")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()), _cfg(weighted=False, aggregation="min"))
     assert res[0].chosen.text.endswith("answer 9")
+
+
+BOXED = [{"prompt": [{"role": "user", "content": "q0"}], "answer": "1", "answer_format": "boxed"}]
+
+
+def test_best_prefers_a_stated_answer_over_a_higher_scored_reply_without_one():
+    # A reply that stopped after a right first step (0.9) outscores a complete one whose answer step the
+    # PRM doubts (0.6), but it states no answer, so it cannot be graded right: the complete one is chosen.
+    unfinished = Candidate(0, "v=0.9" + DELIM, finished=True, scores=[0.9])
+    complete = Candidate(0, "v=0.8" + DELIM + "\\boxed{1}", finished=True, scores=[0.8, 0.6])
+    weaker = Candidate(0, "v=0.3" + DELIM + "\\boxed{2}", finished=True, scores=[0.3, 0.5])
+    assert best([unfinished, weaker, complete], "last", BOXED) is complete
+    assert best([unfinished, weaker], "last", BOXED) is weaker
+    # with no answer anywhere the score decides; ties go to the earliest candidate
+    twin = Candidate(0, "v=0.9" + DELIM, finished=True, scores=[0.9])
+    assert best([Candidate(0, "v=0.2", scores=[0.2]), unfinished, twin], "last", BOXED) is unfinished
 
 
 def test_majority_vote_merges_equal_answers():
@@ -219,6 +235,27 @@ def test_particle_filter_weights_and_finished_particles_persist():
     assert hits / (4 * trials) == pytest.approx(9 / 9.75, abs=0.03)
 
 
+def test_particle_filter_drops_a_particle_that_finished_without_an_answer():
+    # Particle 0 stops after one step scored 0.9 without stating an answer; the others go on to a boxed
+    # answer with step scores 0.2. Weighted at r = 0, it is resampled away and never chosen.
+    class Engine1(FakeEngine):
+        def extend(self, problems, cands, **kw):
+            out = super().extend(problems, cands, **kw)
+            for c in out:
+                if c.text.startswith("v=0.9"):
+                    c.finished = True
+            return out
+
+    engine = Engine1(lambda call, k, c: 0.9 if call == 0 and k == 0 else 0.2, length=2,
+                     answer=lambda c: "\\boxed{1}")
+    cfg = _cfg(name="particle_filter", resampling="systematic", ess_threshold=1.0)
+    sw = smc(BOXED, 4, engine, CountingPRM(FakePRM()), cfg, generator=torch.Generator().manual_seed(0))[0]
+    assert not any(c.text == "v=0.9" + DELIM for c in sw.particles)
+    res = get("particle_filter")(BOXED, 4, Engine1(engine.script, length=2, answer=engine.answer),
+                                 CountingPRM(FakePRM()), cfg)
+    assert res[0].chosen.text.endswith("\\boxed{1}")
+
+
 def test_particle_filter_resamples_only_when_ess_is_low():
     # Equal scores: ESS = N, never below 0.5·N, so no resampling; one particle far ahead (0.99 vs 0.2:
     # odds 99 vs 0.25, ESS ≈ 1.02 < 2) triggers it at the first step.
@@ -332,15 +369,55 @@ def test_engine_cuts_at_step_delimiter_and_eos(tiny):
     engine = Engine(model, tok, EngineConfig(max_steps=3))
     ids = tok("2 + 3 = 5\n\nSo the", add_special_tokens=False)["input_ids"]
     cand = Candidate(0)
-    engine._apply(cand, ids, context=20, stop_at_step=True)
+    engine._apply(cand, [], ids, context=20, stop_at_step=True)
     assert cand.text == "2 + 3 = 5\n\n" and not cand.finished
     # the token that completes the delimiter is the last one kept (and charged)
     kept = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) >= len("2 + 3 = 5\n\n"))
     assert cand.tokens == kept
+    if len(tok.decode(ids[:kept])) == len(cand.text):  # the cut fell between tokens: the ids are kept
+        assert cand.ids == (engine, cand.text, ids[:kept])
     cand2 = Candidate(0)
-    engine._apply(cand2, tok("5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * 3, context=20, stop_at_step=True)
+    five = tok("5", add_special_tokens=False)["input_ids"]
+    engine._apply(cand2, [7], five + [tok.eos_token_id] * 3, context=20, stop_at_step=True)
     assert cand2.text == "5" and cand2.finished and cand2.tokens == 2
+    assert cand2.ids == (engine, "5", [7] + five)  # partial + generated, without the EOS
     assert engine.counts.decode == cand.tokens + 2
+
+
+def test_engine_continues_from_the_ids_it_generated(tiny):
+    """A candidate is continued from the very token ids the engine sampled for it, not from its text
+    re-encoded (BPE does not round-trip); text written elsewhere (another model, an edit) is re-encoded."""
+    model, tok = tiny
+    engine, other = (Engine(model, tok, EngineConfig(max_new_tokens=16)) for _ in range(2))
+    seen = []  # per _generate call: the rows' tails (last prompt token + partial ids) and generated ids
+
+    def spy(real):
+        def wrapped(items, *args, **kw):
+            rows = real(items, *args, **kw)
+            seen.append(([tail for _, tail in items], [ids for ids, _ in rows]))
+            return rows
+        return wrapped
+
+    engine._generate, other._generate = spy(engine._generate), spy(other._generate)
+    torch.manual_seed(0)
+    first = engine.extend(PROBLEMS, [Candidate(0)], max_tokens=4, stop_at_step=False)[0]
+    assert not first.finished and first.tokens == 4
+    sampled = seen[0][1][0][:4]
+    engine.extend(PROBLEMS, [first], max_tokens=4, stop_at_step=False)
+    assert first.ids == (engine, first.text, sampled) and seen[1][0][0][1:] == sampled
+    # ids that differ from the text's encoding (the model sampled "\n" twice, the tokenizer merges them)
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    twice = enc("4") + enc("\n") + enc("\n")
+    assert twice != enc("4\n\n")
+    engine.extend(PROBLEMS, [Candidate(0, "4\n\n", ids=(engine, "4\n\n", twice))], max_tokens=1, stop_at_step=False)
+    assert seen[2][0][0][1:] == twice
+    edited = first.copy()
+    edited.text += " 7"
+    engine.extend(PROBLEMS, [edited], max_tokens=2, stop_at_step=False)
+    other.extend(PROBLEMS, [first], max_tokens=2, stop_at_step=False)
+    for call in (3, 4):
+        text = edited.text if call == 3 else first.text
+        assert seen[call][0][0][1:] == tok(text, add_special_tokens=False)["input_ids"]
 
 
 def test_counting_prm_uses_prm_token_counts():

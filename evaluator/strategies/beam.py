@@ -60,5 +60,5 @@ def beam_search(problems, budget, engine, prm, cfg, tau: Optional[int] = None) -
     results = []
     for p in range(n_problems):
         pool = done[p] or survivors[p]
-        results.append(Result(best(pool, cfg.aggregation), pool))
+        results.append(Result(best(pool, cfg.aggregation, problems), pool))
     return results

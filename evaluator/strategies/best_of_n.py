@@ -28,5 +28,5 @@ def select(group, problems, cfg) -> Result:
     if cfg.weighted:
         chosen = vote(group, problems, [solution_score(c, cfg.aggregation) for c in group])
     else:
-        chosen = best(group, cfg.aggregation)
+        chosen = best(group, cfg.aggregation, problems)
     return Result(chosen, group)

@@ -45,13 +45,24 @@ def logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def best(cands: Sequence[Candidate], how: str) -> Candidate:
-    """Highest aggregated score; the earliest candidate wins a tie (deterministic)."""
-    return max(enumerate(cands), key=lambda ic: (solution_score(ic[1], how), -ic[0]))[1]
+def best(cands: Sequence[Candidate], how: str, problems: Sequence[dict]) -> Candidate:
+    """Highest aggregated score among the candidates that state an answer (as :func:`vote` counts only
+    those); the earliest candidate wins a tie (deterministic).
+
+    Why answers first: a PRM scores each step's correctness *so far*, so a reply that stops after a
+    correct first equation without ever stating an answer keeps that step's high score, while a complete
+    reply is judged on its answer step, which is wrong whenever any earlier step is (its score carries
+    that doubt). Compared on score alone the unfinished reply wins and is graded wrong; a reply with no
+    answer can never be graded right, so it only wins when no candidate states one."""
+    return max(enumerate(cands), key=lambda ic: (has_answer(ic[1], problems), solution_score(ic[1], how), -ic[0]))[1]
 
 
 def answer_of(cand: Candidate, problems: Sequence[dict]) -> Optional[str]:
     return extract_answer(cand.text, problems[cand.problem].get("answer_format", "boxed"))
+
+
+def has_answer(cand: Candidate, problems: Sequence[dict]) -> bool:
+    return answer_of(cand, problems) is not None
 
 
 def vote(cands: Sequence[Candidate], problems: Sequence[dict], weights: Optional[Sequence[float]] = None) -> Candidate:

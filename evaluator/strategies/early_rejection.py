@@ -45,7 +45,7 @@ def run(problems, budget, engine, prm, cfg) -> list[Result]:
     survivors = [c if c.finished else next(full) for c in survivors]
     results = []
     for group, kept in zip(by_problem(prefixes, len(problems)), by_problem(survivors, len(problems))):
-        results.append(Result(best(kept, cfg.aggregation), kept, {"rejected": len(group) - len(kept)}))
+        results.append(Result(best(kept, cfg.aggregation, problems), kept, {"rejected": len(group) - len(kept)}))
     return results
 
 

@@ -6,14 +6,15 @@ the transition, and the PRM score r_t = agg(PRM(x_t)) (default agg = last) the o
 particles per problem, at each step:
 
     1. propagate: every unfinished particle generates one step, x_t^i ~ p_θ(· | x_{t-1}^i);
-    2. weight:    log w^i += logit(r_t^i) / T         (finished particles re-use their final score);
+    2. weight:    log w^i += logit(r_t^i) / T         (finished particles re-use their final score;
+                  one that finished without stating an answer gets r = 0);
                   w̄^i = softmax(log w)^i,   ESS = 1 / Σ_i (w̄^i)²;
     3. resample:  if ESS < ess_threshold·N (every step when ess_threshold ≥ 1): draw N ancestors
                   a^i ~ Categorical(w̄) (multinomial or systematic), x^i ← x^{a^i}, log w ← 0.
 
 Finished particles stay in the pool with their final score (they can be resampled, never extended).
 Stop when every particle is finished (or after max_steps). Answer: the finished particle with the best
-final score, or the weighted-majority answer (weights = final scores) with ``search.final``.
+final score among those stating an answer, or the weighted-majority answer (weights = final scores) with ``search.final``.
 
 The SMC loop :func:`smc` also runs conditional SMC for :mod:`evaluator.strategies.particle_gibbs`: a
 reference trajectory per problem keeps slot 0 at every step and is never resampled away.
@@ -27,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from evaluator.engine import Candidate
-from evaluator.strategies.common import Result, best, logit, solution_score, vote
+from evaluator.strategies.common import Result, best, has_answer, logit, solution_score, vote
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:
@@ -39,7 +40,7 @@ def choose(particles: Sequence[Candidate], problems, cfg) -> Candidate:
     pool = [c for c in particles if c.finished] or list(particles)
     if cfg.final == "weighted_majority":
         return vote(pool, problems, [solution_score(c, cfg.aggregation) for c in pool])
-    return best(pool, cfg.aggregation)
+    return best(pool, cfg.aggregation, problems)
 
 
 # ---------------------------------------------------------------------- resampling
@@ -108,8 +109,11 @@ def smc(problems, n: int, engine, prm, cfg, references: Optional[list[Optional[l
                 s.particles[0] = _reference_at(references[p], t)
             for i, c in enumerate(s.particles):
                 s.histories[i].append(c)
-            # 2. weight by the (final or current) PRM score
-            scores = [solution_score(c, cfg.aggregation) for c in s.particles]
+            # 2. weight by the (final or current) PRM score; a particle that finished without stating an
+            #    answer is a dead end (it can never be graded right), so it weighs nothing and resampling
+            #    replaces it (its last step's score says only that the steps so far are right)
+            scores = [solution_score(c, cfg.aggregation) if not c.finished or has_answer(c, problems) else 0.0
+                      for c in s.particles]
             s.log_weights += torch.tensor([logit(r) / cfg.temperature for r in scores], dtype=torch.float64)
             if all(c.finished for c in s.particles):
                 continue
