@@ -12,6 +12,14 @@ each, rows of one prompt side by side and sorted by length so little padding is 
 cost nothing. A candidate finishes at EOS, at one of ``stop_strings``, after ``max_steps`` steps or
 ``max_new_tokens`` generated tokens.
 
+Sampling: each candidate draws its tokens from a random stream of its own, keyed by (engine seed, its
+prompt, ``Candidate.stream``) and the token's position (:class:`StreamSampling`), not from one generator
+shared by the batch. The i-th fresh candidate of a problem has stream i in every strategy, and a copy that
+must continue differently (a beam's child, a resampled duplicate) takes ``Candidate.fork``. So a
+candidate's text does not depend on its batch or on how its generation was split into calls, and
+strategies compared at one seed start from the same samples (common random numbers: their accuracy
+differences are paired, which is what a 48-problem benchmark can resolve).
+
 Token accounting (:class:`Counts`, one per model; :mod:`evaluator.flops` turns them into FLOPs):
 
 * ``prefill`` — tokens encoded before generating: each distinct prompt once (shared by all candidates
@@ -46,13 +54,14 @@ the encoded lengths as if each full sequence were run.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
 from train.prm import split_steps
-from train.rollout import eos_token_ids
+from train.rollout import eos_token_ids, sampling_warpers
 
 
 @dataclass
@@ -129,23 +138,70 @@ class Candidate:
     scores: list[float] = field(default_factory=list)  # PRM step scores of ``text`` (set by strategies)
     # (engine, text, token ids): the ids that engine fed and generated for ``text`` (see Engine.extend)
     ids: Optional[tuple] = None
+    # Which random stream the engine samples this candidate's tokens from (see `Engine` "Sampling"): the
+    # i-th fresh candidate of a problem has stream i in every strategy; None = a stream drawn at random.
+    stream: Optional[int] = None
 
     def copy(self) -> "Candidate":
-        return Candidate(self.problem, self.text, self.tokens, self.finished, list(self.scores), self.ids)
+        """The same candidate (it goes on sampling from the same stream)."""
+        return Candidate(self.problem, self.text, self.tokens, self.finished, list(self.scores), self.ids, self.stream)
+
+    def fork(self, k: int) -> "Candidate":
+        """Copy number ``k`` of this candidate that will continue differently (a beam's child, a resampled
+        particle's duplicate): the same text on a stream of its own, derived from (stream, k, tokens)."""
+        child = self.copy()
+        child.stream = None if self.stream is None else mix(self.stream, k, self.tokens)
+        return child
 
     def steps(self, delimiter: str = "\n\n") -> list[str]:
         return split_steps(self.text, delimiter)
 
 
-class Engine:
-    """Batched step-wise generation for one policy model; ``counts`` accumulates its token usage."""
+def mix(*parts: int) -> int:
+    """A 63-bit hash of integers (stable across processes, unlike ``hash``): seeds of random streams."""
+    digest = hashlib.blake2b(repr(tuple(int(x) for x in parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    def __init__(self, model, tokenizer, cfg: EngineConfig, name: str = "policy"):
-        self.model, self.tokenizer, self.cfg, self.name = model, tokenizer, cfg, name
+
+class StreamSampling:
+    """Inverse-transform sampling with one uniform number per row, keyed by (its stream, token position):
+
+        y_t = min{ v : Σ_{w ≤ v} π_t(w) ≥ u_t },   π_t = softmax(warp(z_t)),   u_t = mix(stream key, t) / 2⁶³
+
+    is an exact draw from π_t (u_t is uniform on [0, 1)), where ``warp`` is generate's temperature /
+    top-k / top-p (``train.rollout.sampling_warpers``). Because u_t depends only on the candidate's stream
+    and position, a candidate writes the same tokens whatever else shares its batch and however its
+    generation is split into calls: common random numbers (the quantile coupling; Glasserman 2004,
+    "Monte Carlo Methods in Financial Engineering", §4.2), so the i-th candidate of best-of-N, of early
+    rejection and the i-th first particle are the same sample, strategies differ by what they select, not by
+    the luck of their draws, and a budget's candidates are the smaller budget's plus new ones. One number
+    per row instead of a generator shared by the batch; a softmax and a cumulative sum cost less than
+    ``generate``'s multinomial (on a 2-core CPU, 64 rows × 49k tokens: ~25 ms against ~100 ms). A transformers ``LogitsProcessor`` that leaves only the drawn token
+    finite; ``generate`` then decodes greedily."""
+
+    def __init__(self, keys: Sequence[int], starts: Sequence[int], width: int, warpers):
+        self.keys, self.starts, self.width, self.warpers = list(keys), list(starts), width, warpers
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1] - self.width  # tokens generated so far in this call
+        cdf = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1).cumsum(-1)  # (float64: 6x slower)
+        u = torch.tensor([[mix(key, start + t) / 2.0**63] for key, start in zip(self.keys, self.starts)],
+                         dtype=torch.float32, device=cdf.device)
+        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
+class Engine:
+    """Batched step-wise generation for one policy model; ``counts`` accumulates its token usage.
+    ``seed`` keys the candidates' random streams (the harness sets it to the run's seed)."""
+
+    def __init__(self, model, tokenizer, cfg: EngineConfig, name: str = "policy", seed: int = 0):
+        self.model, self.tokenizer, self.cfg, self.name, self.seed = model, tokenizer, cfg, name, seed
         self.counts = Counts()
         self.eos_ids = eos_token_ids(model, tokenizer)
         self._template_cache: dict[tuple, str] = {}
         self._ids_cache: dict[str, list[int]] = {}
+        self._prompt_keys: dict[str, int] = {}
         self._kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prompt -> per-layer (K, V)
         self._shared: Optional[tuple[list[int], list]] = None  # (ids, per-layer (K, V)) of a shared prefix
 
@@ -178,17 +234,19 @@ class Engine:
         if not todo:
             return out
         cap = max_tokens if max_tokens is not None else (self.cfg.max_step_tokens if stop_at_step else None)
-        items, partials = [], []  # (templated prompt, tail ids = last prompt token + partial solution)
+        items, partials, keys = [], [], []  # (templated prompt, tail ids = last prompt token + partial solution)
         for i in todo:
             prompt = self.prompt_text(problems[out[i].problem]["prompt"])
             partials.append(self._partial_ids(out[i]))
             items.append((prompt, self._prompt_ids(prompt)[-1:] + partials[-1]))
+            keys.append(self._stream_key(prompt, out[i].stream))
         # Rows of one prompt side by side (they share its prefill), similar lengths together (less padding).
         order = sorted(range(len(todo)), key=lambda k: (items[k][0], len(items[k][1])))
         for start in range(0, len(order), self.cfg.batch_size):
             chunk = order[start:start + self.cfg.batch_size]
             limits = [self._limit(out[todo[k]], cap) for k in chunk]
-            rows = self._generate([items[k] for k in chunk], max(limits), stop_at_step, greedy)
+            streams = [(keys[k], out[todo[k]].tokens) for k in chunk]
+            rows = self._generate([items[k] for k in chunk], max(limits), stop_at_step, greedy, streams)
             for k, limit, (ids, context) in zip(chunk, limits, rows):
                 self._apply(out[todo[k]], partials[k], ids[:limit], context, stop_at_step)
         return out
@@ -204,6 +262,15 @@ class Engine:
         return self.tokenizer(cand.text, add_special_tokens=False)["input_ids"] if cand.text else []
 
     # ------------------------------------------------------------------ internals
+    def _stream_key(self, prompt: str, stream: Optional[int]) -> int:
+        """The key of a candidate's random stream: (engine seed, its prompt, its stream); a candidate
+        without a stream gets a fresh random one (from torch's global generator, which the harness seeds)."""
+        if stream is None:
+            return int(torch.randint(0, 2**62, ()))
+        if prompt not in self._prompt_keys:
+            self._prompt_keys[prompt] = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "little")
+        return mix(self.seed, self._prompt_keys[prompt], stream)
+
     def _prompt_ids(self, prompt: str) -> list[int]:
         if prompt not in self._ids_cache:
             self._ids_cache[prompt] = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -289,10 +356,12 @@ class Engine:
         left = self.cfg.max_new_tokens - cand.tokens
         return max(1, min(left, cap) if cap is not None else left)
 
-    def _generate(self, items: list[tuple[str, list[int]]], max_new: int, stop_at_step: bool, greedy: bool):
+    def _generate(self, items: list[tuple[str, list[int]]], max_new: int, stop_at_step: bool, greedy: bool,
+                  streams: Sequence[tuple[int, int]]):
         """One batched ``generate`` with prompt-prefix reuse: each distinct prompt's KV (all but its last
         token) comes from :meth:`_prompt_cache_for`, its rows are gathered for the candidates, and
-        ``generate`` continues from it with [last prompt token + partial solution] per row. Returns, per
+        ``generate`` continues from it with [last prompt token + partial solution] per row. Sampled rows
+        draw from their ``streams`` ((key, tokens generated before), :class:`StreamSampling`). Returns, per
         row, its generated ids and the context length before them."""
         tok, dev = self.tokenizer, self.device
         pad = tok.pad_token_id
@@ -311,11 +380,13 @@ class Engine:
             kwargs["cache"] = cache  # (`past_key_values` before transformers 5.x)
         ids = torch.cat([head_ids[which], tail_ids], dim=1)
         mask = torch.cat([head_mask[which], tail_mask], dim=1)
-        if greedy:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                          top_k=self.cfg.top_k)
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)  # sampling: StreamSampling
+        if not greedy:
+            from transformers import LogitsProcessorList
+
+            sampler = StreamSampling([k for k, _ in streams], [t for _, t in streams], ids.shape[1],
+                                     sampling_warpers(self.cfg))
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         stops = list(self.cfg.stop_strings) + ([self.cfg.step_delimiter] if stop_at_step else [])
         if stops:
             kwargs.update(stop_strings=stops, tokenizer=tok)

@@ -1,8 +1,10 @@
 """The evaluation harness: run strategies at several budgets, grade, account, write and plot.
 
 For each (strategy, budget) the harness runs the strategy over the problems (in chunks of
-``problems_per_call``, seeded by (seed, budget, chunk) so any run is reproducible and independent of which
-other strategies ran), grades the chosen solution with ``rewards.verify.is_correct`` (the training
+``problems_per_call``; torch's generator, which resampling uses, is seeded by (seed, budget, chunk), and
+the engine samples each candidate from a random stream keyed by (seed, its prompt, its stream number):
+``Engine`` "Sampling"), so any run is reproducible, independent of which other strategies ran, and
+every strategy draws the same first samples of a problem (common random numbers); it grades the chosen solution with ``rewards.verify.is_correct`` (the training
 reward's verifier), and records the tokens each model processed and their FLOPs (:mod:`evaluator.flops`).
 
 Outputs in the run dir: ``results.jsonl`` (one row per problem, strategy and budget: chosen solution,
@@ -61,6 +63,7 @@ def run_strategy(name: str, problems: Sequence[dict], budgets: Sequence[int], en
     run = strategies.get(name)
     pshape = policy_shape(engine.model)
     rshape = prm_shape(prm.prm) if prm is not None and hasattr(prm.prm, "model") else ModelShape(0, 0, 0)
+    engine.seed = seed  # keys the candidates' random streams (engine.StreamSampling)
     rows, records = [], []
     bar = tqdm(total=len(budgets) * len(problems), desc=f"eval {label}", disable=None if progress else True,
                dynamic_ncols=True)

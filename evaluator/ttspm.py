@@ -526,7 +526,8 @@ def auto_best_of_n(problems, cap: int, engine, prm, cfg) -> list[list]:
     pools: list[list] = [[] for _ in problems]
 
     def draw(group: list[int], n: int) -> list[list[bool]]:
-        cands = engine.extend(problems, [Candidate(i) for i in group for _ in range(n)], stop_at_step=False)
+        cands = engine.extend(problems, [Candidate(i, stream=len(pools[i]) + k) for i in group for k in range(n)],
+                              stop_at_step=False)
         prm.score_candidates(problems, cands)
         flags = []
         for j, i in enumerate(group):
@@ -556,7 +557,8 @@ def sample_correctness(problems: Sequence[dict], engine, n: int, problems_per_ca
     bar = tqdm(total=len(problems), desc="pilots", disable=None if progress else True, dynamic_ncols=True)
     for start in range(0, len(problems), problems_per_call):
         chunk = list(problems[start:start + problems_per_call])
-        cands = engine.extend(chunk, [Candidate(i) for i in range(len(chunk)) for _ in range(n)], stop_at_step=False)
+        cands = engine.extend(chunk, [Candidate(i, stream=k) for i in range(len(chunk)) for k in range(n)],
+                              stop_at_step=False)
         for j, c in enumerate(cands):
             row = chunk[c.problem]
             out[start + c.problem, j % n] = is_correct(c.text, str(row["answer"]), row.get("answer_format", "boxed"))

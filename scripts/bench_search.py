@@ -3,7 +3,9 @@ filtering with the embedded policy and a trained PRM, on the arithmetic task.
 
 Default run (sized for a shared, busy 2-core CPU: about 30–40 minutes there): policy
 builtin:smollm2-135m-instruct, the first 12 held-out problems of `arith` with 3 one-digit operands and
-+ − (the task `frugal train-prm` trains its PRM on; the answer is read as the last number in the reply),
++ − (the task `frugal train-prm` trains its PRM on; graded on the stated answer, ``\boxed{…}``, the
+task's default format — ``--answer-format number`` reads the reply's last number instead, which grades a
+reply that stopped after its first equation by that intermediate result),
 prompted with 3 worked solutions as earlier chat turns (``--fewshot``, ``task.prompt.num_fewshot``) so that
 the policy writes one equation per step, the format the PRM was trained on (asked the bare question it
 writes prose that the PRM cannot judge, and every strategy is then a lottery),

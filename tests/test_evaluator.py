@@ -452,3 +452,77 @@ def test_frugal_eval_end_to_end_on_tiny_random(tmp_path, monkeypatch):
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(len(r["candidates"]) == r["budget"] for r in rows)
     assert (out / "accuracy_vs_flops.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------- per-candidate random streams
+
+def test_stream_sampling_draws_from_the_tempered_softmax():
+    """Inverse-transform sampling with a keyed uniform per row is an exact sampler: over many streams the
+    token frequencies match softmax(z / T), one (stream, position) always gives the same token, and only
+    that token is left finite for generate's argmax."""
+    from evaluator.engine import StreamSampling
+    from train.rollout import sampling_warpers
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    warp = sampling_warpers(EngineConfig(temperature=0.5))
+    n = 4000
+    sampler = StreamSampling(range(n), [0] * n, width=1, warpers=warp)
+    picks = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
+    freq = torch.bincount(picks, minlength=4).double() / n
+    assert torch.allclose(freq, torch.softmax(logits[0].double() / 0.5, 0), atol=0.025), freq
+    again = StreamSampling([7, 7], [3, 3], width=1, warpers=warp)(torch.zeros(2, 1, dtype=torch.long),
+                                                                    torch.randn(1, 4).expand(2, -1).clone())
+    assert again.argmax(-1)[0] == again.argmax(-1)[1] and torch.isfinite(again).sum() == 2
+    top1 = StreamSampling(range(50), [0] * 50, width=1, warpers=sampling_warpers(EngineConfig(top_k=1)))
+    assert (top1(torch.zeros(50, 1, dtype=torch.long), logits.expand(50, -1).clone()).argmax(-1) == 0).all()
+
+
+def test_engine_sample_depends_on_the_candidate_not_its_batch_or_split(tiny):
+    """A candidate's tokens come from its own stream: the same text alone or in a batch, written in one
+    call or continued after τ tokens (so early rejection's survivors are best-of-N's candidates); other
+    streams and forks write differently."""
+    model, tok = tiny
+    engine = Engine(model, tok, EngineConfig(max_new_tokens=12))
+    together = engine.extend(PROBLEMS, [Candidate(0, stream=0), Candidate(0, stream=1), Candidate(1, stream=0)],
+                             stop_at_step=False)
+    alone = engine.extend(PROBLEMS, [Candidate(1, stream=0)], stop_at_step=False)[0]
+    assert alone.text == together[2].text
+    assert together[0].text != together[1].text
+    prefix = engine.extend(PROBLEMS, [Candidate(0, stream=1)], max_tokens=5, stop_at_step=False)[0]
+    assert engine.extend(PROBLEMS, [prefix], stop_at_step=False)[0].text == together[1].text
+    forked = engine.extend(PROBLEMS, [prefix.fork(1)], stop_at_step=False)[0]
+    assert forked.text.startswith(prefix.text) and forked.text != together[1].text
+    engine.seed = 1  # another run seed: other samples
+    assert engine.extend(PROBLEMS, [Candidate(1, stream=0)], stop_at_step=False)[0].text != alone.text
+
+
+def test_early_rejection_that_rejects_nothing_is_best_of_n(tiny):
+    """Paired strategies on the real engine: early rejection keeping every candidate completes exactly
+    best-of-N's candidates and so picks the same solutions; best-of-N at 4 holds best-of-N at 2's samples."""
+    model, tok = tiny
+    engine = Engine(model, tok, EngineConfig(max_new_tokens=10))
+    prm = CountingPRM(FakePRM())
+    bon = get("best_of_n")(PROBLEMS, 4, engine, prm, _cfg())
+    er = get("early_rejection")(PROBLEMS, 4, engine, prm, _cfg(name="early_rejection", tau=3, rejection_rate=0.0))
+    for b, e in zip(bon, er):
+        assert [c.text for c in b.candidates] == [c.text for c in e.candidates]
+        assert b.chosen.text == e.chosen.text
+    smaller = get("best_of_n")(PROBLEMS, 2, engine, prm, _cfg())
+    for b, s in zip(bon, smaller):
+        assert [c.text for c in s.candidates] == [c.text for c in b.candidates[:2]]
+
+
+def test_resampled_duplicates_and_beam_children_fork_their_streams():
+    """Copies that must continue differently get streams of their own (identical streams on identical text
+    would write identical steps); the first copy of an ancestor keeps its stream."""
+    engine = FakeEngine(lambda call, k, c: 0.9 if k == 0 else 0.01, length=4)
+    engine.cfg.max_steps = 0  # one step: propagate, weight, resample
+    sw = smc(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()), _cfg(name="particle_filter", ess_threshold=1.0),
+             generator=torch.Generator().manual_seed(0))[0]
+    assert all(c.text.startswith("v=0.9") for c in sw.particles)  # all descend from particle 0
+    streams = [c.stream for c in sw.particles]
+    assert len(set(streams)) == 4 and 0 in streams
+    engine = FakeEngine(lambda call, k, c: [0.9, 0.1, 0.2, 0.3][k % 4], length=2)
+    get("beam")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()), _cfg(name="beam", beam_width=4))
+    children = engine.calls[1]["cands"]
+    assert len({c.text for c in children}) == 1 and len({c.stream for c in children}) == 4

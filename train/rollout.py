@@ -151,11 +151,12 @@ def sample(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, num_samples:
         cache = _shared_prompt_cache(model, ids, mask, num_samples) if ids.shape[1] > 1 else None
         ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
         return decode(model, ids, mask, cache, max_new, eos_token_ids(model, tokenizer), tokenizer.pad_token_id,
-                      None if greedy else _sampling_warpers(cfg), stop)
+                      None if greedy else sampling_warpers(cfg), stop)
 
 
-def _sampling_warpers(cfg: GenerationConfig):
-    """transformers' temperature / top-k / top-p logits warpers, in ``generate``'s order."""
+def sampling_warpers(cfg):
+    """transformers' temperature / top-k / top-p logits warpers, in ``generate``'s order (``cfg``: anything
+    with ``temperature``, ``top_k``, ``top_p``: a ``GenerationConfig`` or the evaluator's ``EngineConfig``)."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     warpers = LogitsProcessorList()

@@ -56,7 +56,7 @@ def beam_search(problems, budget, engine, prm, cfg, tau: Optional[int] = None) -
                 if c.finished:
                     done[c.problem].append(c)
             next_active = [c for c in next_active if not c.finished]
-        active = [child for c in next_active for child in [c] + [c.copy() for _ in range(children - 1)]]
+        active = [child for c in next_active for child in [c] + [c.fork(j) for j in range(1, children)]]
     results = []
     for p in range(n_problems):
         pool = done[p] or survivors[p]

@@ -24,8 +24,9 @@ class Result:
 
 
 def fresh(num_problems: int, n: int) -> list[Candidate]:
-    """``n`` empty candidates per problem, problem-major."""
-    return [Candidate(p) for p in range(num_problems) for _ in range(n)]
+    """``n`` empty candidates per problem, problem-major; the i-th of each problem samples from stream i
+    (the same in every strategy: ``Engine`` "Sampling")."""
+    return [Candidate(p, stream=i) for p in range(num_problems) for i in range(n)]
 
 
 def by_problem(cands: Sequence[Candidate], num_problems: int) -> list[list[Candidate]]:

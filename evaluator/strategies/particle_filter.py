@@ -87,13 +87,14 @@ class Swarm:
 
 
 def smc(problems, n: int, engine, prm, cfg, references: Optional[list[Optional[list[Candidate]]]] = None,
-        generator: Optional[torch.Generator] = None) -> list[Swarm]:
+        generator: Optional[torch.Generator] = None, first_stream: int = 0) -> list[Swarm]:
     """Run (conditional) SMC with ``n`` particles per problem. ``references[p]``, when given, is a
-    trajectory (the states after steps 1, 2, …) that occupies slot 0 of problem p throughout."""
+    trajectory (the states after steps 1, 2, …) that occupies slot 0 of problem p throughout. Particle i
+    starts on random stream ``first_stream + i`` (particle 0..n−1: best-of-N's candidates' streams)."""
     references = references or [None] * len(problems)
     resample = RESAMPLERS[cfg.resampling]
-    swarms = [Swarm([Candidate(p) for _ in range(n)], torch.zeros(n, dtype=torch.float64), [[] for _ in range(n)])
-              for p in range(len(problems))]
+    swarms = [Swarm([Candidate(p, stream=first_stream + i) for i in range(n)], torch.zeros(n, dtype=torch.float64),
+                    [[] for _ in range(n)]) for p in range(len(problems))]
     for t in range(engine.cfg.max_steps + 1):
         # 1. propagate every unfinished non-reference particle (one engine call for all problems)
         slots = [(p, i) for p, s in enumerate(swarms) for i, c in enumerate(s.particles)
@@ -122,7 +123,11 @@ def smc(problems, n: int, engine, prm, cfg, references: Optional[list[Optional[l
             if cfg.ess_threshold >= 1 or ess(w) < cfg.ess_threshold * n:
                 fixed = 1 if references[p] is not None else 0
                 ancestors = [0] * fixed + resample(w, n - fixed, generator).tolist()
-                s.particles = [s.particles[a].copy() for a in ancestors]
+                # an ancestor's first copy carries on as it was; its duplicates fork (else they would
+                # write the same next steps: every candidate samples from its own stream)
+                first = {a: i for i, a in reversed(list(enumerate(ancestors)))}
+                s.particles = [s.particles[a].copy() if first[a] == i else s.particles[a].fork(i)
+                               for i, a in enumerate(ancestors)]
                 s.histories = [list(s.histories[a]) for a in ancestors]
                 s.log_weights = torch.zeros(n, dtype=torch.float64)
                 s.resamples += 1

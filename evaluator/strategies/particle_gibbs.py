@@ -25,8 +25,8 @@ def run(problems, budget, engine, prm, cfg) -> list[Result]:
     n = max(2, budget // cfg.sweeps)
     references = [None] * len(problems)
     pools = [[] for _ in problems]
-    for _ in range(cfg.sweeps):
-        swarms = smc(problems, n, engine, prm, cfg, references)
+    for sweep in range(cfg.sweeps):  # each sweep's particles sample from streams of their own
+        swarms = smc(problems, n, engine, prm, cfg, references, first_stream=sweep * n)
         for p, s in enumerate(swarms):
             pools[p] += s.particles
             final = torch.tensor([logit(solution_score(c, cfg.aggregation)) / cfg.temperature for c in s.particles])
