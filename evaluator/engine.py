@@ -18,7 +18,7 @@ shared by the batch. The i-th fresh candidate of a problem has stream i in every
 must continue differently (a beam's child, a resampled duplicate) takes ``Candidate.fork``. So a
 candidate's text does not depend on its batch or on how its generation was split into calls, and
 strategies compared at one seed start from the same samples (common random numbers: their accuracy
-differences are paired, which is what a 48-problem benchmark can resolve).
+differences are paired and not blurred by independent sampling luck).
 
 Token accounting (:class:`Counts`, one per model; :mod:`evaluator.flops` turns them into FLOPs):
 

@@ -26,7 +26,9 @@ The 3-shot prompts share their first ~180 of ~193 tokens: the engine prefills th
 serving engine does; ``engine.shared_prefix_min_tokens``), so FLOPs measure the search, not re-reading
 the examples.
 
-Every strategy at every budget is measured in this run, with the same seeds. With 12 problems one
+Every strategy at every budget is measured in this run, with the same seed, and the engine samples each
+candidate from its own random stream (``evaluator.engine.StreamSampling``), so the comparisons are paired:
+early rejection's survivors are best-of-N's own candidates and particle filtering's first steps are theirs. With 12 problems one
 problem is ~8 accuracy points, so the accuracy deltas are noisy: scale up with --problems (and
 --budgets, --max-new-tokens) on a bigger machine.
 
@@ -63,6 +65,9 @@ def parse_args(argv=None):
     ap.add_argument("--fewshot", type=int, default=3,
                     help="worked examples before each question (task.prompt.num_fewshot; 0 = the bare question)")
     ap.add_argument("--problems", type=int, default=12)
+    ap.add_argument("--first", type=int, default=0,
+                    help="index of the first held-out problem: problems [first, first + problems); a development set "
+                         "for choosing settings is one the report does not use (e.g. --first 48 next to --problems 48)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--ops", nargs="+", default=["+", "-"])
     ap.add_argument("--operands", type=int, default=3)
@@ -116,7 +121,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = TaskConfig(name="arith", ops=list(args.ops), num_operands=args.operands, digits=1,
                       prompt=PromptConfig(answer_format=args.answer_format, num_fewshot=args.fewshot))
-    problems = load_task(task).test[:args.problems]
+    problems = load_task(task).test[args.first:args.first + args.problems]
     model, tok = load_model(ModelConfig(name_or_path=args.model, adapter=args.adapter), device)
     engine = Engine(model, tok, EngineConfig(max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
                                              max_step_tokens=args.max_step_tokens, temperature=args.temperature))
@@ -128,7 +133,7 @@ def main(argv=None) -> None:
     pf_overrides = {k: v for k, v in (("temperature", args.pf_temperature), ("ess_threshold", args.pf_ess),
                                       ("final", args.pf_final)) if v is not None}
     pf = SearchConfig(**pf_overrides)
-    print(f"task=arith operands={args.operands} ops={args.ops} (one digit) fewshot={args.fewshot} answer_format={args.answer_format} particle_filter: T={pf.temperature} "
+    print(f"task=arith problems {args.first}-{args.first + len(problems) - 1} of the test split, operands={args.operands} ops={args.ops} (one digit) fewshot={args.fewshot} answer_format={args.answer_format} particle_filter: T={pf.temperature} "
           f"ess_threshold={pf.ess_threshold} resampling={pf.resampling} final={pf.final}", flush=True)
     rows, records = [], []
     for name in args.strategies:
