@@ -176,8 +176,8 @@ class StreamSampling:
     rejection and the i-th first particle are the same sample, strategies differ by what they select, not by
     the luck of their draws, and a budget's candidates are the smaller budget's plus new ones. One number
     per row instead of a generator shared by the batch; a softmax and a cumulative sum cost less than
-    ``generate``'s multinomial (on a 2-core CPU, 64 rows × 49k tokens: ~25 ms against ~100 ms). A transformers ``LogitsProcessor`` that leaves only the drawn token
-    finite; ``generate`` then decodes greedily."""
+    ``generate``'s multinomial (2-core CPU, 64 rows × 49k tokens: ~25 ms against ~100 ms). A transformers
+    ``LogitsProcessor`` that leaves only the drawn token finite; ``generate`` then decodes greedily."""
 
     def __init__(self, keys: Sequence[int], starts: Sequence[int], width: int, warpers):
         self.keys, self.starts, self.width, self.warpers = list(keys), list(starts), width, warpers
@@ -268,7 +268,8 @@ class Engine:
         if stream is None:
             return int(torch.randint(0, 2**62, ()))
         if prompt not in self._prompt_keys:
-            self._prompt_keys[prompt] = int.from_bytes(hashlib.blake2b(prompt.encode(), digest_size=8).digest(), "little")
+            digest = hashlib.blake2b(prompt.encode(), digest_size=8).digest()
+            self._prompt_keys[prompt] = int.from_bytes(digest, "little")
         return mix(self.seed, self._prompt_keys[prompt], stream)
 
     def _prompt_ids(self, prompt: str) -> list[int]:

@@ -4,8 +4,9 @@ For each (strategy, budget) the harness runs the strategy over the problems (in 
 ``problems_per_call``; torch's generator, which resampling uses, is seeded by (seed, budget, chunk), and
 the engine samples each candidate from a random stream keyed by (seed, its prompt, its stream number):
 ``Engine`` "Sampling"), so any run is reproducible, independent of which other strategies ran, and
-every strategy draws the same first samples of a problem (common random numbers); it grades the chosen solution with ``rewards.verify.is_correct`` (the training
-reward's verifier), and records the tokens each model processed and their FLOPs (:mod:`evaluator.flops`).
+every strategy draws the same first samples of a problem (common random numbers); it grades the chosen
+solution with ``rewards.verify.is_correct`` (the training reward's verifier), and records the tokens
+each model processed and their FLOPs (:mod:`evaluator.flops`).
 
 Outputs in the run dir: ``results.jsonl`` (one row per problem, strategy and budget: chosen solution,
 predicted answer, correct, every candidate with its step scores and tokens), ``summary.json`` (one row per

@@ -28,9 +28,9 @@ the examples.
 
 Every strategy at every budget is measured in this run, with the same seed, and the engine samples each
 candidate from its own random stream (``evaluator.engine.StreamSampling``), so the comparisons are paired:
-early rejection's survivors are best-of-N's own candidates and particle filtering's first steps are theirs. With 12 problems one
-problem is ~8 accuracy points, so the accuracy deltas are noisy: scale up with --problems (and
---budgets, --max-new-tokens) on a bigger machine.
+early rejection's survivors are best-of-N's own candidates and particle filtering's first steps are
+theirs. With 12 problems one problem is ~8 accuracy points, so the accuracy deltas are noisy: scale up
+with --problems (and --budgets, --max-new-tokens) on a bigger machine.
 
 Prints one line per strategy and budget, the ratios, and last:
 

@@ -125,9 +125,11 @@ def smc(problems, n: int, engine, prm, cfg, references: Optional[list[Optional[l
                 ancestors = [0] * fixed + resample(w, n - fixed, generator).tolist()
                 # an ancestor's first copy carries on as it was; its duplicates fork (else they would
                 # write the same next steps: every candidate samples from its own stream)
-                first = {a: i for i, a in reversed(list(enumerate(ancestors)))}
-                s.particles = [s.particles[a].copy() if first[a] == i else s.particles[a].fork(i)
-                               for i, a in enumerate(ancestors)]
+                seen, particles = set(), []
+                for i, a in enumerate(ancestors):
+                    particles.append(s.particles[a].fork(i) if a in seen else s.particles[a].copy())
+                    seen.add(a)
+                s.particles = particles
                 s.histories = [list(s.histories[a]) for a in ancestors]
                 s.log_weights = torch.zeros(n, dtype=torch.float64)
                 s.resamples += 1
