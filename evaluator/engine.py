@@ -239,7 +239,7 @@ class Engine:
             prompt = self.prompt_text(problems[out[i].problem]["prompt"])
             partials.append(self._partial_ids(out[i]))
             items.append((prompt, self._prompt_ids(prompt)[-1:] + partials[-1]))
-            keys.append(self._stream_key(prompt, out[i].stream))
+            keys.append(None if greedy else self._stream_key(prompt, out[i].stream))  # greedy draws nothing
         # Rows of one prompt side by side (they share its prefill), similar lengths together (less padding).
         order = sorted(range(len(todo)), key=lambda k: (items[k][0], len(items[k][1])))
         for start in range(0, len(order), self.cfg.batch_size):
