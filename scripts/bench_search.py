@@ -122,6 +122,9 @@ def main(argv=None) -> None:
     task = TaskConfig(name="arith", ops=list(args.ops), num_operands=args.operands, digits=1,
                       prompt=PromptConfig(answer_format=args.answer_format, num_fewshot=args.fewshot))
     problems = load_task(task).test[args.first:args.first + args.problems]
+    if args.first < 0 or not problems:
+        sys.exit(f"bench_search: --first {args.first} --problems {args.problems} selects no held-out problem "
+                 f"(the test split has {len(load_task(task).test)})")
     model, tok = load_model(ModelConfig(name_or_path=args.model, adapter=args.adapter), device)
     engine = Engine(model, tok, EngineConfig(max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
                                              max_step_tokens=args.max_step_tokens, temperature=args.temperature))
