@@ -19,7 +19,9 @@ differ from the issue's defaults (τ = 64, beam width 4) because of the task, no
   scoring on top, costs ~0.6× its FLOPs: halving the compute takes the higher rate (``--rejection-rate``;
   a negative value keeps N // beam width);
 * beam search with beam width 4; particle filtering with T = 1, systematic resampling when ESS < N/2,
-  final answer = best final score (the `SearchConfig` defaults); greedy as the reference point.
+  answer = weighted majority of the final particles' scores (the `SearchConfig` defaults; the answer rule
+  was chosen on the development set ``--first 48``, see ``search.final``); greedy as the reference point.
+  Weighted best-of-N (the same answer rule on best-of-N's own candidates) is printed for reference.
 
 The 3-shot prompts share their first ~180 of ~193 tokens: the engine prefills that shared prefix once per
 (strategy, budget, chunk of problems) and each problem's own ~13 tokens over it (prefix caching, as a
@@ -102,6 +104,27 @@ def find_prm(path):
     return str(Path(found[-1]).parent)
 
 
+def weighted_best_of_n(records, problems, budget, aggregation) -> float:
+    """Accuracy of weighted best-of-N (answer = argmax_a of the summed solution scores) on the candidates
+    best-of-N drew at ``budget``: the same samples, picked by particle filtering's default answer rule."""
+    from evaluator.config import SearchConfig
+    from evaluator.engine import Candidate
+    from evaluator.strategies.best_of_n import select
+    from rewards.verify import is_correct
+
+    cfg = SearchConfig(name="best_of_n", weighted=True, aggregation=aggregation)
+    row_of = {row["id"]: row for row in problems}
+    right = []
+    for rec in records:
+        if rec["strategy"] != "best_of_n" or rec["budget"] != budget:
+            continue
+        row = row_of[rec["id"]]
+        group = [Candidate(0, c["text"], c["tokens"], c["finished"], list(c["scores"])) for c in rec["candidates"]]
+        chosen = select(group, [row], cfg).chosen
+        right.append(is_correct(chosen.text, str(row["answer"]), row.get("answer_format", "boxed")))
+    return sum(right) / max(1, len(right))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -176,6 +199,10 @@ def main(argv=None) -> None:
             metrics[key] = sum(deltas) / len(deltas)
             print(f"particle filtering vs {peer}: accuracy delta per N {[round(d, 1) for d in deltas]} points, "
                   f"generated-token ratio per N {[round(t, 2) for t in tokens]}")
+    if "best_of_n" in have:  # the answer rule of particle filtering's default, applied to best-of-N's pool
+        weighted = [weighted_best_of_n(records, problems, b, args.aggregation) for b in budgets]
+        print("weighted best-of-N (search.weighted=true, re-picked from the same candidates; not in the BENCH line): "
+              + " ".join(f"N={b}: {100 * a:.1f}%" for b, a in zip(budgets, weighted)))
     print("per budget: N | accuracy % (" + " ".join(s for s in args.strategies if s != "greedy")
           + ") | ER/BoN FLOPs | PF/BoN, PF/beam generated tokens")
     for b in budgets:

@@ -235,6 +235,22 @@ def test_particle_filter_weights_and_finished_particles_persist():
     assert hits / (4 * trials) == pytest.approx(9 / 9.75, abs=0.03)
 
 
+def test_particle_filter_answer_is_the_weighted_vote_by_default():
+    # Final particles: three agree on 7 with final scores 0.3 (sum 0.9), one says 9 with 0.8. The default
+    # answer (search.final=weighted_majority) is 7; final=best takes the single highest score, 9.
+    from evaluator.strategies.particle_filter import choose
+
+    pool = [Candidate(0, f"v={r}{DELIM}\\boxed{{{a}}}", finished=True, scores=[r])
+            for r, a in ((0.3, 7), (0.8, 9), (0.3, 7), (0.3, 7))]
+    assert SearchConfig().final == "weighted_majority"
+    assert choose(pool, BOXED, _cfg(name="particle_filter")).text.endswith("\\boxed{7}")
+    assert choose(pool, BOXED, _cfg(name="particle_filter", final="best")).text.endswith("\\boxed{9}")
+    # and 7 loses the vote once its summed score falls below 9's: 3 × 0.25 = 0.75 < 0.8
+    for c in pool:
+        c.scores = [0.25] if c.text.endswith("{7}") else c.scores
+    assert choose(pool, BOXED, _cfg(name="particle_filter")).text.endswith("\\boxed{9}")
+
+
 def test_particle_filter_drops_a_particle_that_finished_without_an_answer():
     # Particle 0 stops after one step scored 0.9 without stating an answer; the others go on to a boxed
     # answer with step scores 0.2. Weighted at r = 0, it is resampled away and never chosen.
