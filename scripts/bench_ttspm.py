@@ -207,20 +207,21 @@ def main(argv=None) -> dict:
     # fixed budget's and the difference in accuracy is what stopping early cost, not sampling noise.
     fixed = {n: float(correct[:, :n].any(1).mean()) for n in budgets if n <= correct.shape[1]}
     best_n = max(fixed, key=lambda n: (round(fixed[n], 9), -n))
-    rule = AutoBudget(fit.beta, args.eps, max_n=best_n, min_n=k)  # the conservative prior (see AutoBudget)
-    used = [k] * P  # samples read so far, per problem (the pilots first)
+    def auto(prior, eps):  # budget=auto over each problem's samples in draw order, from its pilots
+        used = [k] * P  # samples read so far, per problem (the pilots first)
 
-    def draw(group, n):  # the next n samples of each problem, in draw order
-        flags = []
-        for i in group:
-            flags.append([bool(x) for x in correct[i, used[i]:used[i] + n]])
-            used[i] += n
-        return flags
+        def draw(group, n):  # the next n samples of each listed problem
+            flags = []
+            for i in group:
+                flags.append([bool(x) for x in correct[i, used[i]:used[i] + n]])
+                used[i] += n
+            return flags
 
-    drawn, wins = adaptive_sampling(draw, rule, [k] * P, [int(x) for x in pilots.sum(1)], chunk=1)
-    used = [k] * P  # the same with the zero-inflated prior, for comparison
-    zi_rule = AutoBudget(fit.mixture, args.eps, max_n=best_n, min_n=k)
-    zi_drawn, zi_wins = adaptive_sampling(draw, zi_rule, [k] * P, [int(x) for x in pilots.sum(1)], chunk=1)
+        rule = AutoBudget(prior, eps, max_n=best_n, min_n=k)
+        return (rule, *adaptive_sampling(draw, rule, [k] * P, [int(x) for x in pilots.sum(1)], chunk=1))
+
+    rule, drawn, wins = auto(fit.beta, args.eps)  # the conservative prior (see AutoBudget)
+    zi_rule, zi_drawn, zi_wins = auto(fit.mixture, args.eps)  # the zero-inflated prior, for comparison
     print(f"(auto with the zero-inflated prior instead: accuracy {100 * np.mean([w > 0 for w in zi_wins]):.1f}% "
           f"with {sum(zi_drawn)} samples; failing problems stop after {zi_rule.budget_without_success()})")
     acc_auto = float(np.mean([w > 0 for w in wins]))
@@ -235,9 +236,7 @@ def main(argv=None) -> dict:
           f"written off early, {sum(w > 0 for w in wins)} stopped at their first verified success")
     sweep = []
     for eps in (0.005, 0.01, 0.02, 0.05, 0.1):  # the trade-off eps sets, on the same samples
-        used = [k] * P
-        r = AutoBudget(fit.beta, eps, max_n=best_n, min_n=k)
-        d, w = adaptive_sampling(draw, r, [k] * P, [int(x) for x in pilots.sum(1)], chunk=1)
+        r, d, w = auto(fit.beta, eps)
         sweep.append(f"eps={eps:g}: {100 * (np.mean([x > 0 for x in w]) - acc_fixed):+.2f} points, "
                      f"{sum(d) / samples_fixed:.3f}x samples (fails stop after {r.budget_without_success()})")
     print("auto vs fixed by eps: " + "; ".join(sweep))
