@@ -520,6 +520,7 @@ def auto_best_of_n(problems, cap: int, engine, prm, cfg) -> list[list]:
     below ``cfg.auto_eps``, or until ``cap`` samples. The (plain) Beta prior is fitted on a first round of
     ``cfg.auto_pilots`` samples for every problem (their PRM-verified counts), so no separate pilot run is
     needed. Returns the candidates per problem (the caller selects among them as usual)."""
+    from evaluator.config import SearchConfig
     from evaluator.engine import Candidate
     from evaluator.strategies.common import solution_score
 
@@ -541,7 +542,7 @@ def auto_best_of_n(problems, cap: int, engine, prm, cfg) -> list[list]:
     wins = [sum(f) for f in draw(list(range(len(problems))), pilots)]
     # One problem cannot inform a population prior: fall back to the uniform Beta(1, 1).
     prior = fit_beta(wins, pilots) if len(problems) > 1 else BetaFit(1.0, 1.0)
-    rule = AutoBudget(prior, float(getattr(cfg, "auto_eps", 0.005)), cap, min_n=pilots)
+    rule = AutoBudget(prior, float(getattr(cfg, "auto_eps", SearchConfig.auto_eps)), cap, min_n=pilots)
     adaptive_sampling(draw, rule, [pilots] * len(problems), wins, chunk=int(getattr(cfg, "auto_chunk", 2)))
     return pools
 

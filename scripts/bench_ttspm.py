@@ -60,6 +60,8 @@ from train.checkpoint import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv=None):
+    from evaluator.config import SearchConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--adapter", default=None)
@@ -69,7 +71,7 @@ def parse_args(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--bootstrap", type=int, default=50, help="bootstrap resamples of the problems")
     ap.add_argument("--form", default="beta", choices=list(FORMS), help="the headline forecast form")
-    ap.add_argument("--eps", type=float, default=0.005,
+    ap.add_argument("--eps", type=float, default=SearchConfig.auto_eps,
                     help="auto budget: smallest worthwhile gain per sample (search.auto_eps)")
     ap.add_argument("--task", default="multiply", choices=["arith", "multiply"],
                     help="generated task: multiply (a * b; a has --digits digits, b --digits-b) or arith (a op b ...)")
@@ -90,7 +92,10 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="run dir (default outputs/bench_ttspm/<time>)")
     ap.add_argument("--load", default=None, help="samples.json of an earlier run: skip sampling")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.problems < 0:
+        ap.error(f"--problems must be >= 0 (0 = every problem of the split), got {args.problems}")
+    return args
 
 
 def load_problems(args) -> list[dict]:
@@ -205,8 +210,9 @@ def main(argv=None) -> dict:
     # (pilots, then the pool). In the evaluator, best-of-N at N samples streams 0..N-1 and budget=auto
     # streams 0.. until it stops (evaluator.ttspm.auto_best_of_n), so auto's samples are a prefix of the
     # fixed budget's and the difference in accuracy is what stopping early cost, not sampling noise.
-    fixed = {n: float(correct[:, :n].any(1).mean()) for n in budgets if n <= correct.shape[1]}
+    fixed = {n: float(correct[:, :n].any(1).mean()) for n in budgets}
     best_n = max(fixed, key=lambda n: (round(fixed[n], 9), -n))
+
     def auto(prior, eps):  # budget=auto over each problem's samples in draw order, from its pilots
         used = [k] * P  # samples read so far, per problem (the pilots first)
 
