@@ -564,15 +564,14 @@ def sample_correctness(problems: Sequence[dict], engine, n: int, problems_per_ca
     ``engine.counts``) and grade each with the training verifier; returns a bool array [problems, n]."""
     from tqdm.auto import tqdm
 
-    from evaluator.engine import Candidate
+    from evaluator.strategies.common import fresh
     from rewards.verify import is_correct
 
     out = np.zeros((len(problems), n), dtype=bool)
     bar = tqdm(total=len(problems), desc="pilots", disable=None if progress else True, dynamic_ncols=True)
     for start in range(0, len(problems), problems_per_call):
         chunk = list(problems[start:start + problems_per_call])
-        cands = engine.extend(chunk, [Candidate(i, stream=k) for i in range(len(chunk)) for k in range(n)],
-                              stop_at_step=False)
+        cands = engine.extend(chunk, fresh(len(chunk), n), stop_at_step=False)
         for j, c in enumerate(cands):
             row = chunk[c.problem]
             out[start + c.problem, j % n] = is_correct(c.text, str(row["answer"]), row.get("answer_format", "boxed"))
