@@ -1,5 +1,5 @@
 """Compute-accounted evaluation: one generation engine, PRM-guided search strategies, a harness.
 
-See :mod:`evaluator.engine` (generation + token accounting), :mod:`evaluator.flops`,
-:mod:`evaluator.strategies` and :mod:`evaluator.harness` (``frugal eval``).
+See :mod:`frugal.evaluator.engine` (generation + token accounting), :mod:`frugal.evaluator.flops`,
+:mod:`frugal.evaluator.strategies` and :mod:`frugal.evaluator.harness` (``frugal eval``).
 """

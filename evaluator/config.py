@@ -7,11 +7,11 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
-from evaluator.engine import EngineConfig
-from tasks.config import TaskConfig
-from train.config import LoggerConfig
-from train.models import ModelConfig
-from train.prm import AGGREGATIONS
+from frugal.evaluator.engine import EngineConfig
+from frugal.tasks.config import TaskConfig
+from frugal.train.config import LoggerConfig
+from frugal.train.models import ModelConfig
+from frugal.train.prm import AGGREGATIONS
 
 STRATEGIES = ("greedy", "majority", "best_of_n", "beam", "early_rejection", "particle_filter", "particle_gibbs", "ssr")
 NEEDS_PRM = ("best_of_n", "beam", "early_rejection", "particle_filter", "particle_gibbs")

@@ -20,7 +20,7 @@ candidate's text does not depend on its batch or on how its generation was split
 strategies compared at one seed start from the same samples (common random numbers: their accuracy
 differences are paired and not blurred by independent sampling luck).
 
-Token accounting (:class:`Counts`, one per model; :mod:`evaluator.flops` turns them into FLOPs):
+Token accounting (:class:`Counts`, one per model; :mod:`frugal.evaluator.flops` turns them into FLOPs):
 
 * ``prefill`` — tokens encoded before generating: each distinct prompt once (shared by all candidates
   of that problem, across calls), plus each row's last prompt token and partial solution per call;
@@ -44,9 +44,9 @@ step. It encodes the token ids this engine sampled for the candidate (``Candidat
 re-tokenised, which would not round-trip (:meth:`Engine._partial_ids`). ``summary.json`` reports prefill and generated tokens
 separately.
 
-:class:`CountingPRM` wraps a PRM (``train.prm.PRM`` or anything with the same ``score`` /
+:class:`CountingPRM` wraps a PRM (``frugal.train.prm.PRM`` or anything with the same ``score`` /
 ``score_partial`` API) and keeps the same counts for it, from the PRM's own ``last_tokens`` and
-``last_attention`` (what it ran: ``train.prm.PRM.score`` runs each distinct prompt once per call and
+``last_attention`` (what it ran: ``frugal.train.prm.PRM.score`` runs each distinct prompt once per call and
 every solution's step tokens over that prompt's KV cache); for a PRM without ``last_attention``, from
 the encoded lengths as if each full sequence were run.
 """
@@ -60,8 +60,8 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
-from train.prm import split_steps
-from train.rollout import eos_token_ids, sampling_warpers
+from frugal.train.prm import split_steps
+from frugal.train.rollout import eos_token_ids, sampling_warpers
 
 
 @dataclass
@@ -169,7 +169,7 @@ class StreamSampling:
         y_t = min{ v : Σ_{w ≤ v} π_t(w) ≥ u_t },   π_t = softmax(warp(z_t)),   u_t = mix(stream key, t) / 2⁶³
 
     is an exact draw from π_t (u_t is uniform on [0, 1)), where ``warp`` is generate's temperature /
-    top-k / top-p (``train.rollout.sampling_warpers``). Because u_t depends only on the candidate's stream
+    top-k / top-p (``frugal.train.rollout.sampling_warpers``). Because u_t depends only on the candidate's stream
     and position, a candidate writes the same tokens whatever else shares its batch and however its
     generation is split into calls: common random numbers (the quantile coupling; Glasserman 2004,
     "Monte Carlo Methods in Financial Engineering", §4.2), so the i-th candidate of best-of-N, of early
@@ -453,7 +453,7 @@ class Engine:
 # ---------------------------------------------------------------------- the PRM side
 
 class PRMLike(Protocol):
-    """What the evaluator needs from a PRM (``train.prm.PRM`` satisfies it)."""
+    """What the evaluator needs from a PRM (``frugal.train.prm.PRM`` satisfies it)."""
 
     def score(self, prompts: Sequence[Any], steps_batch: Sequence[Sequence[str]]) -> list[list[float]]: ...
 

@@ -12,7 +12,7 @@ processed tokens:
 
     FLOPs = 2·N·(prefill + decode) + 2·N_head·(decode + scored) + 2·n_layer·d_attn·Σ c
 
-with Σ c = ``Counts.attention`` from :mod:`evaluator.engine`. The LM head runs only for generated
+with Σ c = ``Counts.attention`` from :mod:`frugal.evaluator.engine`. The LM head runs only for generated
 tokens: ``generate`` keeps the logits of the last position of a prefill only (``logits_to_keep=1``), and
 that position's logits are the first generated token's. ``scored`` counts prefill tokens whose logits are
 computed as well (SSR's target verification of a drafted step). (For SmolLM2-135M the tied head is 28M of its
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from evaluator.engine import Counts
+from frugal.evaluator.engine import Counts
 
 
 @dataclass
@@ -72,7 +72,7 @@ def policy_shape(model) -> ModelShape:
 
 
 def prm_shape(prm) -> ModelShape:
-    """Shape of a ``train.prm.PRM`` (or anything with ``model`` and ``num_nonembedding_parameters``): the
+    """Shape of a ``frugal.train.prm.PRM`` (or anything with ``model`` and ``num_nonembedding_parameters``): the
     decoder blocks (LoRA factors included) and the scoring head; the LM head (N_head) only for a PRM with
     ``logprob_features``, which runs it on every step token (only its candidate rows: ``PRM.lm_head_rows``)."""
     base, config = _hf_config(prm.model)

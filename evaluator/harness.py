@@ -5,8 +5,8 @@ For each (strategy, budget) the harness runs the strategy over the problems (in 
 the engine samples each candidate from a random stream keyed by (seed, its prompt, its stream number):
 ``Engine`` "Sampling"), so any run is reproducible, independent of which other strategies ran, and
 every strategy draws the same first samples of a problem (common random numbers); it grades the chosen
-solution with ``rewards.verify.is_correct`` (the training reward's verifier), and records the tokens
-each model processed and their FLOPs (:mod:`evaluator.flops`).
+solution with ``frugal.rewards.verify.is_correct`` (the training reward's verifier), and records the tokens
+each model processed and their FLOPs (:mod:`frugal.evaluator.flops`).
 
 Outputs in the run dir: ``results.jsonl`` (one row per problem, strategy and budget: chosen solution,
 predicted answer, correct, every candidate with its step scores and tokens), ``summary.json`` (one row per
@@ -25,12 +25,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from evaluator import strategies
-from evaluator.engine import Counts, CountingPRM, Engine
-from evaluator.flops import ModelShape, policy_shape, prm_shape
-from evaluator.strategies.common import answer_of, solution_score
-from rewards.verify import is_correct
-from train.checkpoint import atomic_write_text
+from frugal.evaluator import strategies
+from frugal.evaluator.engine import Counts, CountingPRM, Engine
+from frugal.evaluator.flops import ModelShape, policy_shape, prm_shape
+from frugal.evaluator.strategies.common import answer_of, solution_score
+from frugal.rewards.verify import is_correct
+from frugal.train.checkpoint import atomic_write_text
 
 log = logging.getLogger("frugal.eval")
 
@@ -156,8 +156,8 @@ def plot(rows: Sequence[Row], run_dir: Path) -> list[Path]:
 # ---------------------------------------------------------------------- the `frugal eval` entry
 
 def load_problems(cfg) -> list[dict]:
-    from rewards.verify import validate_gold_answers
-    from tasks import load_task
+    from frugal.rewards.verify import validate_gold_answers
+    from frugal.tasks import load_task
 
     data = load_task(cfg.task)
     problems = data.test if cfg.split == "test" else data.train
@@ -173,9 +173,9 @@ def prepare(cfg, run_dir: Path):
     secrets removed, the problems and the policy's engine. Returns (run_dir, device, config, problems, engine)."""
     from omegaconf import OmegaConf
 
-    from train.config import scrub_secrets
-    from train.models import load_model
-    from train.runtime import device_from
+    from frugal.train.config import scrub_secrets
+    from frugal.train.models import load_model
+    from frugal.train.runtime import device_from
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,14 +190,14 @@ def prepare(cfg, run_dir: Path):
 
 
 def evaluate(cfg, run_dir: Path) -> dict:
-    """Everything ``frugal eval`` does, given a validated :class:`evaluator.config.EvalConfig`."""
+    """Everything ``frugal eval`` does, given a validated :class:`frugal.evaluator.config.EvalConfig`."""
 
-    from train.tracking import Tracker
+    from frugal.train.tracking import Tracker
 
     run_dir, device, config_dict, problems, engine = prepare(cfg, run_dir)
     prm = None
     if cfg.prm_path:
-        from train.prm import load_prm
+        from frugal.train.prm import load_prm
 
         prm = CountingPRM(load_prm(cfg.prm_path, device))
     budgets = [1] if cfg.search.name == "greedy" else list(cfg.search.budgets)

@@ -531,9 +531,9 @@ def auto_best_of_n(problems, cap: int, engine, prm, cfg) -> list[list]:
     below ``cfg.auto_eps``, or until ``cap`` samples. The (plain) Beta prior is fitted on a first round of
     ``cfg.auto_pilots`` samples for every problem (their PRM-verified counts), so no separate pilot run is
     needed. Returns the candidates per problem (the caller selects among them as usual)."""
-    from evaluator.config import SearchConfig
-    from evaluator.engine import Candidate
-    from evaluator.strategies.common import solution_score
+    from frugal.evaluator.config import SearchConfig
+    from frugal.evaluator.engine import Candidate
+    from frugal.evaluator.strategies.common import solution_score
 
     threshold = float(getattr(cfg, "auto_threshold", 0.5))
     pilots = max(1, min(int(getattr(cfg, "auto_pilots", 4)), cap))
@@ -564,8 +564,8 @@ def sample_correctness(problems: Sequence[dict], engine, n: int, problems_per_ca
     ``engine.counts``) and grade each with the training verifier; returns a bool array [problems, n]."""
     from tqdm.auto import tqdm
 
-    from evaluator.strategies.common import fresh
-    from rewards.verify import is_correct
+    from frugal.evaluator.strategies.common import fresh
+    from frugal.rewards.verify import is_correct
 
     out = np.zeros((len(problems), n), dtype=bool)
     bar = tqdm(total=len(problems), desc="pilots", disable=None if progress else True, dynamic_ncols=True)

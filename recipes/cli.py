@@ -1,6 +1,6 @@
 """``frugal <recipe> [hydra overrides]`` — one command, one Hydra entry point per recipe.
 
-Each recipe is also runnable as ``python -m recipes.<module>``; this file only dispatches.
+Each recipe is also runnable as ``python -m frugal.recipes.<module>``; this file only dispatches.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import importlib
 import sys
 
 RECIPES = {
-    "train": ("recipes.train", "RL fine-tuning of a LoRA adapter (S-GRPO, T-SPMO, GRPO)"),
-    "eval": ("recipes.eval", "Compute-accounted evaluation: greedy, majority, best-of-N, beam, early rejection, particle filtering"),
-    "export": ("recipes.export", "Adapter / merged model / PRM folder with a model card; push to the Hub"),
-    "plan": ("recipes.plan", "TTSPM test-time budget planner: predicted accuracy vs samples N, saturation N*"),
-    "train-prm": ("recipes.train_prm", "Train a lightweight process reward model (LoRA + step head)"),
-    "label-prm": ("recipes.label_prm", "Monte-Carlo step labels (Math-Shepherd) for PRM training"),
+    "train": ("frugal.recipes.train", "RL fine-tuning of a LoRA adapter (S-GRPO, T-SPMO, GRPO)"),
+    "eval": ("frugal.recipes.eval", "Compute-accounted evaluation: greedy, majority, best-of-N, beam, early rejection, particle filtering"),
+    "export": ("frugal.recipes.export", "Adapter / merged model / PRM folder with a model card; push to the Hub"),
+    "plan": ("frugal.recipes.plan", "TTSPM test-time budget planner: predicted accuracy vs samples N, saturation N*"),
+    "train-prm": ("frugal.recipes.train_prm", "Train a lightweight process reward model (LoRA + step head)"),
+    "label-prm": ("frugal.recipes.label_prm", "Monte-Carlo step labels (Math-Shepherd) for PRM training"),
 }
 
 USAGE = """usage: frugal <recipe> [hydra overrides...] [--help] [--cfg job]

@@ -5,7 +5,7 @@ for accuracy *and* the compute it cost (tokens and FLOPs per model). See ``evalu
     frugal eval search=majority search.budgets=[1,4,16] limit=50
     frugal eval prm_path=outputs/train_prm/<date>/<time>/final search=particle_filter search.budgets=[4,8,16]
     frugal eval model.adapter=outputs/train/<date>/<time>/final prm_path=… search=early_rejection search.tau=32
-    python -m recipes.eval --cfg job                                # print the composed config
+    python -m frugal.recipes.eval --cfg job                                # print the composed config
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import hydra
-from train.runtime import default_run_dir
+from frugal.conf import CONF_DIR
+from frugal.train.runtime import default_run_dir
 from omegaconf import DictConfig
 
-from evaluator.config import EvalConfig, register_configs
-from evaluator.harness import evaluate
-from train.config import to_config
+from frugal.evaluator.config import EvalConfig, register_configs
+from frugal.evaluator.harness import evaluate
+from frugal.train.config import to_config
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see recipes/train.py
 register_configs()
 
 

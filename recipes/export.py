@@ -14,18 +14,18 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
+
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from train.config import to_config
-from train.export import ExportConfig, export
+from frugal.conf import CONF_DIR
+from frugal.train.config import to_config
+from frugal.train.export import ExportConfig, export
 
 log = logging.getLogger("frugal.export")
 # Absolute, for the same reason as recipes/train.py (console scripts and the namespace package `conf`).
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 

@@ -7,7 +7,7 @@ gold answer (``label=soft``, Math-Shepherd's SE) or whether any does (``label=ha
 is labelled by the sampled solution's own final answer. Output: stepwise JSONL (``prompt``,
 ``completions``, ``labels``) that ``frugal train-prm data.paths=[...]`` reads.
 
-Batched (all prefixes of a batch of problems in one ``train.rollout.generate`` call) and resumable: rows
+Batched (all prefixes of a batch of problems in one ``frugal.train.rollout.generate`` call) and resumable: rows
 are appended per batch, and a rerun skips the problems already in the output file.
 
     frugal label-prm task=arith max_problems=200 rollouts=8 output=labels.jsonl
@@ -29,18 +29,18 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from train.runtime import default_run_dir, device_from, seed_everything
-from rewards.verify import is_correct
-from tasks import load_task
-from tasks.config import TaskConfig
-from train.checkpoint import atomic_write_text
-from train.config import scrub_secrets, to_config
-from train.models import ModelConfig
-from train.prm import PRMConfig, split_steps
-from train.rollout import GenerationConfig
+from frugal.conf import CONF_DIR
+from frugal.train.runtime import default_run_dir, device_from, seed_everything
+from frugal.rewards.verify import is_correct
+from frugal.tasks import load_task
+from frugal.tasks.config import TaskConfig
+from frugal.train.checkpoint import atomic_write_text
+from frugal.train.config import scrub_secrets, to_config
+from frugal.train.models import ModelConfig
+from frugal.train.prm import PRMConfig, split_steps
+from frugal.train.rollout import GenerationConfig
 
 log = logging.getLogger("frugal.label_prm")
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Policy(Protocol):
 
 
 class HFPolicy:
-    """A causal LM sampled with :func:`train.rollout.generate`. A step prefix is passed as a final
+    """A causal LM sampled with :func:`frugal.train.rollout.generate`. A step prefix is passed as a final
     assistant message that the chat template continues (``continue_final_message``), so the completion
     picks up exactly where the prefix ends."""
 
@@ -93,13 +93,13 @@ class HFPolicy:
         self.model, self.tokenizer, self.gen_cfg = model, tokenizer, gen_cfg
 
     def sample(self, prompts, n):
-        from train.rollout import generate
+        from frugal.train.rollout import generate
 
         texts = generate(self.model, self.tokenizer, list(prompts), self.gen_cfg, num_samples=n).texts
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def complete(self, prompts, prefixes, n):
-        from train.rollout import generate
+        from frugal.train.rollout import generate
 
         chats = [list(p) + [{"role": "assistant", "content": prefix}] for p, prefix in zip(prompts, prefixes)]
         texts = generate(self.model, _ContinueFinalMessage(self.tokenizer), chats, self.gen_cfg, num_samples=n).texts
@@ -197,7 +197,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None, policy: Optional[Polic
     todo = [r for r in rows if r["id"] not in done]
     log.info("label-prm: %d problems, %d already labelled in %s", len(rows), len(rows) - len(todo), output)
     if policy is None and todo:
-        from train.models import load_model
+        from frugal.train.models import load_model
 
         model, tok = load_model(cfg.model, device_from(cfg.device))
         policy = HFPolicy(model, tok, cfg.generation)

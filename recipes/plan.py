@@ -8,7 +8,7 @@ coverage F(N) with the saturation budget N* (smallest N whose next sample gains 
     frugal plan                                         # embedded SmolLM2, arithmetic, 4 pilots, 100 problems
     frugal plan pilots=8 eps=0.005 limit=200 model.adapter=outputs/train/<date>/<time>/final
     frugal plan task=gsm8k model=qwen2_5_0_5b engine.max_new_tokens=384
-    python -m recipes.plan --cfg job                    # print the composed config
+    python -m frugal.recipes.plan --cfg job                    # print the composed config
 
 F(N) is coverage (an oracle verifier picks a correct sample when there is one, the paper's Hit@N):
 an upper bound for best-of-N with a PRM and for majority voting at the same N.
@@ -30,16 +30,16 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from evaluator.engine import EngineConfig
-from evaluator.ttspm import FORMS, TTSPM, pass_at_n, sample_correctness
-from tasks.config import TaskConfig
-from train.checkpoint import atomic_write_text
-from train.config import to_config
-from train.models import ModelConfig
-from train.runtime import default_run_dir
+from frugal.conf import CONF_DIR
+from frugal.evaluator.engine import EngineConfig
+from frugal.evaluator.ttspm import FORMS, TTSPM, pass_at_n, sample_correctness
+from frugal.tasks.config import TaskConfig
+from frugal.train.checkpoint import atomic_write_text
+from frugal.train.config import to_config
+from frugal.train.models import ModelConfig
+from frugal.train.runtime import default_run_dir
 
 log = logging.getLogger("frugal.plan")
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: see recipes/train.py
 
 
 @dataclass
@@ -85,7 +85,7 @@ ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
 
 def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     # ------------------------------------------------------------------ setup
-    from evaluator.harness import prepare
+    from frugal.evaluator.harness import prepare
 
     cfg: PlanConfig = to_config(raw_cfg, PlanConfig)
     run_dir = default_run_dir("plan", run_dir, cfg.output_dir)

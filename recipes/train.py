@@ -7,8 +7,8 @@ log, checkpoint} → evaluate → save. Components are chosen by config (``conf/
     frugal train algo=grpo task=svamp model=qwen2_1_5b
     frugal train recipe=tspmo_multiply            # T-SPMO on multiplication, sized for 2 CPU cores
     frugal train recipe=demo                      # what `make demo` runs
-    python -m recipes.train --cfg job             # print the composed config
-    accelerate launch --config_file conf/accelerate/ddp.yaml -m recipes.train ...   # data parallel
+    python -m frugal.recipes.train --cfg job             # print the composed config
+    accelerate launch --config_file conf/accelerate/ddp.yaml -m frugal.recipes.train ...   # data parallel
 """
 
 from __future__ import annotations
@@ -25,26 +25,24 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rewards.combine import Rewards, build_reward_model
-from rewards.verify import validate_gold_answers
-from tasks import load_task
-from train.advantages import group_advantages
-from train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from train.config import TrainConfig, register_configs, scrub_secrets, to_config
-from train import distributed as dist
-from train.evaluation import greedy_accuracy
-from train.models import apply_lora, load_model
-from train.policy_loss import clipped_pg_loss, reference_logprobs, selected_logprobs
-from train.rollout import generate
-from train.runtime import batch_for_step, device_from, make_scheduler, resolve_run_dir, seed_everything
-from train.token_selection import Selection, select_all, select_stochastic
-from train.tspmo import replay_rollout, select_prefix_matching
-from train.tracking import Tracker
+from frugal.conf import CONF_DIR
+from frugal.rewards.combine import Rewards, build_reward_model
+from frugal.rewards.verify import validate_gold_answers
+from frugal.tasks import load_task
+from frugal.train.advantages import group_advantages
+from frugal.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from frugal.train.config import TrainConfig, register_configs, scrub_secrets, to_config
+from frugal.train import distributed as dist
+from frugal.train.evaluation import greedy_accuracy
+from frugal.train.models import apply_lora, load_model
+from frugal.train.policy_loss import clipped_pg_loss, reference_logprobs, selected_logprobs
+from frugal.train.rollout import generate
+from frugal.train.runtime import batch_for_step, device_from, make_scheduler, resolve_run_dir, seed_everything
+from frugal.train.token_selection import Selection, select_all, select_stochastic
+from frugal.train.tspmo import replay_rollout, select_prefix_matching
+from frugal.train.tracking import Tracker
 
 log = logging.getLogger("frugal.train")
-# An absolute path: Hydra resolves a relative one through importlib.resources when the recipe runs as a
-# console script, which fails for the namespace package `conf`.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
 
 
@@ -91,7 +89,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
                       enabled=main)
     sampler = None
     if cfg.generation.backend == "vllm":  # GPU: vLLM samples the training completions (train/rollout.py)
-        from train.rollout import VLLMSampler
+        from frugal.train.rollout import VLLMSampler
 
         sampler = VLLMSampler(model, tokenizer, accelerator, cfg.generation)
 

@@ -9,7 +9,7 @@ batch — the objective of TRL's ``PRMTrainer`` and Math-Shepherd (Wang et al., 
     frugal train-prm                                   # exact labels on arithmetic chains, <= 9.5 min (max_minutes)
     frugal train-prm data.paths=[labels.jsonl] data.generated=false   # Monte-Carlo labels from label-prm
     frugal train-prm prm=newline model=tiny_random max_steps=5
-    python -m recipes.train_prm --cfg job              # print the composed config
+    python -m frugal.recipes.train_prm --cfg job              # print the composed config
 """
 
 from __future__ import annotations
@@ -28,20 +28,20 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from train.runtime import batch_for_step, device_from, make_scheduler, resolve_run_dir, seed_everything
-from tasks import load_task
-from tasks.config import TaskConfig
-from tasks.rows import in_test_split
-from train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from train.config import LoggerConfig, OptimConfig, scrub_secrets, to_config
-from train.models import LoraConfig, ModelConfig
-from train.prm import (HEAD_FILE, PROMPT_SUFFIX, PRM, PRMConfig, auroc, build_prm, collate, first_error_index,
+from frugal.conf import CONF_DIR
+from frugal.train.runtime import batch_for_step, device_from, make_scheduler, resolve_run_dir, seed_everything
+from frugal.tasks import load_task
+from frugal.tasks.config import TaskConfig
+from frugal.tasks.rows import in_test_split
+from frugal.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from frugal.train.config import LoggerConfig, OptimConfig, scrub_secrets, to_config
+from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.prm import (HEAD_FILE, PROMPT_SUFFIX, PRM, PRMConfig, auroc, build_prm, collate, first_error_index,
                        prompt_text, step_metrics)
-from train.prm_data import equation_drills, generated_examples, load_stepwise
-from train.tracking import Tracker
+from frugal.train.prm_data import equation_drills, generated_examples, load_stepwise
+from frugal.train.tracking import Tracker
 
 log = logging.getLogger("frugal.train_prm")
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @dataclass
@@ -350,7 +350,7 @@ def train_step(prm: PRM, optimizer, batch: list[tuple], max_grad_norm: float, mi
 
 
 def evaluate(prm: PRM, examples: list[dict]) -> dict:
-    """Held-out step accuracy, step AUROC and first-error F1 (see :func:`train.prm.step_metrics`)."""
+    """Held-out step accuracy, step AUROC and first-error F1 (see :func:`frugal.train.prm.step_metrics`)."""
     if not examples:
         return {}
     scores = prm.score([e["prompt"] for e in examples], [e["completions"] for e in examples])

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rewards.functions import BUILTIN, completion_text
+from frugal.rewards.functions import BUILTIN, completion_text
 
 
 @dataclass

@@ -3,14 +3,14 @@
 ``completions`` are TRL-style: a list of chat messages per sample (``[{"role": "assistant", "content":
 …}]``) or plain strings. Dataset columns (``answer``, ``answer_format``…) arrive as keyword lists, one
 value per sample; a scalar keyword applies to every sample. Any TRL reward function can be used the same
-way (see :mod:`rewards.combine`).
+way (see :mod:`frugal.rewards.combine`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from rewards.verify import extract_answer, is_correct
+from frugal.rewards.verify import extract_answer, is_correct
 
 
 def completion_text(completion: Any) -> str:

@@ -1,6 +1,6 @@
 """T-SPMO vs S-GRPO vs full-token GRPO on the embedded SmolLM2-135M: cost per step and accuracy.
 
-For each task, seed and algorithm, one ``frugal train`` run (``recipes.train.run``) in its own child
+For each task, seed and algorithm, one ``frugal train`` run (``frugal.recipes.train.run``) in its own child
 process, so peak RSS is per algorithm; all runs share seeds, prompts, model, LoRA and generation settings
 and differ only in ``algo=``. Reported per algorithm: fraction of completion tokens in the loss, seconds
 per step (mean over steps 2.., step 1 warms up), peak RSS of the child, held-out greedy accuracy after the
@@ -51,8 +51,8 @@ def child(spec: dict) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from recipes.train import CONF_DIR, run
-    from train.tracking import read_jsonl
+    from frugal.recipes.train import CONF_DIR, run
+    from frugal.train.tracking import read_jsonl
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=spec["overrides"])
@@ -81,7 +81,7 @@ def child(spec: dict) -> dict:
 
 def run_child(overrides: list[str], run_dir: Path, timeout: float, threads: int) -> dict:
     spec = json.dumps({"overrides": overrides, "run_dir": str(run_dir)})
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false",
+    env = dict(os.environ, WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false",
                OMP_NUM_THREADS=str(threads))
     proc = subprocess.run([sys.executable, __file__, "--child", spec], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -135,7 +135,7 @@ def main() -> None:
     results["summary"] = summary
     results["minutes"] = (time.time() - started) / 60
     print_table(summary)
-    from train.checkpoint import atomic_write_text
+    from frugal.train.checkpoint import atomic_write_text
 
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,17 +29,15 @@ import argparse
 import dataclasses
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from frugal.conf import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 TAUS = (16, 32, 64)
 
 
@@ -73,7 +71,7 @@ def eval_overrides(args) -> list[str]:
 def train(args) -> tuple[Path, dict]:
     from hydra import compose, initialize_config_dir
 
-    from recipes.train_prm import run
+    from frugal.recipes.train_prm import run
 
     out = Path(args.workdir) / "train_prm"
     overrides = [f"output_dir={out}", *eval_overrides(args), "save_every=0",
@@ -82,7 +80,7 @@ def train(args) -> tuple[Path, dict]:
         overrides.append(f"max_minutes={args.max_minutes}")
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train_prm", overrides=overrides + list(args.override))
     summary = run(cfg)
     return Path(summary["prm"]), summary
@@ -92,29 +90,29 @@ def recipe_config(args):
     """The default train-prm config (plus the bench's overrides): its task is the bench's task."""
     from hydra import compose, initialize_config_dir
 
-    from recipes.train_prm import TrainPRMConfig, to_config
+    from frugal.recipes.train_prm import TrainPRMConfig, to_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return to_config(compose("train_prm", overrides=[*eval_overrides(args),
                                                         *args.override]), TrainPRMConfig)
 
 
 def held_out_metrics(prm, args) -> dict:
     """Step metrics of a given PRM folder on the default recipe's held-out generated problems."""
-    from recipes.train_prm import evaluate, load_examples
+    from frugal.recipes.train_prm import evaluate, load_examples
 
     _, held, _ = load_examples(recipe_config(args))
     return evaluate(prm, held)
 
 
 def partial_validity(prm, args) -> dict:
-    from rewards.verify import is_correct
-    from tasks import load_task
-    from train.models import ModelConfig, load_model
-    from train.prm import aggregate
-    from train.rollout import GenerationConfig, generate
+    from frugal.rewards.verify import is_correct
+    from frugal.tasks import load_task
+    from frugal.train.models import ModelConfig, load_model
+    from frugal.train.prm import aggregate
+    from frugal.train.rollout import GenerationConfig, generate
 
-    from tasks.config import PromptConfig
+    from frugal.tasks.config import PromptConfig
 
     # The 135M policy rarely writes \boxed{}; grading the last number ("number" format, no instruction)
     # makes its solutions sometimes right, which is what a correlation needs. With --fewshot k the policy
@@ -145,8 +143,8 @@ def partial_validity(prm, args) -> dict:
 
 
 def throughput(prm, args, n: int, peer_n: int) -> dict:
-    from tasks import load_task
-    from train.prm_data import generated_examples
+    from frugal.tasks import load_task
+    from frugal.train.prm_data import generated_examples
 
     rows = load_task(dataclasses.replace(recipe_config(args).task, n_train=n, n_test=0)).train
     ex = generated_examples(rows[:max(n // 2, 1)], errors_per_row=1, seed=7)[:n]
@@ -186,7 +184,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_prm_")
-    from train.prm import load_prm
+    from frugal.train.prm import load_prm
 
     if args.prm:
         prm_dir, train_minutes = Path(args.prm), float("nan")

@@ -29,7 +29,7 @@ serving engine does; ``engine.shared_prefix_min_tokens``), so FLOPs measure the 
 the examples.
 
 Every strategy at every budget is measured in this run, with the same seed, and the engine samples each
-candidate from its own random stream (``evaluator.engine.StreamSampling``), so the comparisons are paired:
+candidate from its own random stream (``frugal.evaluator.engine.StreamSampling``), so the comparisons are paired:
 early rejection's survivors are best-of-N's own candidates and particle filtering's first steps are
 theirs. With 12 problems one problem is ~8 accuracy points, so the accuracy deltas are noisy: scale up
 with --problems (and --budgets, --max-new-tokens) on a bigger machine.
@@ -39,7 +39,7 @@ Prints one line per strategy and budget, the ratios, and last:
     BENCH search er_flops_ratio=<ER FLOPs ÷ BoN FLOPs> er_acc_delta=<ER − BoN, points>
                  pf_minus_bon=<PF − BoN, points> pf_minus_beam=<PF − beam, points>
 
-FLOPs are policy + PRM (``evaluator.flops``), summed over the budgets; accuracy deltas are means over
+FLOPs are policy + PRM (``frugal.evaluator.flops``), summed over the budgets; accuracy deltas are means over
 the budgets (same N, so about equal policy tokens for BoN, beam and PF — the generated-token ratios are
 printed next to them). Outputs (summary.json, results.jsonl, accuracy_vs_flops.png) go to --out.
 
@@ -56,8 +56,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -107,10 +105,10 @@ def find_prm(path):
 def weighted_best_of_n(records, problems, budget, aggregation) -> float:
     """Accuracy of weighted best-of-N (answer = argmax_a of the summed solution scores) on the candidates
     best-of-N drew at ``budget``: the same samples, picked by particle filtering's default answer rule."""
-    from evaluator.config import SearchConfig
-    from evaluator.engine import Candidate
-    from evaluator.strategies.best_of_n import select
-    from rewards.verify import is_correct
+    from frugal.evaluator.config import SearchConfig
+    from frugal.evaluator.engine import Candidate
+    from frugal.evaluator.strategies.best_of_n import select
+    from frugal.rewards.verify import is_correct
 
     cfg = SearchConfig(name="best_of_n", weighted=True, aggregation=aggregation)
     row_of = {row["id"]: row for row in problems}
@@ -129,13 +127,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from evaluator.config import SearchConfig
-    from evaluator.engine import CountingPRM, Engine, EngineConfig
-    from evaluator.harness import run_strategy, write_outputs
-    from tasks import load_task
-    from tasks.config import PromptConfig, TaskConfig
-    from train.models import ModelConfig, load_model
-    from train.prm import load_prm
+    from frugal.evaluator.config import SearchConfig
+    from frugal.evaluator.engine import CountingPRM, Engine, EngineConfig
+    from frugal.evaluator.harness import run_strategy, write_outputs
+    from frugal.tasks import load_task
+    from frugal.tasks.config import PromptConfig, TaskConfig
+    from frugal.train.models import ModelConfig, load_model
+    from frugal.train.prm import load_prm
 
     if args.threads:
         torch.set_num_threads(args.threads)

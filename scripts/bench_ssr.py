@@ -29,16 +29,13 @@ import argparse
 import glob
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from evaluator.strategies.ssr import DEFAULT_HINTS, SSRConfig, decode, report, select_strategies  # noqa: E402
-from train.checkpoint import atomic_write_text  # noqa: E402
+from frugal.evaluator.strategies.ssr import DEFAULT_HINTS, SSRConfig, decode, report, select_strategies  # noqa: E402
+from frugal.train.checkpoint import atomic_write_text  # noqa: E402
 
 
 def newest_adapter() -> str:
@@ -71,11 +68,11 @@ def main(argv=None):
 
     import torch
 
-    from evaluator.engine import Counts, Engine, EngineConfig
-    from evaluator.flops import policy_shape
-    from tasks import load_task
-    from tasks.config import PromptConfig, TaskConfig
-    from train.models import ModelConfig, load_model
+    from frugal.evaluator.engine import Counts, Engine, EngineConfig
+    from frugal.evaluator.flops import policy_shape
+    from frugal.tasks import load_task
+    from frugal.tasks.config import PromptConfig, TaskConfig
+    from frugal.train.models import ModelConfig, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,12 +6,12 @@
 
 **What the default measures.** Three trainers, each in its own subprocess (so peak RSS belongs to one
 trainer), on the embedded SmolLM2-135M-Instruct, CPU, float32, no vLLM, the demo task (single-digit
-addition, ``answer_format=number``, reward = Frugal's ``rewards.functions.correctness``), 6 optimizer
+addition, ``answer_format=number``, reward = Frugal's ``frugal.rewards.functions.correctness``), 6 optimizer
 steps of 4 prompts x 8 samples with at most 32 new tokens, LoRA r=16 / alpha=32 on all linear layers,
 lr 2e-4, temperature 1.0, seed 0, 1 torch thread each:
 
-1. Frugal S-GRPO  (``recipes.train.run``, ``algo=sgrpo``: first 8 tokens + 30% of the rest in the loss)
-2. Frugal GRPO    (``recipes.train.run``, ``algo=grpo``: every completion token in the loss)
+1. Frugal S-GRPO  (``frugal.recipes.train.run``, ``algo=sgrpo``: first 8 tokens + 30% of the rest in the loss)
+2. Frugal GRPO    (``frugal.recipes.train.run``, ``algo=grpo``: every completion token in the loss)
 3. TRL GRPOTrainer (trl 1.x, peft ``LoraConfig``, same reward through TRL's reward-function interface)
 
 Seconds per step = median over steps 2..N (step 1 is warm-up and excluded). Frugal's come from the run's
@@ -24,7 +24,7 @@ jobs on a shared machine do not inflate the way they inflate wall time. The BENC
 Peak memory = ``ru_maxrss`` of the trainer's process, which includes its imports and the loaded model;
 a fourth subprocess that only loads the model and adds LoRA gives the common baseline.
 
-**How the comparison is kept fair.** Same model object loader (``train.models.load_model``), tokenizer
+**How the comparison is kept fair.** Same model object loader (``frugal.train.models.load_model``), tokenizer
 and chat template, same LoRA (rank, alpha, all-linear targets, no dropout), same training rows and reward
 columns (``answer``, ``answer_format``), same temperature / top-p / top-k and ``max_new_tokens`` (TRL:
 ``max_completion_length``). Same completions per optimizer step: TRL's ``per_device_train_batch_size x
@@ -57,11 +57,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from frugal.conf import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 TRAINERS = ("sgrpo", "grpo", "trl")
 
 
@@ -125,9 +123,9 @@ def frugal_overrides(args, algo: str, run_dir: Path) -> list[str]:
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    import recipes.train  # noqa: F401  (registers the structured config schema)
+    import frugal.recipes.train  # noqa: F401  (registers the structured config schema)
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose("train", overrides=overrides)
 
 
@@ -146,8 +144,8 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------------- workers (one per subprocess)
 
 def worker_frugal(args, algo: str, workdir: Path) -> dict:
-    from recipes.train import run
-    from train import tracking
+    from frugal.recipes.train import run
+    from frugal.train import tracking
 
     # CPU seconds of this process between consecutive step logs: on a shared machine wall time also counts
     # other jobs' load, CPU time (with one torch thread) counts only this trainer's work.
@@ -181,10 +179,10 @@ def worker_trl(args, workdir: Path) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rewards.functions import correctness
-    from tasks import load_task
-    from train.config import to_config
-    from train.models import load_model
+    from frugal.rewards.functions import correctness
+    from frugal.tasks import load_task
+    from frugal.train.config import to_config
+    from frugal.train.models import load_model
 
     # The Frugal config of the S-GRPO run is the single source of the shared settings.
     cfg = to_config(compose(frugal_overrides(args, "sgrpo", workdir / "unused")))
@@ -252,8 +250,8 @@ def worker_baseline(args) -> dict:
     """Process floor: imports, the model and a LoRA adapter, no training."""
     import torch
 
-    from train.config import to_config
-    from train.models import apply_lora, load_model
+    from frugal.train.config import to_config
+    from frugal.train.models import apply_lora, load_model
 
     cfg = to_config(compose(frugal_overrides(args, "sgrpo", Path("unused"))))
     torch.set_num_threads(args.threads)
@@ -282,8 +280,7 @@ def run_worker(args) -> None:
 def launch(name: str, argv: list[str], workdir: Path, threads: int) -> dict:
     out, log_path = workdir / f"{name}.json", workdir / f"{name}.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--workdir", str(workdir),
            "--worker", name, "--worker-out", str(out)]
     load_before = os.getloadavg()[0]
@@ -365,7 +362,7 @@ def main(argv=None) -> int:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
             "cpu_count": os.cpu_count(),
         }
-        from train.checkpoint import atomic_write_text
+        from frugal.train.checkpoint import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(summary, indent=2))
     print(f"BENCH train sgrpo_vs_trl_time={ratios['sgrpo_vs_trl_time']:.3f} "

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -53,14 +52,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from evaluator.ttspm import FORMS, TTSPM, AutoBudget, adaptive_sampling, pass_at_n, sample_correctness  # noqa: E402
-from train.checkpoint import atomic_write_text  # noqa: E402
+from frugal.evaluator.ttspm import FORMS, TTSPM, AutoBudget, adaptive_sampling, pass_at_n, sample_correctness  # noqa: E402
+from frugal.train.checkpoint import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv=None):
-    from evaluator.config import SearchConfig
+    from frugal.evaluator.config import SearchConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -100,8 +97,8 @@ def parse_args(argv=None):
 
 def load_problems(args) -> list[dict]:
     """The benchmark's problems: the chosen split of the generated task, every problem unless --problems."""
-    from tasks import load_task
-    from tasks.config import PromptConfig, TaskConfig
+    from frugal.tasks import load_task
+    from frugal.tasks.config import PromptConfig, TaskConfig
 
     task = TaskConfig(name=args.task, ops=list(args.ops), digits=args.digits, digits_b=args.digits_b,
                       num_operands=args.operands, test_fraction=0.5, n_test=5000, n_train=5000,
@@ -123,8 +120,8 @@ def load_problems(args) -> list[dict]:
 def draw_samples(args) -> tuple[np.ndarray, dict]:
     import torch
 
-    from evaluator.engine import Engine, EngineConfig
-    from train.models import ModelConfig, load_model
+    from frugal.evaluator.engine import Engine, EngineConfig
+    from frugal.train.models import ModelConfig, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

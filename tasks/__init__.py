@@ -13,12 +13,12 @@ text, so the split does not move with the seed, ``n_train`` or the file's order.
 
 from __future__ import annotations
 
-from tasks.config import TaskConfig
-from tasks.rows import BadRow, TaskData, add_fewshot
+from frugal.tasks.config import TaskConfig
+from frugal.tasks.rows import BadRow, TaskData, add_fewshot
 
 
 def load_task(cfg: TaskConfig) -> TaskData:
-    from tasks import files, generated
+    from frugal.tasks import files, generated
 
     loaders = {
         "arith": generated.arith, "multiply": generated.multiply, "svamp": files.svamp,

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tasks.config import TaskConfig
-from tasks.rows import BadRow, TaskData, collect, hash_split, make_row
+from frugal.tasks.config import TaskConfig
+from frugal.tasks.rows import BadRow, TaskData, collect, hash_split, make_row
 
 SVAMP_TRAIN_ROWS = 700  # fixed split: rows 0-699 train, 700-999 test (the common SVAMP split)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 import random
 
-from tasks.config import TaskConfig
-from tasks.rows import TaskData, in_test_split, make_row
+from frugal.tasks.config import TaskConfig
+from frugal.tasks.rows import TaskData, in_test_split, make_row
 
 MAX_ENUMERATED = 50_000  # problem spaces up to this size are enumerated, larger ones sampled
 

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from tasks.config import PromptConfig
+from frugal.tasks.config import PromptConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
+from frugal.conf import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -14,16 +13,16 @@ TINY = [
     "model=tiny_random", "logger=none", "task.n_train=32", "task.n_test=8",
     "prompts_per_step=2", "algo.group_size=4", "generation.max_new_tokens=12", "eval_limit=4",
     "save_every=0", "optim.micro_batch_size=4",
-    'reward.functions=[{name:"tests.reward_fixtures:share_of_letter_e",weight:1.0}]',
+    'reward.functions=[{name:"reward_fixtures:share_of_letter_e",weight:1.0}]',
 ]
 
 
 def compose_train(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    import recipes.train  # noqa: F401  (registers the structured config schema)
+    import frugal.recipes.train  # noqa: F401  (registers the structured config schema)
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("train", overrides=overrides)
 
 

@@ -39,7 +39,7 @@ def test_bad_flags_fail_early():
 
 def test_frugal_config_carries_the_shared_settings(tmp_path):
     bench = _bench()
-    from train.config import to_config
+    from frugal.train.config import to_config
 
     args = bench.parse_args(["--steps", "3", "--prompts", "2", "--group", "4", "--max-new-tokens", "16",
                              "--lr", "0.001", "--rank", "4", "--alpha", "8", "--temperature", "0.7",
@@ -84,7 +84,7 @@ def test_smoke_run_on_tiny_random(tmp_path):
 def _tiny_lora():
     import torch
 
-    from train.models import LoraConfig, ModelConfig, apply_lora, load_model
+    from frugal.train.models import LoraConfig, ModelConfig, apply_lora, load_model
 
     model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
     model = apply_lora(model, LoraConfig(r=4, alpha=8))
@@ -99,9 +99,9 @@ def _tiny_lora():
 def test_shared_prompt_update_matches_full_logits_and_gradients(bucket_overhead, monkeypatch):
     import torch
 
-    from train import policy_loss
-    from train.policy_loss import _shared_prompt_cache, full_logits_logprobs, selected_logprobs
-    from train.token_selection import Selection
+    from frugal.train import policy_loss
+    from frugal.train.policy_loss import _shared_prompt_cache, full_logits_logprobs, selected_logprobs
+    from frugal.train.token_selection import Selection
 
     model, tok = _tiny_lora()
     torch.manual_seed(0)
@@ -139,7 +139,7 @@ def test_shared_prompt_update_matches_full_logits_and_gradients(bucket_overhead,
 
 
 def test_length_buckets_minimise_padded_columns():
-    from train.policy_loss import _length_buckets
+    from frugal.train.policy_loss import _length_buckets
 
     # lengths 2,2,3,9,10: one batch computes 5·11 = 55 columns; {2,2,3} + {9,10} computes 3·4 + 2·11 = 34
     assert _length_buckets([9, 2, 10, 3, 2], per_call_overhead=5) == [[1, 4, 3], [0, 2]]  # 34 + 10 < 55 + 5
@@ -150,7 +150,7 @@ def test_length_buckets_minimise_padded_columns():
 def test_shared_prompt_sampling_draws_the_same_completions_as_num_return_sequences():
     import torch
 
-    from train.rollout import GenerationConfig, encode_prompts, eos_token_ids, generate
+    from frugal.train.rollout import GenerationConfig, encode_prompts, eos_token_ids, generate
 
     model, tok = _tiny_lora()
     prompts = [[{"role": "user", "content": q}] for q in ("What is 3 + 4?", "Hi", "What is 12 + 9? Show steps.")]
@@ -172,7 +172,7 @@ def test_decode_drops_finished_rows_and_matches_generate(sample):
     still exactly those of ``model.generate``."""
     import torch
 
-    from train.rollout import decode, encode_prompts
+    from frugal.train.rollout import decode, encode_prompts
     from transformers import LogitsProcessorList, TopKLogitsWarper
 
     model, tok = _tiny_lora()
@@ -210,7 +210,7 @@ def test_decode_drops_finished_rows_and_matches_generate(sample):
 def test_generate_stops_a_row_at_a_stop_string():
     import torch
 
-    from train.rollout import GenerationConfig, generate
+    from frugal.train.rollout import GenerationConfig, generate
 
     model, tok = _tiny_lora()
     with torch.no_grad():  # varied greedy output (see test_decode_drops_finished_rows_and_matches_generate)

@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 
 def _launch(config: str, out: Path) -> str:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / f"conf/accelerate/{config}.yaml"),
            "--num_processes", "2", "--num_cpu_threads_per_process", "1",
            "--main_process_port", str(_free_port()), __file__, str(out)]
@@ -68,10 +68,10 @@ def test_two_processes_keep_identical_lora_parameters(two_rank_run):
 
 
 def test_effective_batch_is_the_sum_of_the_ranks(two_rank_run):
-    from train.runtime import batch_for_step
-    from tasks import load_task
-    from tests.conftest import TINY, compose_train
-    from train.config import to_config
+    from frugal.train.runtime import batch_for_step
+    from frugal.tasks import load_task
+    from conftest import TINY, compose_train
+    from frugal.train.config import to_config
 
     out, stdout = two_rank_run
     run_dir = out / "run"
@@ -101,9 +101,9 @@ def test_effective_batch_is_the_sum_of_the_ranks(two_rank_run):
 def test_vllm_backend_without_vllm_names_the_extra():
     import importlib.util
 
-    from tests.conftest import compose_train
-    from train.config import to_config
-    from train.rollout import MissingExtraError
+    from conftest import compose_train
+    from frugal.train.config import to_config
+    from frugal.train.rollout import MissingExtraError
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
@@ -118,8 +118,8 @@ def test_vllm_sampler_turns_vllm_outputs_into_a_rollout(monkeypatch):
     import torch
     import trl.generation.vllm_generation as vg
 
-    from train.models import load_tokenizer, tiny_random_model
-    from train.rollout import GenerationConfig, VLLMSampler
+    from frugal.train.models import load_tokenizer, tiny_random_model
+    from frugal.train.rollout import GenerationConfig, VLLMSampler
 
     tok = load_tokenizer("builtin:tiny-random")
     model = tiny_random_model(len(tok), tok)
@@ -196,7 +196,7 @@ def test_sharded_accelerate_configs_are_refused_with_an_explanation(monkeypatch)
 
     import accelerate
 
-    from train import distributed
+    from frugal.train import distributed
 
     fake = SimpleNamespace(distributed_type=SimpleNamespace(name="DEEPSPEED"),
                            state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
@@ -224,9 +224,9 @@ def _worker(out: Path) -> None:
     """One rank of the launched run: train, then record parameters and what this rank saw."""
     import torch
 
-    import recipes.train as recipe
-    from tests.conftest import TINY, compose_train
-    from train import distributed
+    import frugal.recipes.train as recipe
+    from conftest import TINY, compose_train
+    from frugal.train import distributed
 
     captured, seen = {}, {"questions": [], "selected": []}
     apply_lora, shard, select = recipe.apply_lora, distributed.shard, recipe._select
@@ -276,14 +276,13 @@ def _worker(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     _worker(Path(sys.argv[1]))
 
 
 def test_shards_are_equal_round_robin_slices():
     from types import SimpleNamespace
 
-    from train.distributed import shard
+    from frugal.train.distributed import shard
 
     ranks = [SimpleNamespace(num_processes=2, process_index=r) for r in (0, 1)]
     assert [shard(list("abcd"), a) for a in ranks] == [["a", "c"], ["b", "d"]]
@@ -297,10 +296,10 @@ def test_one_process_uses_the_model_itself_and_unshared_prompts_give_the_same_lo
     unshared prompts (``share_prompts=False``) give the same log-probs and gradients as the shared KV cache."""
     import torch
 
-    from train import distributed
-    from train.models import LoraConfig, apply_lora, load_tokenizer, tiny_random_model
-    from train.policy_loss import selected_logprobs
-    from train.token_selection import Selection
+    from frugal.train import distributed
+    from frugal.train.models import LoraConfig, apply_lora, load_tokenizer, tiny_random_model
+    from frugal.train.policy_loss import selected_logprobs
+    from frugal.train.token_selection import Selection
 
     tok = load_tokenizer("builtin:tiny-random")
     model = apply_lora(tiny_random_model(len(tok), tok), LoraConfig(r=4))

@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, compose_train
+from conftest import ROOT, compose_train
 
 pytestmark = pytest.mark.slow
 
 
 def test_embedded_model_loads_from_cache_and_answers():
-    from train.models import ModelConfig, load_model, smollm2_path
-    from train.rollout import GenerationConfig, generate
+    from frugal.train.models import ModelConfig, load_model, smollm2_path
+    from frugal.train.rollout import GenerationConfig, generate
 
     folder = smollm2_path()
     assert (folder / "model.safetensors").exists() and (folder / "frugal_cache.json").exists()
@@ -27,8 +27,8 @@ def test_embedded_model_loads_from_cache_and_answers():
 
 
 def test_short_sgrpo_run_on_embedded_model(tmp_path):
-    from recipes.train import run
-    from train.tracking import read_jsonl
+    from frugal.recipes.train import run
+    from frugal.train.tracking import read_jsonl
 
     cfg = compose_train([
         "recipe=demo", "max_steps=2", "prompts_per_step=2", "algo.group_size=4", "generation.max_new_tokens=16",
@@ -43,8 +43,8 @@ def test_short_sgrpo_run_on_embedded_model(tmp_path):
 
 
 def test_cli_help_and_cfg_job():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cli = [sys.executable, "-m", "recipes.cli"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    cli = [sys.executable, "-m", "frugal.recipes.cli"]
     out = subprocess.run(cli + ["--help"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0 and "train" in out.stdout
     out = subprocess.run(cli + ["train", "--cfg", "job", "algo=grpo"], capture_output=True, text=True, env=env, cwd=ROOT)

@@ -6,13 +6,13 @@ import re
 import pytest
 import torch
 
-from evaluator.config import SearchConfig
-from evaluator.engine import Candidate, CountingPRM, Counts, Engine, EngineConfig
-from evaluator.flops import ModelShape, policy_shape
-from evaluator.strategies import get
-from evaluator.strategies.common import best, logit, vote
-from evaluator.strategies.particle_filter import ess, multinomial_resample, smc, systematic_resample
-from train.prm import split_steps
+from frugal.evaluator.config import SearchConfig
+from frugal.evaluator.engine import Candidate, CountingPRM, Counts, Engine, EngineConfig
+from frugal.evaluator.flops import ModelShape, policy_shape
+from frugal.evaluator.strategies import get
+from frugal.evaluator.strategies.common import best, logit, vote
+from frugal.evaluator.strategies.particle_filter import ess, multinomial_resample, smc, systematic_resample
+from frugal.train.prm import split_steps
 
 DELIM = "\n\n"
 
@@ -238,7 +238,7 @@ def test_particle_filter_weights_and_finished_particles_persist():
 def test_particle_filter_answer_is_the_weighted_vote_by_default():
     # Final particles: three agree on 7 with final scores 0.3 (sum 0.9), one says 9 with 0.8. The default
     # answer (search.final=weighted_majority) is 7; final=best takes the single highest score, 9.
-    from evaluator.strategies.particle_filter import choose
+    from frugal.evaluator.strategies.particle_filter import choose
 
     pool = [Candidate(0, f"v={r}{DELIM}\\boxed{{{a}}}", finished=True, scores=[r])
             for r, a in ((0.3, 7), (0.8, 9), (0.3, 7), (0.3, 7))]
@@ -308,7 +308,7 @@ def test_counts_and_flops_hand_computed():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from train.models import ModelConfig, load_model
+    from frugal.train.models import ModelConfig, load_model
 
     return load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
 
@@ -345,7 +345,7 @@ def test_engine_counts_tokens_and_shares_prompt_prefill(tiny):
 
 
 def test_engine_prefix_sharing_matches_plain_generate(tiny):
-    from train.rollout import GenerationConfig, generate
+    from frugal.train.rollout import GenerationConfig, generate
 
     model, tok = tiny
     engine = Engine(model, tok, EngineConfig(max_new_tokens=8))
@@ -448,9 +448,9 @@ def test_frugal_eval_end_to_end_on_tiny_random(tmp_path, monkeypatch):
     import json
     import sys
 
-    from recipes.cli import main
-    from train.models import LoraConfig, ModelConfig
-    from train.prm import PRMConfig, build_prm
+    from frugal.recipes.cli import main
+    from frugal.train.models import LoraConfig, ModelConfig
+    from frugal.train.prm import PRMConfig, build_prm
 
     prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), LoraConfig(), PRMConfig(),
                     torch.device("cpu"))
@@ -476,8 +476,8 @@ def test_stream_sampling_draws_from_the_tempered_softmax():
     """Inverse-transform sampling with a keyed uniform per row is an exact sampler: over many streams the
     token frequencies match softmax(z / T), one (stream, position) always gives the same token, and only
     that token is left finite for generate's argmax."""
-    from evaluator.engine import StreamSampling
-    from train.rollout import sampling_warpers
+    from frugal.evaluator.engine import StreamSampling
+    from frugal.train.rollout import sampling_warpers
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     warp = sampling_warpers(EngineConfig(temperature=0.5))

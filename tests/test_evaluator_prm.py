@@ -5,10 +5,10 @@ CountingPRM / FLOPs use them. On builtin:tiny-random (fast)."""
 import pytest
 import torch
 
-from evaluator.engine import Candidate, CountingPRM, Counts
-from evaluator.flops import prm_shape
-from train.models import LoraConfig, ModelConfig
-from train.prm import PROMPT_SUFFIX, PRMConfig, build_prm
+from frugal.evaluator.engine import Candidate, CountingPRM, Counts
+from frugal.evaluator.flops import prm_shape
+from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.prm import PROMPT_SUFFIX, PRMConfig, build_prm
 
 TINY = ModelConfig(name_or_path="builtin:tiny-random", dtype="float32")
 CHAT = [{"role": "user", "content": "What is 3 + 4 - 2?"}]

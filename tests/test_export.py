@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, compose_train
-from train.export import AdapterMismatchError, ExportConfig, export, resolve_source
+from conftest import TINY, compose_train
+from frugal.train.export import AdapterMismatchError, ExportConfig, export, resolve_source
+from frugal.conf import CONF_DIR
 
 FAKE_HF_TOKEN = "hf_FakeTokenForFrugalTests0123456789abcd"
 FAKE_WANDB_KEY = "fakewandbkey0123456789abcdef0123456789ab"
@@ -18,7 +19,7 @@ FAKE_WANDB_KEY = "fakewandbkey0123456789abcdef0123456789ab"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """One 2-step tiny run with W&B offline, trained while fake secrets sit in the environment."""
-    from recipes.train import run
+    from frugal.recipes.train import run
 
     path = tmp_path_factory.mktemp("run")
     saved = {k: os.environ.get(k) for k in ("HF_TOKEN", "WANDB_API_KEY", "WANDB_MODE")}
@@ -40,7 +41,7 @@ def exported(run_dir, tmp_path_factory):
 
 
 def _inputs():
-    from train.models import load_tokenizer
+    from frugal.train.models import load_tokenizer
 
     tok = load_tokenizer("builtin:tiny-random")
     enc = tok(["What is 3 + 4?", "Compute 12 * 7, then add 5."], return_tensors="pt", padding=True)
@@ -57,7 +58,7 @@ def _logits(model):
 def plain_base_dir(tmp_path_factory):
     """builtin:tiny-random written as an ordinary transformers folder, so the round trip below uses
     nothing from Frugal to load the base."""
-    from train.models import load_model, ModelConfig
+    from frugal.train.models import load_model, ModelConfig
 
     base, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
     path = tmp_path_factory.mktemp("base")
@@ -70,7 +71,7 @@ def test_adapter_round_trip_with_plain_transformers_and_peft(run_dir, exported, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train.models import ModelConfig, load_model
+    from frugal.train.models import ModelConfig, load_model
 
     out, report = exported
     assert report["kind"] == "adapter" and report["source"] == str(run_dir / "final")
@@ -177,7 +178,7 @@ def test_clear_errors(run_dir, tmp_path):
 def test_adapter_base_mismatch(run_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train.models import load_tokenizer
+    from frugal.train.models import load_tokenizer
 
     other = tmp_path / "other_base"
     LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -255,7 +256,7 @@ def test_no_secret_in_any_written_file(run_dir, exported, tmp_path, monkeypatch)
 
 
 def test_refuses_to_export_a_leaked_secret(run_dir, tmp_path, monkeypatch):
-    from train.export import assert_no_secrets
+    from frugal.train.export import assert_no_secrets
 
     monkeypatch.setenv("HF_TOKEN", FAKE_HF_TOKEN)
     (tmp_path / "notes.txt").write_text(f"token={FAKE_HF_TOKEN}")
@@ -266,9 +267,9 @@ def test_refuses_to_export_a_leaked_secret(run_dir, tmp_path, monkeypatch):
 def test_frugal_export_recipe_composes_and_runs(run_dir, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from recipes import export as export_recipe
+    from frugal.recipes import export as export_recipe
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("export", overrides=[f"source={run_dir}", f"output_dir={tmp_path / 'o'}", "verify=false",
                                            "push_to_hub=org/name", "dry_run=true"])
         with pytest.raises(Exception, match="bogus"):
@@ -278,8 +279,8 @@ def test_frugal_export_recipe_composes_and_runs(run_dir, tmp_path):
 
 
 def test_prm_folder_round_trip(tmp_path):
-    from train.models import LoraConfig, ModelConfig
-    from train.prm import PRMConfig, build_prm, load_prm
+    from frugal.train.models import LoraConfig, ModelConfig
+    from frugal.train.prm import PRMConfig, build_prm, load_prm
 
     prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), LoraConfig(r=4),
                     PRMConfig(), torch.device("cpu"))

@@ -7,18 +7,19 @@ import math
 import pytest
 import torch
 
-from tasks.rows import BadRow
-from train.models import LoraConfig, ModelConfig
-from train.prm import (PRMConfig, aggregate, auroc, build_prm, collate, encode, load_prm, split_steps,
+from frugal.tasks.rows import BadRow
+from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.prm import (PRMConfig, aggregate, auroc, build_prm, collate, encode, load_prm, split_steps,
                        step_metrics, token_budget_batches)
-from train.prm_data import corrupt_solution, generated_examples, load_stepwise, validate_example
+from frugal.train.prm_data import corrupt_solution, generated_examples, load_stepwise, validate_example
+from frugal.conf import CONF_DIR
 
 TINY = ModelConfig(name_or_path="builtin:tiny-random", dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from train.models import load_tokenizer
+    from frugal.train.models import load_tokenizer
 
     return load_tokenizer("builtin:tiny-random")
 
@@ -188,7 +189,7 @@ def test_stepwise_hf_dataset_folder(tmp_path):
 
 def test_soft_labels_end_to_end_and_loss_falls_on_separable_set(tmp_path):
     """Steps that say 'good' are labelled 0.9, 'bad' 0.1 (soft): BCE must fall and the scores separate."""
-    from recipes.train_prm import bce_loss, train_step
+    from frugal.recipes.train_prm import bce_loss, train_step
 
     torch.manual_seed(0)
     prm = build_prm(TINY, LoraConfig(r=4, alpha=8), PRMConfig(separator="\n"))
@@ -211,13 +212,12 @@ def test_soft_labels_end_to_end_and_loss_falls_on_separable_set(tmp_path):
 def test_recipe_run_resume_and_reload_identical_scores(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from recipes.train_prm import run
-    from tests.conftest import ROOT
-    from train.tracking import read_jsonl
+    from frugal.recipes.train_prm import run
+    from frugal.train.tracking import read_jsonl
 
     overrides = ["model=tiny_random", "task.n_train=24", "task.n_test=6", "max_steps=4", "eval_every=2",
                  "save_every=2", "batch_size=4", "prm.num_layers=0", "lora.r=4", "max_minutes=null"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train_prm", overrides=overrides + [f"output_dir={tmp_path}"])
     summary = run(cfg)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
@@ -234,7 +234,7 @@ def test_recipe_run_resume_and_reload_identical_scores(tmp_path):
     assert meta["backbone"] == "builtin:tiny-random" and meta["separator"] == "\n\n"
 
     # resume from step 2 of the same run: reaches step 4 and logs steps 3, 4 once
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train_prm", overrides=overrides + [f"resume={tmp_path / 'checkpoints' / 'step_2'}"])
     summary2 = run(cfg)
     steps_logged = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
@@ -275,8 +275,7 @@ class FakePolicy:
 def test_mc_labelling_with_fake_policy_soft_hard_and_resume(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from recipes.label_prm import mc_labels, run
-    from tests.conftest import ROOT
+    from frugal.recipes.label_prm import mc_labels, run
 
     assert mc_labels([[True, False, False, False], [False] * 4], False, "soft") == [0.25, 0.0, 0.0]
     assert mc_labels([[True, False, False, False], [False] * 4], True, "hard") == [1.0, 0.0, 1.0]
@@ -284,7 +283,7 @@ def test_mc_labelling_with_fake_policy_soft_hard_and_resume(tmp_path):
     out = tmp_path / "labels.jsonl"
     base = ["model=tiny_random", "prm=newline", "task.n_train=6", "task.n_test=2", "max_problems=3",
             "samples_per_problem=1", "rollouts=4", "problems_per_batch=2", f"output={out}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("label_prm", overrides=base)
     # gold answers of arith are not 7 for every problem; the fake policy's rows use the task's gold
     summary = run(cfg, run_dir=tmp_path / "run", policy=FakePolicy())
@@ -302,7 +301,7 @@ def test_mc_labelling_with_fake_policy_soft_hard_and_resume(tmp_path):
     # resume: a torn last line is dropped, done problems are skipped
     with open(out, "a") as f:
         f.write('{"id": "arith:broken", "prom')
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("label_prm", overrides=base[:-4] + ["max_problems=4", "samples_per_problem=1",
                                                          "rollouts=4", "problems_per_batch=2", f"output={out}"])
     summary = run(cfg, run_dir=tmp_path / "run2", policy=FakePolicy())
@@ -313,11 +312,10 @@ def test_mc_labelling_with_fake_policy_soft_hard_and_resume(tmp_path):
 def test_mc_labelling_runs_real_generate_on_tiny_random(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from recipes.label_prm import run
-    from tests.conftest import ROOT
+    from frugal.recipes.label_prm import run
 
     out = tmp_path / "labels.jsonl"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("label_prm", overrides=["model=tiny_random", "prm.separator=e", "task.n_train=4",
                                               "task.n_test=2", "max_problems=2", "rollouts=2",
                                               "generation.max_new_tokens=8", f"output={out}"])

@@ -5,8 +5,8 @@ a hand-worked example and against a plain forward pass of the model; on builtin:
 import pytest
 import torch
 
-from train.models import LoraConfig, ModelConfig
-from train.prm import PRMConfig, build_prm, collate, load_prm
+from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.prm import PRMConfig, build_prm, collate, load_prm
 
 TINY = ModelConfig(name_or_path="builtin:tiny-random", dtype="float32")
 
@@ -77,8 +77,8 @@ def test_a_head_without_feature_weights_is_refused(lp_prm, tmp_path):
 
 
 def test_the_lm_head_is_charged_for_every_step_token(lp_prm):
-    from evaluator.engine import Candidate, CountingPRM
-    from evaluator.flops import prm_shape
+    from frugal.evaluator.engine import Candidate, CountingPRM
+    from frugal.evaluator.flops import prm_shape
 
     problems = [{"prompt": "What is 2 + 3?"}, {"prompt": "What is 7 - 1?"}]
     cands = [Candidate(0, "2 + 3 = 5\n\nThe answer is 5."), Candidate(0, "2 + 3 = 6\n\n"), Candidate(1, "7 - 1 = 6")]
@@ -95,7 +95,7 @@ def test_the_lm_head_is_charged_for_every_step_token(lp_prm):
 def test_candidate_vocabulary_softmax_by_hand_save_and_charge(tmp_path):
     """``logprob_vocab: train``: log p̃(x_t) = z_{x_t} − log Σ_{v ∈ V' ∪ {x_t}} exp z_v, checked against the
     plain forward's logits, with one step token deliberately left out of V' (it joins its own sum)."""
-    from evaluator.flops import prm_shape
+    from frugal.evaluator.flops import prm_shape
 
     torch.manual_seed(1)
     prm = build_prm(TINY, LoraConfig(r=4, alpha=8), PRMConfig(logprob_features=True))

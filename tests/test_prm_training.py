@@ -3,15 +3,16 @@ held-out generated set that does not move when the training corruption mix chang
 
 import torch
 
-from train.models import LoraConfig, ModelConfig
-from train.prm import PRMConfig, build_prm
+from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.prm import PRMConfig, build_prm
+from frugal.conf import CONF_DIR
 
 TINY = ModelConfig(name_or_path="builtin:tiny-random", dtype="float32")
 
 
 def test_group_rows_keeps_a_problems_solutions_together():
-    from recipes.train_prm import group_rows
-    from train.runtime import batch_for_step
+    from frugal.recipes.train_prm import group_rows
+    from frugal.train.runtime import batch_for_step
 
     prompts = ["p1", "p2", "p1", "p3", "p2", "p1"]
     rows = ["a", "b", "c", "d", "e", "f"]
@@ -26,7 +27,7 @@ def test_group_rows_keeps_a_problems_solutions_together():
 
 
 def test_lm_targets_are_the_correct_steps_and_their_separators():
-    from recipes.train_prm import lm_targets
+    from frugal.recipes.train_prm import lm_targets
 
     prm = build_prm(TINY, LoraConfig(r=4, alpha=8), PRMConfig())
     steps = ["1 + 2 = 3", "3 + 4 = 8", "The answer is 8."]
@@ -40,7 +41,7 @@ def test_lm_targets_are_the_correct_steps_and_their_separators():
 
 
 def test_aux_lm_loss_trains_next_token_prediction_and_is_off_by_default():
-    from recipes.train_prm import lm_targets, prm_losses, train_step
+    from frugal.recipes.train_prm import lm_targets, prm_losses, train_step
 
     torch.manual_seed(0)
     prm = build_prm(TINY, LoraConfig(r=8, alpha=16), PRMConfig())
@@ -63,11 +64,10 @@ def test_aux_lm_loss_trains_next_token_prediction_and_is_off_by_default():
 def test_held_out_generated_set_ignores_the_training_corruption_mix():
     from hydra import compose, initialize_config_dir
 
-    from recipes.train_prm import TrainPRMConfig, load_examples, to_config
-    from tests.conftest import ROOT
+    from frugal.recipes.train_prm import TrainPRMConfig, load_examples, to_config
 
     def examples(*overrides):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("train_prm", overrides=["model=tiny_random", "task.n_train=30", "task.n_test=10", *overrides])
         return load_examples(to_config(cfg, TrainPRMConfig))
 
@@ -80,7 +80,7 @@ def test_held_out_generated_set_ignores_the_training_corruption_mix():
 
 
 def test_equation_drills_hand_worked():
-    from train.prm_data import equation_drills
+    from frugal.train.prm_data import equation_drills
 
     rows = [{"steps": ["5 - 7 = -2", "-2 + 8 = 6"]}, {"steps": ["5 - 7 = -2", "-2 - 1 = -3"]}]
     drills = equation_drills(rows, seed=0, wrong_per_fact=2)
@@ -96,14 +96,13 @@ def test_equation_drills_hand_worked():
 def test_recipe_adds_drills_to_every_step(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from recipes.train_prm import run
-    from tests.conftest import ROOT
-    from train.tracking import read_jsonl
+    from frugal.recipes.train_prm import run
+    from frugal.train.tracking import read_jsonl
 
     overrides = ["model=tiny_random", "task.n_train=12", "task.n_test=4", "max_steps=2", "eval_every=0",
                  "save_every=0", "batch_size=4", "prm.num_layers=0", "lora.r=4", "max_minutes=null",
                  "data.drills_per_step=3", f"output_dir={tmp_path}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         run(compose("train_prm", overrides=overrides))
     logged = [r["steps_in_batch"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert logged == [4 * 3 + 3] * 2  # 4 solutions of 3 steps (2 equations + answer) and 3 one-step drills
@@ -114,16 +113,15 @@ def test_recipe_with_logprob_features_saves_the_training_vocabulary(tmp_path):
     token ids of the training solutions and drills, saved with the head and restored by ``load_prm``."""
     from hydra import compose, initialize_config_dir
 
-    from recipes.train_prm import TrainPRMConfig, load_drills, load_examples, run
-    from tests.conftest import ROOT
-    from train.config import to_config
-    from train.prm import load_prm
-    from train.tracking import read_jsonl
+    from frugal.recipes.train_prm import TrainPRMConfig, load_drills, load_examples, run
+    from frugal.train.config import to_config
+    from frugal.train.prm import load_prm
+    from frugal.train.tracking import read_jsonl
 
     overrides = ["model=tiny_random", "task.n_train=12", "task.n_test=4", "max_steps=2", "eval_every=0",
                  "save_every=0", "batch_size=4", "prm.num_layers=0", "lora.r=4", "max_minutes=null",
                  "data.drills_per_step=3", "prm.logprob_features=true", "lm_loss_weight=1.0", f"output_dir={tmp_path}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         raw = compose("train_prm", overrides=overrides)
     summary = run(raw)
     assert all("lm_loss" in r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r)

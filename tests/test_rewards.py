@@ -2,9 +2,9 @@
 
 import pytest
 
-from rewards.combine import RewardConfig, RewardFunctionConfig, build_reward_model
-from rewards.functions import correctness, format as format_reward, length_penalty
-from rewards.verify import extract_answer, extract_boxed, is_correct, to_number, validate_gold_answers
+from frugal.rewards.combine import RewardConfig, RewardFunctionConfig, build_reward_model
+from frugal.rewards.functions import correctness, format as format_reward, length_penalty
+from frugal.rewards.verify import extract_answer, extract_boxed, is_correct, to_number, validate_gold_answers
 
 
 @pytest.mark.parametrize("text, expected", [

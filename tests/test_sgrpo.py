@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from train.advantages import group_advantages
-from train.models import LoraConfig, ModelConfig, apply_lora, load_model
-from train.policy_loss import clipped_pg_loss, full_logits_logprobs, selected_logprobs
-from train.token_selection import Selection, expected_keep_fraction, select_all, select_stochastic
+from frugal.train.advantages import group_advantages
+from frugal.train.models import LoraConfig, ModelConfig, apply_lora, load_model
+from frugal.train.policy_loss import clipped_pg_loss, full_logits_logprobs, selected_logprobs
+from frugal.train.token_selection import Selection, expected_keep_fraction, select_all, select_stochastic
 
 
 def test_group_advantages_hand_worked():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from evaluator.engine import Counts
-from evaluator.strategies.ssr import SSRConfig, Scored, decode, score_steps, select_strategies, with_hint
-from train.prm import split_steps
+from frugal.evaluator.engine import Counts
+from frugal.evaluator.strategies.ssr import SSRConfig, Scored, decode, score_steps, select_strategies, with_hint
+from frugal.train.prm import split_steps
 
 
 class FakeEngine:
@@ -253,8 +253,8 @@ def test_judge_criteria_by_hand():
 
 
 def test_score_steps_matches_full_logits_on_tiny_model():
-    from evaluator.engine import Engine, EngineConfig
-    from train.models import ModelConfig, load_model
+    from frugal.evaluator.engine import Engine, EngineConfig
+    from frugal.train.models import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random"), torch.device("cpu"))
     engine = Engine(model, tok, EngineConfig())
@@ -282,8 +282,8 @@ def test_score_steps_matches_full_logits_on_tiny_model():
 
 
 def test_fast_mode_reads_answers_only_at_step_ends():
-    from evaluator.engine import Candidate
-    from evaluator.strategies.ssr import Path, _stop
+    from frugal.evaluator.engine import Candidate
+    from frugal.evaluator.strategies.ssr import Path, _stop
 
     cut = Path(0, "", Candidate(0, "so it is 1"))  # a one-token regeneration stopped inside "12"
     assert _stop([cut], problem("q", "12"), fast=1) is None

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tasks import BadRow, load_task
-from tasks.config import PromptConfig, TaskConfig
-from tasks.generated import arith_steps, multiplication_steps
+from frugal.tasks import BadRow, load_task
+from frugal.tasks.config import PromptConfig, TaskConfig
+from frugal.tasks.generated import arith_steps, multiplication_steps
 
 
 def test_arith_single_digit_enumerates_and_splits_fixed():

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from tests.conftest import ROOT, TINY, compose_train
-from train.config import to_config
-from train.tracking import read_jsonl
+from conftest import ROOT, TINY, compose_train
+from frugal.train.config import to_config
+from frugal.train.tracking import read_jsonl
 
 
 def test_unknown_key_fails_naming_it():
@@ -52,7 +52,7 @@ def test_presets_compose():
 
 
 def test_two_step_run_on_tiny_model(tmp_path, tiny_overrides):
-    from recipes.train import run
+    from frugal.recipes.train import run
 
     summary = run(compose_train(tiny_overrides + ["max_steps=2", "save_every=1"]), run_dir=tmp_path)
     rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
@@ -72,8 +72,8 @@ def test_two_step_run_on_tiny_model(tmp_path, tiny_overrides):
 
 
 def _cli(args, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "recipes.train", *args], cwd=ROOT, env=env,
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
+    return subprocess.Popen([sys.executable, "-m", "frugal.recipes.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
 
 
@@ -112,14 +112,14 @@ def test_offline_uncached_model_error_names_it_and_says_what_to_do():
     # A fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE when it is imported.
     code = ("import torch\nfrom train.models import ModelConfig, load_model\n"
             "load_model(ModelConfig(name_or_path='no-such-org/no-such-model'), torch.device('cpu'))")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode != 0
     assert "no-such-org/no-such-model" in out.stderr and "HF_HUB_OFFLINE is set" in out.stderr
 
 
 def test_atomic_dir_replaces_whole_or_leaves_the_old_folder(tmp_path):
-    from train.checkpoint import atomic_dir
+    from frugal.train.checkpoint import atomic_dir
 
     target = tmp_path / "out"
     with atomic_dir(target) as tmp:

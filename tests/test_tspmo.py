@@ -6,13 +6,13 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import TINY, compose_train
-from train.config import to_config
-from train.models import LoraConfig, ModelConfig, apply_lora, load_model
-from train.policy_loss import clipped_pg_loss, full_logits_logprobs, selected_logprobs
-from train.rollout import GenerationConfig, Rollout
-from train.tracking import read_jsonl
-from train.tspmo import branch_transitions, replay_prefixes, replay_rollout, select_prefix_matching
+from conftest import TINY, compose_train
+from frugal.train.config import to_config
+from frugal.train.models import LoraConfig, ModelConfig, apply_lora, load_model
+from frugal.train.policy_loss import clipped_pg_loss, full_logits_logprobs, selected_logprobs
+from frugal.train.rollout import GenerationConfig, Rollout
+from frugal.train.tracking import read_jsonl
+from frugal.train.tspmo import branch_transitions, replay_prefixes, replay_rollout, select_prefix_matching
 
 PAD = 0
 
@@ -206,7 +206,7 @@ def test_replay_rollout_grows_each_group_from_its_prefix(tiny_lora):
 
 
 def test_tiny_run_then_exact_resume(tmp_path):
-    from recipes.train import run
+    from frugal.recipes.train import run
 
     args = TINY + ["algo=tspmo", "algo.replay_samples=2", "max_steps=4", "save_every=2",
                    "keep_checkpoints=2", "eval_before=false"]

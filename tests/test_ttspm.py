@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from evaluator.ttspm import (
+from frugal.evaluator.ttspm import (
     AutoBudget, BetaFit, PooledFit, TTSPM, ZIBetaFit, adaptive_sampling, auto_best_of_n, fit_beta, fit_plugin, fit_pooled,
     fit_rethink, fit_zibeta, marginal_gain, mixture_accuracy, parallel_accuracy, pass_at_n, saturation_budget,
 )
@@ -207,7 +207,7 @@ class _FakeEngine:
         self.drawn = {}
 
     def extend(self, problems, cands, stop_at_step=False):
-        from evaluator.engine import Candidate
+        from frugal.evaluator.engine import Candidate
 
         out = []
         for c in cands:
@@ -226,7 +226,7 @@ class _FakePRM:
 
 
 def test_auto_best_of_n_stops_verified_problems_early():
-    from evaluator.strategies import best_of_n
+    from frugal.evaluator.strategies import best_of_n
 
     problems = [{"prompt": [{"role": "user", "content": f"q{i}"}], "answer": "1", "answer_format": "number"}
                 for i in range(3)]
@@ -268,7 +268,7 @@ def test_forecast_error_is_centred_and_shrinks_with_problems():
 def test_plan_recipe_end_to_end_on_tiny_model(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from recipes.plan import CONF_DIR, report, run
+    from frugal.recipes.plan import CONF_DIR, report, run
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("plan", overrides=["model=tiny_random", "limit=3", "pilots=2", "engine.max_new_tokens=4",

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, compose_train
+from conftest import TINY, compose_train
 
 FAKE_SECRET = "hf_FakeTokenForWandbTest0123456789abcdefgh"
-REWARDS = 'reward.functions=[{name:correctness,weight:1.0},{name:format,weight:0.5},{name:"tests.reward_fixtures:share_of_letter_e",weight:1.0}]'
+REWARDS = 'reward.functions=[{name:correctness,weight:1.0},{name:format,weight:0.5},{name:"reward_fixtures:share_of_letter_e",weight:1.0}]'
 
 
 def read_records(run_dir: Path) -> list[dict]:
@@ -31,7 +31,7 @@ def read_records(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory):
-    from recipes.train import run
+    from frugal.recipes.train import run
 
     path = tmp_path_factory.mktemp("wandb_run")
     old = os.environ.get("HF_TOKEN")
@@ -55,7 +55,7 @@ def test_per_reward_function_metrics_each_step(wandb_run):
     assert [h["_step"] for h in train_steps] == [1, 2]
     local = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
     for h in train_steps:
-        for name in ("reward/correctness", "reward/format", "reward/tests.reward_fixtures:share_of_letter_e",
+        for name in ("reward/correctness", "reward/format", "reward/reward_fixtures:share_of_letter_e",
                      "reward/mean", "tokens/selected", "loss", "grad_norm"):
             assert name in h, f"{name} missing from the W&B history at step {h['_step']}"
         # the same numbers as the local metrics.jsonl
@@ -111,8 +111,8 @@ def test_eval_summary_and_plots(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.config import LoggerConfig
-    from train.tracking import Tracker
+    from frugal.train.config import LoggerConfig
+    from frugal.train.tracking import Tracker
 
     plot = tmp_path / "accuracy_vs_flops.png"
     plt.plot([1, 2], [0.2, 0.4])

@@ -15,10 +15,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from rewards.combine import RewardConfig
-from tasks.config import TaskConfig
-from train.models import LoraConfig, ModelConfig
-from train.rollout import GenerationConfig
+from frugal.rewards.combine import RewardConfig
+from frugal.tasks.config import TaskConfig
+from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.rollout import GenerationConfig
 
 ALGOS = ("sgrpo", "grpo", "tspmo")
 

@@ -12,7 +12,7 @@ then a broadcast from rank 0) and applies the same summed gradient with the same
 stay identical without ever being re-broadcast.
 
 Why not ``accelerator.prepare(model)`` (DDP)? DDP synchronises gradients from hooks armed by *its own*
-``forward``; ``train.policy_loss.selected_logprobs`` deliberately calls the decoder and the LM head of the
+``forward``; ``frugal.train.policy_loss.selected_logprobs`` deliberately calls the decoder and the LM head of the
 unwrapped model (to apply the head at selected positions only), which would bypass them and silently train
 unsynchronised replicas. One explicit all-reduce of the (small) LoRA gradient vector per optimizer step is
 simpler and independent of how the forward pass is organised.
@@ -21,7 +21,7 @@ simpler and independent of how the forward pass is organised.
 base is sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``, one unit per decoder layer plus a root),
 and the LoRA adapter stays replicated (``ignored_params``), so gradients, optimizer, checkpoints and adapter
 saving are exactly those of the data-parallel path above. FSDP gathers a unit's weights in hooks around its
-``forward``, so the root is ``train.policy_loss.PolicyLogprobs``, a module whose ``forward`` *is* the
+``forward``, so the root is ``frugal.train.policy_loss.PolicyLogprobs``, a module whose ``forward`` *is* the
 selected-position log-prob computation: the hooks then wrap exactly what runs (``shard_policy``).
 Sampling decodes token by token, a different number of steps on each rank, and only the main process
 evaluates, so gathering layer by layer there would need every rank in lockstep (transformers'
@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from train.policy_loss import PolicyLogprobs
+from frugal.train.policy_loss import PolicyLogprobs
 
 # ZeRO-3 shards the parameters and gathers them in hooks around the DeepSpeed engine's forward; frugal does
 # not hand the model to DeepSpeed (and DeepSpeed cannot be exercised on the CPU test machine), so it is
@@ -100,7 +100,7 @@ def load_args(model_cfg, device: torch.device, accelerator) -> tuple[Any, torch.
     as it goes, so loading never puts the whole base on a GPU (sampling does, see ``full_parameters``)."""
     if not is_sharded(accelerator) or torch.device(device).type == "cpu":
         return model_cfg, device
-    from train.models import resolve_dtype
+    from frugal.train.models import resolve_dtype
 
     dtype = str(resolve_dtype(model_cfg.dtype, torch.device(device))).removeprefix("torch.")
     return dataclasses.replace(model_cfg, dtype=dtype), torch.device("cpu")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from rewards.functions import correctness
-from train.rollout import GenerationConfig, generate
+from frugal.rewards.functions import correctness
+from frugal.train.rollout import GenerationConfig, generate
 
 
 def greedy_accuracy(model, tokenizer, rows: list[dict], gen_cfg: GenerationConfig, answer_format: str,

@@ -15,7 +15,7 @@ The folder is built in a hidden temporary sibling and renamed into place, so an 
 leaves a half-written folder, and an existing non-empty folder is only replaced with ``overwrite=true``.
 
 Secrets: the Hub token is never read here. ``huggingface_hub`` finds it itself (``HF_TOKEN`` or the
-``huggingface-cli login`` file); configs are passed through :func:`train.config.scrub_secrets` and the
+``huggingface-cli login`` file); configs are passed through :func:`frugal.train.config.scrub_secrets` and the
 written files are checked against the secret environment variables before anything is uploaded.
 """
 
@@ -32,10 +32,10 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from train.checkpoint import STEP_DIR, atomic_dir, atomic_write_text, list_checkpoints
-from train.config import SECRET_ENV, scrub_secrets
-from train.models import ModelConfig, load_model, load_tokenizer
-from train.tracking import flatten
+from frugal.train.checkpoint import STEP_DIR, atomic_dir, atomic_write_text, list_checkpoints
+from frugal.train.config import SECRET_ENV, scrub_secrets
+from frugal.train.models import ModelConfig, load_model, load_tokenizer
+from frugal.train.tracking import flatten
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,8 @@ def _copy_or_save_tokenizer(folder: Path, model_cfg: ModelConfig, tmp: Path) -> 
 
 
 def _export_prm(src: Source, tmp: Path) -> dict:
-    """A PRM folder is copied as written by ``train.prm`` and checked to load with ``load_prm``."""
-    from train import prm as prm_module
+    """A PRM folder is copied as written by ``frugal.train.prm`` and checked to load with ``load_prm``."""
+    from frugal.train import prm as prm_module
 
     prm_module.load_prm(str(src.folder))  # fails loudly on a broken folder before anything is written
     for path in src.folder.rglob("*"):

@@ -275,7 +275,7 @@ def _build_smollm2_cache(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    from train.checkpoint import atomic_dir
+    from frugal.train.checkpoint import atomic_dir
 
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from train.token_selection import Selection
+from frugal.train.token_selection import Selection
 
 
 def _decoder_and_head(model):
@@ -40,7 +40,7 @@ class PolicyLogprobs(torch.nn.Module):
 
     FSDP gathers a sharded module's weights in hooks around its ``forward``; ``selected_logprobs`` calls
     the decoder and the LM head directly (never the LM's own ``forward``), so it is this module that gets
-    sharded (``train.distributed.shard_policy``): its hooks then wrap exactly the computation that runs.
+    sharded (``frugal.train.distributed.shard_policy``): its hooks then wrap exactly the computation that runs.
     One process and DDP never build it. Sharded, the prompts are not shared: a layer's weights are freed
     after its backward pass, but the prompt's cached K/V (computed by the same layer in the first of its
     two calls) still needs them afterwards, and FSDP does not track that second path.

@@ -362,12 +362,12 @@ class PRM(torch.nn.Module):
         Prompt sharing (``share_prompt``, the default): every sequence starts with its prompt's tokens
         (the layout tokenizes the prompt on its own), so each distinct prompt runs through the backbone
         once per call, its KV cache is kept, and each solution runs only its own step tokens on top of it
-        (the prefix cache of :class:`evaluator.engine.Engine`, on the PRM side). Exact up to float
+        (the prefix cache of :class:`frugal.evaluator.engine.Engine`, on the PRM side). Exact up to float
         round-off: attention is causal, so a prompt token's state never depends on what follows it.
         ``share_prompt=False`` runs every full sequence (the reference). Compute accounting: tokens run
         (each distinct prompt once, plus every solution's step tokens) in ``last_tokens`` /
         ``tokens_scored``, and Σ over them of the keys each one attends to (itself included) in
-        ``last_attention`` (the attention FLOPs term, :mod:`evaluator.flops`).
+        ``last_attention`` (the attention FLOPs term, :mod:`frugal.evaluator.flops`).
         """
         if len(prompts) != len(steps_batch):
             raise ValueError(f"score: {len(prompts)} prompts but {len(steps_batch)} step lists")
@@ -473,7 +473,7 @@ class PRM(torch.nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
-        """Adapter + head into one folder (what ``train.checkpoint.save_checkpoint`` calls, so that a
+        """Adapter + head into one folder (what ``frugal.train.checkpoint.save_checkpoint`` calls, so that a
         checkpoint's ``adapter/`` holds the whole trainable state)."""
         from safetensors.torch import save_file
 
@@ -505,7 +505,7 @@ class PRM(torch.nn.Module):
     def save(self, out_dir: str | Path) -> Path:
         """Write a PRM folder: ``adapter/`` (peft adapter + ``head.safetensors``) and ``prm.json`` (backbone,
         separator, aggregation, …). Written to a temporary folder renamed into place (atomic)."""
-        from train.checkpoint import atomic_dir
+        from frugal.train.checkpoint import atomic_dir
 
         out_dir = Path(out_dir)
         with atomic_dir(out_dir) as tmp:
@@ -517,9 +517,9 @@ class PRM(torch.nn.Module):
 
 
 def build_prm(model_cfg, lora_cfg, prm_cfg: PRMConfig, device: Optional[torch.device] = None) -> PRM:
-    """A fresh PRM: backbone from ``model_cfg`` (``train.models.load_model``), a new LoRA adapter
+    """A fresh PRM: backbone from ``model_cfg`` (``frugal.train.models.load_model``), a new LoRA adapter
     (unless ``lora.enabled=false``: then the backbone is frozen and only the head trains)."""
-    from train.models import apply_lora, load_model
+    from frugal.train.models import apply_lora, load_model
 
     model, tok = load_model(model_cfg, device)
     tok.padding_side = "right"  # scoring gathers by position; right padding keeps positions natural
@@ -539,7 +539,7 @@ def load_prm(path: str | Path, device: Optional[torch.device] = None, dtype: str
     ``prm.json``; scores are identical to the saved PRM's at the same dtype)."""
     from peft import PeftModel
 
-    from train.models import ModelConfig, load_model
+    from frugal.train.models import ModelConfig, load_model
 
     path = Path(path)
     meta_path = path / PRM_CONFIG_FILE

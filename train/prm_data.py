@@ -5,7 +5,7 @@
 ``labels`` are booleans or floats in [0, 1] (soft Monte-Carlo labels stay floats). Three sources:
 
 * :func:`load_stepwise` — a local JSONL file or a Hugging Face dataset (id or ``save_to_disk`` folder) in
-  this format (e.g. Math-Shepherd or PRM800K converted); malformed rows raise :class:`tasks.BadRow`
+  this format (e.g. Math-Shepherd or PRM800K converted); malformed rows raise :class:`frugal.tasks.BadRow`
   naming the file and row, or are skipped and counted (``on_bad_row=skip``).
 * :func:`generated_examples` — exact labels for the generated tasks (``arith``, ``multiply``): each
   reference solution, plus copies with one injected error (a wrong result or a wrongly copied operand)
@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from tasks.rows import ANSWER_STEPS, BadRow
+from frugal.tasks.rows import ANSWER_STEPS, BadRow
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def validate_example(record: Any, where: str) -> dict:
             raise BadRow(f"{where}: missing key {key!r} (has {sorted(record)[:8]})")
     prompt, steps, labels = record["prompt"], record["completions"], record["labels"]
     if isinstance(prompt, list):  # chat messages: keep the user text (train.prm.prompt_text)
-        from train.prm import prompt_text
+        from frugal.train.prm import prompt_text
 
         prompt = prompt_text(prompt)
     if not isinstance(prompt, str) or not prompt.strip():
@@ -253,6 +253,6 @@ def equation_drills(rows: list[dict], seed: int = 0, wrong_per_fact: int = 2) ->
 
 
 def write_jsonl(path: Path, examples: list[dict]) -> None:
-    from train.checkpoint import atomic_write_text
+    from frugal.train.checkpoint import atomic_write_text
 
     atomic_write_text(Path(path), "".join(json.dumps(e) + "\n" for e in examples))

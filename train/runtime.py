@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from train.checkpoint import find_resume_checkpoint
+from frugal.train.checkpoint import find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 

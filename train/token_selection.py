@@ -1,7 +1,7 @@
 """Which completion tokens enter the policy-gradient loss.
 
 Every algorithm produces the same thing: a set of ``(row, position, advantage)`` triples, where
-``position`` indexes the completion (0 = first generated token). ``train.policy_loss`` turns them into
+``position`` indexes the completion (0 = first generated token). ``frugal.train.policy_loss`` turns them into
 log-probabilities by evaluating the LM head only there.
 
 * GRPO (full-token baseline): every completion token, each with its sequence's advantage.
@@ -14,7 +14,7 @@ log-probabilities by evaluating the LM head only there.
   rest are subsampled, which cuts the LM-head and backward cost roughly in proportion to the tokens
   dropped and, because attention is causal, lets us crop each batch after its last kept position.
 * T-SPMO (Lee & Tong, 2025): one triple per token transition at a branch point of the prefix trie over
-  a group's completions, with advantage A(p, v) = V(p·v) − V(p); see ``train.tspmo``.
+  a group's completions, with advantage A(p, v) = V(p·v) − V(p); see ``frugal.train.tspmo``.
 """
 
 from __future__ import annotations

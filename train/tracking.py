@@ -9,8 +9,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from train.checkpoint import atomic_write_text
-from train.config import LoggerConfig, scrub_secrets
+from frugal.train.checkpoint import atomic_write_text
+from frugal.train.config import LoggerConfig, scrub_secrets
 
 
 class Tracker:

@@ -19,7 +19,7 @@ nothing. The loss over the selected set S is
 
     L = −(1 / |S|) · Σ_{(p, v) ∈ S} A(p, v) · log π_θ(v | q, p)
 
-(with the optional ratio clip and KL term of ``train.policy_loss``, shared with S-GRPO). S holds either
+(with the optional ratio clip and KL term of ``frugal.train.policy_loss``, shared with S-GRPO). S holds either
 each **unique** transition once (``weighting=unique``, the paper's choice: a token choice is credited
 once however often it was sampled), or one entry per completion that took it (``weighting=visits``: the
 transition counts N(p·v) times, a popular path weighs more). Because every completion that took (p, v)
@@ -35,7 +35,7 @@ child of its highest-|A| transition) to deepen the trie where the signal is. Rep
 toward V of every prefix they pass through, so they bias the ancestors' values toward the replayed branch;
 that is why replay is off by default.
 
-Everything here produces a ``train.token_selection.Selection``: ``train.policy_loss.selected_logprobs``
+Everything here produces a ``frugal.train.token_selection.Selection``: ``frugal.train.policy_loss.selected_logprobs``
 then applies the LM head only at the selected positions, as for S-GRPO.
 """
 
@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from train.rollout import GenerationConfig, Rollout, sample
-from train.token_selection import Selection
+from frugal.train.rollout import GenerationConfig, Rollout, sample
+from frugal.train.token_selection import Selection
 
 WEIGHTINGS = ("unique", "visits")
 ADV_NORMS = ("none", "reward_std", "batch_std")

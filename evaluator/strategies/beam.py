@@ -11,7 +11,7 @@ With budget N and beam width M, keep K = max(1, N // M) beams:
        (the best surviving beam if none finished).
 
 The step generation of all children of all problems is one engine call per step. With ``tau`` set (used
-by :mod:`evaluator.strategies.early_rejection`), children generate only ``tau`` tokens of their step,
+by :mod:`frugal.evaluator.strategies.early_rejection`), children generate only ``tau`` tokens of their step,
 are ranked on that partial step, and only the K survivors finish the step (early-rejection beam search).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from evaluator.strategies.common import Result, best, by_problem, fresh, solution_score
+from frugal.evaluator.strategies.common import Result, best, by_problem, fresh, solution_score
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:

@@ -11,12 +11,12 @@ score is s_i = agg(r_i) with agg ∈ {last, min, prod, mean}.
 
 from __future__ import annotations
 
-from evaluator.strategies.common import Result, best, by_problem, fresh, solution_score, vote
+from frugal.evaluator.strategies.common import Result, best, by_problem, fresh, solution_score, vote
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:
     if getattr(cfg, "budget", "fixed") == "auto":  # search.budget=auto: N is the cap (evaluator/ttspm.py)
-        from evaluator.ttspm import auto_best_of_n
+        from frugal.evaluator.ttspm import auto_best_of_n
 
         return [select(group, problems, cfg) for group in auto_best_of_n(problems, budget, engine, prm, cfg)]
     cands = engine.extend(problems, fresh(len(problems), budget), stop_at_step=False)

@@ -7,9 +7,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from evaluator.engine import Candidate
-from rewards.verify import answers_match, extract_answer
-from train.prm import aggregate
+from frugal.evaluator.engine import Candidate
+from frugal.rewards.verify import answers_match, extract_answer
+from frugal.train.prm import aggregate
 
 EPS = 1e-6
 
@@ -37,7 +37,7 @@ def by_problem(cands: Sequence[Candidate], num_problems: int) -> list[list[Candi
 
 
 def solution_score(cand: Candidate, how: str) -> float:
-    """Aggregated PRM score (``train.prm.aggregate``: last | min | prod | mean)."""
+    """Aggregated PRM score (``frugal.train.prm.aggregate``: last | min | prod | mean)."""
     return aggregate(cand.scores, how)
 
 

@@ -19,7 +19,7 @@ prefixes + (|S| solutions where |S| > 1). The saving therefore grows with L/τ a
 replies (τ a third of L) it takes a high rejection rate to halve best-of-N's compute.
 
 Early-rejection beam search (``search.er_search=beam``): step-level beam search
-(:mod:`evaluator.strategies.beam`) where each child generates only τ tokens of its next step, the
+(:mod:`frugal.evaluator.strategies.beam`) where each child generates only τ tokens of its next step, the
 children are ranked on that partial step, and only the kept beams complete it.
 """
 
@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from evaluator.strategies.beam import beam_search
-from evaluator.strategies.common import Result, best, by_problem, fresh, solution_score
+from frugal.evaluator.strategies.beam import beam_search
+from frugal.evaluator.strategies.common import Result, best, by_problem, fresh, solution_score
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:

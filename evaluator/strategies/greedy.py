@@ -7,7 +7,7 @@ The zero-search baseline every other strategy is compared with.
 
 from __future__ import annotations
 
-from evaluator.strategies.common import Result, fresh
+from frugal.evaluator.strategies.common import Result, fresh
 
 
 def run(problems, budget, engine, prm=None, cfg=None) -> list[Result]:

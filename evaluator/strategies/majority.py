@@ -8,7 +8,7 @@ No PRM is used. Ties go to the answer seen first.
 
 from __future__ import annotations
 
-from evaluator.strategies.common import Result, by_problem, fresh, vote
+from frugal.evaluator.strategies.common import Result, by_problem, fresh, vote
 
 
 def run(problems, budget, engine, prm=None, cfg=None) -> list[Result]:

@@ -20,7 +20,7 @@ final pool approximates the posterior over solutions, and a small PRM ranks comp
 summing its scores over the particles that agree is more robust than trusting its single highest score
 (on the search benchmark's development set it was 2–13 points better at every N; see ``SearchConfig``).
 
-The SMC loop :func:`smc` also runs conditional SMC for :mod:`evaluator.strategies.particle_gibbs`: a
+The SMC loop :func:`smc` also runs conditional SMC for :mod:`frugal.evaluator.strategies.particle_gibbs`: a
 reference trajectory per problem keeps slot 0 at every step and is never resampled away.
 """
 
@@ -31,8 +31,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from evaluator.engine import Candidate
-from evaluator.strategies.common import Result, best, has_answer, logit, solution_score, vote
+from frugal.evaluator.engine import Candidate
+from frugal.evaluator.strategies.common import Result, best, has_answer, logit, solution_score, vote
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:

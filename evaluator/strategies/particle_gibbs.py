@@ -1,7 +1,7 @@
 """Particle Gibbs: iterated conditional SMC (Andrieu, Doucet & Holenstein 2010, "Particle Markov chain
 Monte Carlo methods"; applied to reasoning steps by Puri et al. 2025, Alg. 2).
 
-Sweep k runs particle filtering (:func:`evaluator.strategies.particle_filter.smc`) with N' = max(2,
+Sweep k runs particle filtering (:func:`frugal.evaluator.strategies.particle_filter.smc`) with N' = max(2,
 budget // sweeps) particles per problem, where slot 0 holds the reference trajectory x*^(k−1) at every
 step and is never resampled away (the other N'−1 particles resample from all N', reference included).
 After the sweep a new reference is drawn from the final particles with probability ∝ exp(logit(r)/T):
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from evaluator.strategies.common import Result, logit, solution_score
-from evaluator.strategies.particle_filter import choose, smc
+from frugal.evaluator.strategies.common import Result, logit, solution_score
+from frugal.evaluator.strategies.particle_filter import choose, smc
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:

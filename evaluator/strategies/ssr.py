@@ -48,11 +48,11 @@ one in its text — for ``answer_format=number`` that is the first step containi
     fast=1   stop as soon as any path has an answer; that answer (best-ranked hint first)
     fast=2   stop as soon as two paths' answers agree; if none ever do, majority over the finished paths
 
-Accounting: one :class:`evaluator.engine.Engine` per model. The draft engine counts draft tokens, the
+Accounting: one :class:`frugal.evaluator.engine.Engine` per model. The draft engine counts draft tokens, the
 target engine counts target tokens — its generated tokens (what it wrote after rejections) and, as
 prefill, every token it processed while verifying (the prompt is re-encoded by every verification pass:
 no KV reuse there yet, so SSR's target FLOPs exceed target-only decoding on this CPU demo even though
-its generated tokens fall). :func:`report` turns both into FLOPs (:mod:`evaluator.flops`).
+its generated tokens fall). :func:`report` turns both into FLOPs (:mod:`frugal.evaluator.flops`).
 
 Measured (``scripts/bench_ssr.py``, 40 held-out ± problems, k = 2, fast=1, target = SmolLM2-135M + a
 10-step demo adapter at 75 % greedy accuracy, draft = the base model): target generated tokens ÷
@@ -71,10 +71,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from evaluator.config import DEFAULT_HINTS, SSRConfig  # noqa: F401  (re-exported for callers)
-from evaluator.engine import Candidate, Engine
-from evaluator.strategies.common import Result, vote
-from rewards.verify import answers_match, extract_answer
+from frugal.evaluator.config import DEFAULT_HINTS, SSRConfig  # noqa: F401  (re-exported for callers)
+from frugal.evaluator.engine import Candidate, Engine
+from frugal.evaluator.strategies.common import Result, vote
+from frugal.rewards.verify import answers_match, extract_answer
 
 @dataclass
 class Path:
@@ -401,7 +401,7 @@ def run(problems, budget, engine, prm, cfg) -> list[Result]:
 
 
 def draft_engine(scfg: SSRConfig, target: Engine) -> Engine:
-    from train.models import ModelConfig, load_model
+    from frugal.train.models import ModelConfig, load_model
 
     key = (scfg.draft_model, scfg.draft_adapter, str(target.device))
     if key not in _DRAFTS:
@@ -431,8 +431,8 @@ class Report:
 def report(problems: Sequence[dict], results: Sequence[Result], draft_counts, target_counts,
            draft_shape, target_shape) -> Report:
     """Counts are the engines' ``Counts`` for this run (``counts.since(before)``); shapes from
-    :func:`evaluator.flops.policy_shape`."""
-    from rewards.verify import is_correct
+    :func:`frugal.evaluator.flops.policy_shape`."""
+    from frugal.rewards.verify import is_correct
 
     correct = [is_correct(r.chosen.text, str(p["answer"]), p.get("answer_format", "boxed")) for p, r in zip(problems, results)]
     proposed = sum(r.info["proposed"] for r in results)
