@@ -91,3 +91,15 @@ def test_the_distribution_exposes_exactly_one_import_name():
         for init in (ROOT / sub).rglob("__init__.py"):
             name = "frugal." + ".".join(init.parent.relative_to(ROOT).parts)
             assert name in setup["packages"], f"{name} is not in [tool.setuptools] packages"
+
+
+def test_accelerate_launch_runs_the_recipe_as_a_module(tmp_path):
+    """``accelerate launch -m frugal.recipes.train …`` (what the scaling docs show) finds the recipe, from a
+    working directory that has a ``train.py`` of its own."""
+    cwd = _user_project(tmp_path)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+           "-m", "frugal.recipes.train", "--cfg", "job", "algo=tspmo"]
+    out = subprocess.run(cmd, cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "name: tspmo" in out.stdout and "user_key" not in out.stdout
