@@ -110,7 +110,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 def test_offline_uncached_model_error_names_it_and_says_what_to_do():
     # A fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE when it is imported.
-    code = ("import torch\nfrom train.models import ModelConfig, load_model\n"
+    code = ("import torch\nfrom frugal.train.models import ModelConfig, load_model\n"
             "load_model(ModelConfig(name_or_path='no-such-org/no-such-model'), torch.device('cpu'))")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
