@@ -26,6 +26,19 @@ def compose_train(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
+def regraded_accuracy(path: Path, ids: list[str], answer_format: str) -> float:
+    """The share of correct records in an eval_*.jsonl, each re-graded from its completion; the records
+    must be exactly the problems ``ids``, in order."""
+    from frugal.rewards.verify import is_correct
+    from frugal.train.tracking import read_jsonl
+
+    rows = read_jsonl(path)
+    assert [r["id"] for r in rows] == ids
+    for r in rows:
+        assert r["correct"] == is_correct(r["completion"], r["answer"], answer_format), r
+    return sum(r["correct"] for r in rows) / len(rows)
+
+
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)

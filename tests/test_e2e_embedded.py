@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, compose_train
+from conftest import ROOT, compose_train, regraded_accuracy
+from frugal.tasks import load_task
+from frugal.train.config import to_config
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +40,10 @@ def test_short_sgrpo_run_on_embedded_model(tmp_path):
     steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     assert all(0 < r["tokens/selected_frac"] <= 1 for r in steps if r["tokens/selected"])
-    assert 0 <= summary["accuracy_before"] <= 1 and 0 <= summary["accuracy_after"] <= 1
+    # The reported accuracies are the held-out records' grades, re-graded here (eval_limit=6 test rows).
+    test_ids = [r["id"] for r in load_task(to_config(cfg).task).test[:6]]
+    for phase in ("before", "after"):
+        assert summary[f"accuracy_{phase}"] == regraded_accuracy(tmp_path / f"eval_{phase}.jsonl", test_ids, "number")
     assert (tmp_path / "final" / "adapter_model.safetensors").exists()
 
 

@@ -175,11 +175,46 @@ def test_beam_keeps_the_best_and_expands_them():
 
 
 def test_early_rejection_beam_completes_only_survivors_steps():
-    first = [0.3, 0.95, 0.1, 0.6]
-    engine = FakeEngine(lambda call, k, c: first[k] if call == 0 else 0.5, length=2)
-    get("early_rejection")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()),
-                           _cfg(name="early_rejection", er_search="beam", beam_width=2, tau=8))
-    assert engine.calls[0]["max_tokens"] == 8 and len(engine.calls[0]["cands"]) == 4
+    # Every τ call writes an open (unfinished) step "v=<value>"; every later call without max_tokens
+    # must finish the open steps of exactly the top budget // beam_width candidates of that τ call, at
+    # every step of the search, and the next τ call must extend only those survivors' children.
+    tau_values = {0: [0.3, 0.95, 0.1, 0.6], 2: [0.2, 0.7, 0.9, 0.4], 4: [0.85, 0.05, 0.5, 0.65]}
+
+    class OpenStepEngine(FakeEngine):
+        def extend(self, problems, cands, max_tokens=None, stop_at_step=True, greedy=False):
+            out = [c.copy() for c in cands]
+            todo = [c for c in out if not c.finished]
+            call = len(self.calls)
+            self.calls.append({"cands": [c.copy() for c in todo], "max_tokens": max_tokens,
+                               "stop_at_step": stop_at_step})
+            for k, c in enumerate(todo):
+                if max_tokens is not None:  # τ tokens: an open step
+                    assert not c.text or c.text.endswith(DELIM), "a τ call must start a new step"
+                    c.text += f"v={tau_values[call][k]}"
+                else:  # finish the open step
+                    assert c.text and not c.text.endswith(DELIM), "only open steps are completed"
+                    c.text += DELIM
+                    c.finished = len(split_steps(c.text, DELIM)) >= self.length
+                c.tokens += 1
+            self.calls[-1]["out"] = [c.copy() for c in todo]
+            return out
+
+    engine = OpenStepEngine(None, length=3)
+    res = get("early_rejection")(PROBLEMS[:1], 4, engine, CountingPRM(FakePRM()),
+                                 _cfg(name="early_rejection", er_search="beam", beam_width=2, tau=8))
+    calls = engine.calls
+    assert [c["max_tokens"] for c in calls] == [8, None, 8, None, 8, None]
+    assert [len(c["cands"]) for c in calls] == [4, 2, 4, 2, 4, 2]
+    for i in range(0, len(calls), 2):
+        tau_out, completed = calls[i]["out"], calls[i + 1]["cands"]
+        ranked = sorted(tau_out, key=lambda c: -_value(c.steps()[-1]))
+        survivors = sorted(c.text for c in ranked[:2])
+        assert sorted(c.text for c in completed) == survivors, f"call {i + 1} completed a rejected candidate"
+        if i + 2 < len(calls):  # the next τ call extends two children of each survivor, nothing else
+            assert sorted(c.text for c in calls[i + 2]["cands"]) == sorted(t + DELIM for t in survivors for _ in range(2))
+    # the answer is the best of the last round's completed survivors
+    assert res[0].chosen.finished
+    assert res[0].chosen.text == max(calls[-1]["out"], key=lambda c: _value(c.steps()[-1])).text
 
 
 def test_systematic_resampling_is_unbiased_with_floor_or_ceil_counts():

@@ -322,4 +322,14 @@ def test_mc_labelling_runs_real_generate_on_tiny_random(tmp_path):
     summary = run(cfg, run_dir=tmp_path / "run")
     rows, _ = load_stepwise(str(out))
     assert summary["solutions_written"] == len(rows) > 0
-    assert all(0.0 <= y <= 1.0 for r in rows for y in r["labels"])
+    from frugal.rewards.verify import is_correct
+
+    raw = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["labels"] for r in raw] == [r["labels"] for r in rows]
+    assert any(len(r["labels"]) > 1 for r in raw)  # some steps were rolled out
+    for r in raw:
+        # a step's soft label is the share of its 2 rollouts that reached the answer: 0, 1/2 or 1; the
+        # last step's is the sampled solution's own grade, re-graded here from its steps
+        assert 1 <= len(r["labels"]) == len(r["completions"]) <= 8 and r["rollouts"] == 2
+        assert all(y in (0.0, 0.5, 1.0) for y in r["labels"][:-1])
+        assert r["labels"][-1] == float(r["solution_correct"]) == float(is_correct("e".join(r["completions"]), r["answer"], "boxed"))
