@@ -60,7 +60,7 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
-from frugal.train.prm import split_steps
+from frugal.train.prm_steps import split_steps
 from frugal.train.rollout import eos_token_ids, sampling_warpers
 
 

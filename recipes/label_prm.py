@@ -37,7 +37,8 @@ from frugal.tasks.config import TaskConfig
 from frugal.train.checkpoint import atomic_write_text
 from frugal.train.config import scrub_secrets, to_config
 from frugal.train.models import ModelConfig
-from frugal.train.prm import PRMConfig, split_steps
+from frugal.train.prm import PRMConfig
+from frugal.train.prm_steps import split_steps
 from frugal.train.rollout import GenerationConfig
 
 log = logging.getLogger("frugal.label_prm")

@@ -12,7 +12,7 @@ from frugal.evaluator.flops import ModelShape, policy_shape
 from frugal.evaluator.strategies import get
 from frugal.evaluator.strategies.common import best, logit, vote
 from frugal.evaluator.strategies.particle_filter import ess, multinomial_resample, smc, systematic_resample
-from frugal.train.prm import split_steps
+from frugal.train.prm_steps import split_steps
 
 DELIM = "\n\n"
 

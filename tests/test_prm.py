@@ -9,8 +9,9 @@ import torch
 
 from frugal.tasks.rows import BadRow
 from frugal.train.models import LoraConfig, ModelConfig
-from frugal.train.prm import (PRMConfig, aggregate, auroc, build_prm, collate, encode, load_prm, split_steps,
-                       step_metrics, token_budget_batches)
+from frugal.train.prm import PRMConfig, build_prm, load_prm
+from frugal.train.prm_metrics import auroc, step_metrics
+from frugal.train.prm_steps import aggregate, collate, encode, split_steps, token_budget_batches
 from frugal.train.prm_data import corrupt_solution, generated_examples, load_stepwise, validate_example
 from frugal.conf import CONF_DIR
 
@@ -189,7 +190,8 @@ def test_stepwise_hf_dataset_folder(tmp_path):
 
 def test_soft_labels_end_to_end_and_loss_falls_on_separable_set(tmp_path):
     """Steps that say 'good' are labelled 0.9, 'bad' 0.1 (soft): BCE must fall and the scores separate."""
-    from frugal.recipes.train_prm import bce_loss, train_step
+    from frugal.recipes.train_prm import train_step
+    from frugal.train.prm import bce_loss
 
     torch.manual_seed(0)
     prm = build_prm(TINY, LoraConfig(r=4, alpha=8), PRMConfig(separator="\n"))

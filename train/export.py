@@ -398,7 +398,7 @@ def _key_config(conf: dict) -> list[tuple[str, Any]]:
 def _usage(base: str, frugal_base: str, repo: str, is_merged: bool, is_prm: bool, conf: dict) -> list[str]:
     if is_prm:
         return ["```bash", f"huggingface-cli download {repo} --local-dir prm   # then, with `pip install frugal-rl`:",
-                "```", "", "```python", "from train.prm import load_prm", "",
+                "```", "", "```python", "from frugal.train.prm import load_prm", "",
                 'prm = load_prm("prm")',
                 'print(prm.score(["What is 3 + 4 * 5?"], [["4 * 5 = 20", "3 + 20 = 23"]]))  # one score per step',
                 "```", "", "PRM-guided search with Frugal's evaluator:", "", "```bash",
