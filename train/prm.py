@@ -51,6 +51,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from frugal.train.decoding import PromptKV, left_pad
 from frugal.train.prm_steps import (AGGREGATIONS, PROMPT_SUFFIX, Encoded, aggregate, collate, encode, prompt_text,
                                     separator_ids, split_steps, step_starts, token_budget_batches)
 
@@ -294,39 +295,29 @@ class PRM(torch.nn.Module):
 
     def _shared_prompt_logits(self, encoded: Sequence[Encoded], idx: Sequence[int], keys: Sequence[str],
                               head_len: dict, prompt_kv: dict) -> tuple[torch.Tensor, int, int]:
-        """Step logits of rows ``idx`` over their prompts' cached KV. Prompts not in ``prompt_kv`` are run
-        first (one left-padded forward; positions from the mask) and stored. The rows' step tokens then
-        run in one forward: [left-padded prompt KV | right-padded steps], positions continuing each
-        row's prompt. Returns (logits, tokens run, attention sum)."""
-        from transformers import DynamicCache
-
+        """Step logits of rows ``idx`` over their prompts' cached KV (``frugal.train.decoding.PromptKV``).
+        Prompts not in ``prompt_kv`` are run first (one left-padded forward; positions from the mask) and
+        stored. The rows' step tokens then run in one forward: [left-padded prompt KV | right-padded
+        steps], positions continuing each row's prompt. Returns (logits, tokens run, attention sum)."""
         dev, pad = self.device, self.tokenizer.pad_token_id
         body = _hf_model(self.model).base_model
         tokens = attention = 0
         heads = {k: encoded[i].ids[:head_len[k]] for i, k in zip(idx, keys)}
         new = [k for k in dict.fromkeys(keys) if k not in prompt_kv]
         if new:
-            width = max(len(heads[k]) for k in new)
-            ids = torch.tensor([[pad] * (width - len(heads[k])) + heads[k] for k in new], device=dev)
-            mask = torch.tensor([[0] * (width - len(heads[k])) + [1] * len(heads[k]) for k in new], device=dev)
-            cache = DynamicCache()
-            last = body(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        cache=cache, use_cache=True).last_hidden_state[:, -1]
-            for r, k in enumerate(new):
+            ids, mask = left_pad([heads[k] for k in new], pad, dev)
+            shared, out = PromptKV.prefill(body, ids, mask)
+            # The prompt's last state too: it predicts the first step token (logprob_features).
+            for k, kv, last in zip(new, shared.split(), out.last_hidden_state[:, -1]):
+                prompt_kv[k] = (kv, last)
                 n = len(heads[k])
-                # The prompt's last state too: it predicts the first step token (logprob_features).
-                prompt_kv[k] = ([(layer.keys[r:r + 1, :, -n:].clone(), layer.values[r:r + 1, :, -n:].clone())
-                                 for layer in cache.layers], last[r])
                 tokens, attention = tokens + n, attention + n * (n + 1) // 2
+        distinct = list(dict.fromkeys(keys))
+        which = torch.tensor([distinct.index(k) for k in keys], device=dev)
+        cache = PromptKV.stack([prompt_kv[k][0] for k in distinct], body.config).rows(which)
         width = max(head_len[k] for k in keys)
         tails = [encoded[i].ids[head_len[k]:] for i, k in zip(idx, keys)]
         tail_width = max(len(t) for t in tails)
-        layers = []
-        for layer in range(len(prompt_kv[keys[0]][0])):
-            # Zeros where a shorter prompt is padded: under attention mask 0, never attended to.
-            ks = [torch.nn.functional.pad(prompt_kv[k][0][layer][0], (0, 0, width - head_len[k], 0)) for k in keys]
-            vs = [torch.nn.functional.pad(prompt_kv[k][0][layer][1], (0, 0, width - head_len[k], 0)) for k in keys]
-            layers.append((torch.cat(ks), torch.cat(vs)))
         ids = torch.tensor([t + [pad] * (tail_width - len(t)) for t in tails], device=dev)
         mask = torch.tensor([[0] * (width - head_len[k]) + [1] * (head_len[k] + len(t)) + [0] * (tail_width - len(t))
                              for k, t in zip(keys, tails)], device=dev)
@@ -337,7 +328,7 @@ class PRM(torch.nn.Module):
         starts = torch.tensor([s - head_len[k] for i, k in zip(idx, keys) for s in step_starts(encoded[i])],
                               dtype=torch.long)
         first_state = torch.stack([prompt_kv[k][1] for k in keys])
-        logits = self.step_logits(ids, mask, rows, where, starts, first_state, cache=DynamicCache(ddp_cache_data=layers),
+        logits = self.step_logits(ids, mask, rows, where, starts, first_state, cache=cache,
                                   position_ids=positions, use_cache=True)
         for k, t in zip(keys, tails):
             p, n = head_len[k], len(t)
