@@ -264,12 +264,14 @@ class FakePolicy:
     answer iff the prefix does not contain 'B' (so step B and after are wrong), except one of four."""
 
     def sample(self, prompts, n):
-        return [["A\nB\n\\boxed{5}"] * n for _ in prompts]
+        from frugal.recipes.label_prm import Solution
+
+        return [[Solution("A\nB\n\\boxed{5}")] * n for _ in prompts]
 
     def complete(self, prompts, prefixes, n):
         out = []
         for prefix in prefixes:
-            good = "B" not in prefix
+            good = "B" not in prefix.text
             out.append(["\\boxed{7}" if good or i == 0 else "\\boxed{5}" for i in range(n)])
         return out
 
@@ -325,3 +327,39 @@ def test_mc_labelling_runs_real_generate_on_tiny_random(tmp_path):
     rows, _ = load_stepwise(str(out))
     assert summary["solutions_written"] == len(rows) > 0
     assert all(0.0 <= y <= 1.0 for r in rows for y in r["labels"])
+
+
+def test_mc_labelling_continues_each_prefix_from_the_sampled_token_ids(monkeypatch):
+    """A step prefix is continued from the chat prompt's ids + the ids the policy sampled for the prefix,
+    not from its text re-rendered through the chat template (which tokenizes differently: here the
+    policy sampled the separator as two "\\n" tokens, and the tokenizer merges "4\\n\\n" into one)."""
+    from frugal.recipes.label_prm import HFPolicy, LabelPRMConfig, label_problems
+    from frugal.train import decoding
+    from frugal.train.models import load_model
+    from frugal.train.rollout import GenerationConfig
+
+    model, tok = load_model(TINY, torch.device("cpu"))
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sampled = enc("4") + enc("\n") + enc("\n") + enc("5")  # "4\n\n5", the separator as two tokens
+    assert enc("4\n\n") != sampled[:3]
+    contexts, real = [], decoding.sample
+
+    def fake_first_sample(model, tokenizer, ids, mask, n, cfg, max_new, greedy=False):
+        contexts.append([row[m.bool()].tolist() for row, m in zip(ids, mask)])
+        if len(contexts) > 1:  # the rollouts from the prefix: really sampled
+            return real(model, tokenizer, ids, mask, n, cfg, max_new, greedy)
+        rows = len(ids) * n
+        return torch.tensor([sampled + [tok.eos_token_id]] * rows), torch.full((rows,), len(sampled) + 1)
+
+    monkeypatch.setattr(decoding, "sample", fake_first_sample)
+    cfg = LabelPRMConfig(prm=PRMConfig(separator="\n\n"), samples_per_problem=1, rollouts=2,
+                         generation=GenerationConfig(max_new_tokens=4))
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    row = {"id": "p0", "prompt": prompt, "question": "What is 2 + 2?", "answer": "4", "answer_format": "number"}
+    out = label_problems([row], HFPolicy(model, tok, cfg.generation), cfg)
+    prompt_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert contexts[1] == [list(prompt_ids) + sampled[:3]]  # the prefix "4\n\n" exactly as sampled
+    rerendered = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "4\n\n"}], tokenize=True,
+                                         continue_final_message=True, return_dict=True)["input_ids"]
+    assert list(rerendered) != contexts[1][0]  # what continuing the re-rendered text would have fed
+    assert out[0]["completions"] == ["4", "5"] and len(out[0]["labels"]) == 2
