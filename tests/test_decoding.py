@@ -1,13 +1,15 @@
 """The decoding core (train/decoding.py): ``decode`` matches ``model.generate`` while finished rows leave
-the batch, per-row limits and random streams, and the shared-prompt KV helper is exact."""
+the batch, the shared-prompt KV helper is exact, and every sampler of the project (training rollouts,
+held-out evaluation, T-SPMO replay, Monte-Carlo labelling, the evaluator's Engine) goes through it."""
 
 import pytest
 import torch
 from transformers import LogitsProcessorList, TopKLogitsWarper
 
 from conftest import tiny_lora
+from frugal.train import decoding
 from frugal.train.decoding import PromptKV, StreamSampling, TorchSampling, decode, left_pad
-from frugal.train.rollout import encode_prompts
+from frugal.train.rollout import GenerationConfig, encode_prompts, generate
 
 PROMPTS = [[{"role": "user", "content": q}] for q in ("What is 3 + 4?", "Hi", "Say a word.", "2 * 8?")]
 
@@ -87,3 +89,47 @@ def test_prompt_kv_rows_split_stack_and_prefix_equal_a_direct_prefill(varied):
         assert cache.get_seq_length() == 6
         assert torch.equal(cache.layers[0].keys[1], cache.layers[0].keys[2])
         assert torch.equal(cache.layers[0].keys[0, :, 1:], alone[0][0][0][0])
+
+
+def test_every_sampler_goes_through_the_one_core(monkeypatch):
+    """Training rollouts, greedy held-out evaluation, T-SPMO replay, Monte-Carlo labelling and the
+    evaluator's Engine all decode with ``decoding.decode``; the sampler, the engine, the policy loss and
+    the PRM all share prompts through ``decoding.PromptKV``."""
+    from frugal.evaluator.engine import Candidate, Engine, EngineConfig
+    from frugal.recipes.label_prm import HFPolicy
+    from frugal.train.evaluation import greedy_accuracy
+    from frugal.train.models import LoraConfig, ModelConfig
+    from frugal.train.policy_loss import selected_logprobs
+    from frugal.train.prm import PRMConfig, build_prm
+    from frugal.train.token_selection import Selection
+    from frugal.train.tspmo import replay_rollout
+
+    model, tok = tiny_lora()
+    calls = []
+    real_decode, real_prefill = decoding.decode, PromptKV.prefill.__func__
+    monkeypatch.setattr(decoding, "decode", lambda *a, **kw: calls.append("decode") or real_decode(*a, **kw))
+    monkeypatch.setattr(PromptKV, "prefill",
+                        classmethod(lambda cls, *a, **kw: calls.append("prefill") or real_prefill(cls, *a, **kw)))
+
+    def uses(fn):
+        calls.clear()
+        fn()
+        return set(calls)
+
+    cfg = GenerationConfig(max_new_tokens=4)
+    rollout = generate(model, tok, PROMPTS[:2], cfg, num_samples=2)
+    assert uses(lambda: generate(model, tok, PROMPTS[:2], cfg, num_samples=2)) == {"prefill", "decode"}
+    rows = [{"id": str(i), "prompt": p, "question": "", "answer": "7"} for i, p in enumerate(PROMPTS[:2])]
+    assert uses(lambda: greedy_accuracy(model, tok, rows, cfg, "number")) == {"prefill", "decode"}
+    assert "decode" in uses(lambda: replay_rollout(model, tok, rollout, [1.0, 0.0, 0.0, 1.0], cfg, 2))
+    policy = HFPolicy(model, tok, cfg)
+    assert uses(lambda: policy.sample(PROMPTS[:1], 2)) == {"prefill", "decode"}
+    engine = Engine(model, tok, EngineConfig(max_new_tokens=4))
+    assert uses(lambda: engine.extend([{"prompt": p} for p in PROMPTS], [Candidate(0), Candidate(1)])) == {
+        "prefill", "decode"}
+    sel = Selection(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]), torch.ones(3))
+    assert uses(lambda: selected_logprobs(model, rollout.input_ids, rollout.attention_mask,
+                                          rollout.prompt_ids.shape[1], sel)) == {"prefill"}
+    prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), LoraConfig(), PRMConfig(),
+                    torch.device("cpu"))
+    assert uses(lambda: prm.score(["q", "q"], [["a"], ["b", "c"]])) == {"prefill"}
