@@ -1,4 +1,5 @@
-"""The one decoding core: every completion Frugal samples goes through :func:`decode`.
+"""The one decoding core: every completion Frugal samples with transformers goes through :func:`decode`
+(only ``generation.backend=vllm`` hands training rollouts to vLLM, ``frugal.train.rollout.VLLMSampler``).
 
 Callers: training rollouts and greedy held-out evaluation (``frugal.train.rollout.generate``), T-SPMO
 replay (``frugal.train.tspmo``), Monte-Carlo step labelling (``frugal.recipes.label_prm``), all through
@@ -48,8 +49,8 @@ class PromptKV:
     rebuild a batch with :meth:`stack`.
     """
 
-    def __init__(self, cache, mask: torch.Tensor, prefix: int = 0, config=None):
-        self.cache, self.mask, self.prefix, self.config = cache, mask, prefix, config
+    def __init__(self, cache, mask: torch.Tensor, prefix: int = 0):
+        self.cache, self.mask, self.prefix = cache, mask, prefix
 
     @classmethod
     def prefill(cls, module, ids: torch.Tensor, mask: torch.Tensor, prefix: Optional[list] = None, **kwargs):
@@ -72,7 +73,7 @@ class PromptKV:
                                   for k, v in prefix], config=config)
         out = module(input_ids=ids, attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0)[:, m:],
                      cache=cache, use_cache=True, **kwargs)
-        return cls(cache, mask, m, config), out
+        return cls(cache, mask, m), out
 
     def rows(self, index: Optional[torch.Tensor] = None):
         """A ``DynamicCache`` whose row r is prompt ``index[r]`` (gathered: new tensors, and autograd
@@ -122,7 +123,7 @@ class PromptKV:
                   for p, n in zip(parts, lengths)]
             layers.append((torch.cat(ks), torch.cat(vs)))
         mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], dtype=torch.long, device=ref[0][0].device)
-        return cls(DynamicCache(layers, config=config), mask.reshape(len(parts), width), 0, config)
+        return cls(DynamicCache(layers, config=config), mask.reshape(len(parts), width))
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
