@@ -11,7 +11,7 @@ from frugal.evaluator.engine import EngineConfig
 from frugal.tasks.config import TaskConfig
 from frugal.train.config import LoggerConfig
 from frugal.train.models import ModelConfig
-from frugal.train.prm import AGGREGATIONS
+from frugal.train.prm_steps import AGGREGATIONS
 
 STRATEGIES = ("greedy", "majority", "best_of_n", "beam", "early_rejection", "particle_filter", "particle_gibbs", "ssr")
 NEEDS_PRM = ("best_of_n", "beam", "early_rejection", "particle_filter", "particle_gibbs")

@@ -7,10 +7,12 @@ problem) and ask the engine to extend a whole batch of them at once:
     engine.extend(problems, cands, max_tokens=64, stop_at_step=False)   # up to τ tokens (early rejection)
     engine.extend(problems, cands, stop_at_step=False)                  # to the end (best-of-N, majority)
 
-All unfinished candidates of all problems go through batched ``model.generate`` calls (``batch_size`` rows
-each, rows of one prompt side by side and sorted by length so little padding is wasted); finished candidates are returned untouched and
-cost nothing. A candidate finishes at EOS, at one of ``stop_strings``, after ``max_steps`` steps or
-``max_new_tokens`` generated tokens.
+All unfinished candidates of all problems go through batched calls of the decoding core that training
+samples with too (``frugal.train.decoding.decode``; ``batch_size`` rows each, rows of one prompt side by
+side and sorted by length so little padding is wasted); finished candidates are returned untouched and
+cost nothing. Within a call a row leaves the batch as soon as it stops (EOS, a stop string, the step
+delimiter, its own token limit). A candidate finishes at EOS, at one of ``stop_strings``, after
+``max_steps`` steps or ``max_new_tokens`` generated tokens.
 
 Sampling: each candidate draws its tokens from a random stream of its own, keyed by (engine seed, its
 prompt, ``Candidate.stream``) and the token's position (:class:`StreamSampling`), not from one generator
@@ -24,8 +26,8 @@ Token accounting (:class:`Counts`, one per model; :mod:`frugal.evaluator.flops` 
 
 * ``prefill`` — tokens encoded before generating: each distinct prompt once (shared by all candidates
   of that problem, across calls), plus each row's last prompt token and partial solution per call;
-* ``decode`` — tokens generated and kept, per row (a row that stopped early is not charged for the
-  padding HF keeps decoding for the rest of the batch: that is an artifact of static batching);
+* ``decode`` — tokens generated and kept, per row (a row that has stopped leaves the batch, so nothing
+  is decoded, or charged, after its end);
 * ``attention`` — Σ over processed tokens of the number of keys each one attends to (itself and every
   token before it: the i-th token of a sequence adds i; see :meth:`Counts.add`), for the attention FLOPs
   term. A generated token is charged as one processed token (the forward pass that feeds it back).
@@ -35,14 +37,14 @@ into a KV cache and kept (per prompt, until :meth:`Engine.clear_prompt_cache`; t
 between chunks of problems). Prompts that begin with the same tokens (the chat template's system prompt,
 few-shot worked examples: often most of a short question's prompt) prefill that shared prefix once and
 only their own rest over it — the automatic prefix caching of serving engines (vLLM, SGLang) — and are
-charged so (``shared_prefix_min_tokens``). Each call gathers those KV rows for its candidates and ``generate``
-continues every row from [last prompt token + partial solution] with the usual KV cache, so every
-generated token costs one forward position. The partial solutions' KV is not cached across calls
-(candidates are copied, resampled and cut at step ends), so each call encodes each candidate's partial
-solution again, and the counts say so — step-wise strategies (beam, particle filtering) pay that per
-step. It encodes the token ids this engine sampled for the candidate (``Candidate.ids``), not its text
-re-tokenised, which would not round-trip (:meth:`Engine._partial_ids`). ``summary.json`` reports prefill and generated tokens
-separately.
+charged so (``shared_prefix_min_tokens``). Each call gathers those KV rows for its candidates
+(``frugal.train.decoding.PromptKV``) and the core continues every row from [last prompt token + partial
+solution] with the usual KV cache, so every generated token costs one forward position. The partial
+solutions' KV is not cached across calls (candidates are copied, resampled and cut at step ends), so each
+call encodes each candidate's partial solution again, and the counts say so — step-wise strategies (beam,
+particle filtering) pay that per step. It encodes the token ids this engine sampled for the candidate
+(``Candidate.ids``), not its text re-tokenised, which would not round-trip (:meth:`Engine._partial_ids`).
+``summary.json`` reports prefill and generated tokens separately.
 
 :class:`CountingPRM` wraps a PRM (``frugal.train.prm.PRM`` or anything with the same ``score`` /
 ``score_partial`` API) and keeps the same counts for it, from the PRM's own ``last_tokens`` and
@@ -60,8 +62,10 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
-from frugal.train.prm import split_steps
-from frugal.train.rollout import eos_token_ids, sampling_warpers
+from frugal.train import decoding
+from frugal.train.decoding import (PromptKV, StreamSampling, eos_token_ids, left_pad, lora_merged, mix,
+                                   sampling_warpers, stop_criteria)
+from frugal.train.prm_steps import split_steps
 
 
 @dataclass
@@ -157,40 +161,6 @@ class Candidate:
         return split_steps(self.text, delimiter)
 
 
-def mix(*parts: int) -> int:
-    """A 63-bit hash of integers (stable across processes, unlike ``hash``): seeds of random streams."""
-    digest = hashlib.blake2b(repr(tuple(int(x) for x in parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class StreamSampling:
-    """Inverse-transform sampling with one uniform number per row, keyed by (its stream, token position):
-
-        y_t = min{ v : Σ_{w ≤ v} π_t(w) ≥ u_t },   π_t = softmax(warp(z_t)),   u_t = mix(stream key, t) / 2⁶³
-
-    is an exact draw from π_t (u_t is uniform on [0, 1)), where ``warp`` is generate's temperature /
-    top-k / top-p (``frugal.train.rollout.sampling_warpers``). Because u_t depends only on the candidate's stream
-    and position, a candidate writes the same tokens whatever else shares its batch and however its
-    generation is split into calls: common random numbers (the quantile coupling; Glasserman 2004,
-    "Monte Carlo Methods in Financial Engineering", §4.2), so the i-th candidate of best-of-N, of early
-    rejection and the i-th first particle are the same sample, strategies differ by what they select, not by
-    the luck of their draws, and a budget's candidates are the smaller budget's plus new ones. One number
-    per row instead of a generator shared by the batch; a softmax and a cumulative sum cost less than
-    ``generate``'s multinomial (2-core CPU, 64 rows × 49k tokens: ~25 ms against ~100 ms). A transformers
-    ``LogitsProcessor`` that leaves only the drawn token finite; ``generate`` then decodes greedily."""
-
-    def __init__(self, keys: Sequence[int], starts: Sequence[int], width: int, warpers):
-        self.keys, self.starts, self.width, self.warpers = list(keys), list(starts), width, warpers
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        t = input_ids.shape[1] - self.width  # tokens generated so far in this call
-        cdf = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1).cumsum(-1)  # (float64: 6x slower)
-        u = torch.tensor([[mix(key, start + t) / 2.0**63] for key, start in zip(self.keys, self.starts)],
-                         dtype=torch.float32, device=cdf.device)
-        token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
-
-
 class Engine:
     """Batched step-wise generation for one policy model; ``counts`` accumulates its token usage.
     ``seed`` keys the candidates' random streams (the harness sets it to the run's seed)."""
@@ -246,7 +216,7 @@ class Engine:
             chunk = order[start:start + self.cfg.batch_size]
             limits = [self._limit(out[todo[k]], cap) for k in chunk]
             streams = [(keys[k], out[todo[k]].tokens) for k in chunk]
-            rows = self._generate([items[k] for k in chunk], max(limits), stop_at_step, greedy, streams)
+            rows = self._generate([items[k] for k in chunk], max(limits), stop_at_step, greedy, streams, limits)
             for k, limit, (ids, context) in zip(chunk, limits, rows):
                 self._apply(out[todo[k]], partials[k], ids[:limit], context, stop_at_step)
         return out
@@ -283,26 +253,15 @@ class Engine:
         self._kv.clear()
         self._shared = None
 
-    def _prompt_cache_for(self, prompts: list[str], heads: list[list[int]], width: int):
-        """A DynamicCache with each prompt's KV (all but its last token), left-padded to ``width``.
-        Prompts not seen since the last :meth:`clear_prompt_cache` are prefilled (batched) and charged;
-        the others are reused for free — the prefix cache of a serving engine."""
-        from transformers import DynamicCache
-
+    def _prompt_kv(self, prompts: list[str], heads: list[list[int]]) -> PromptKV:
+        """Each prompt's KV (all but its last token) from the store, left-padded into one
+        :class:`~frugal.train.decoding.PromptKV`. Prompts not seen since the last
+        :meth:`clear_prompt_cache` are prefilled (batched) and charged; the others are reused for free — the
+        prefix cache of a serving engine."""
         new = [(p, h) for p, h in zip(prompts, heads) if p not in self._kv and h]
         if new:
             self._prefill(new)
-        ref = next(self._kv[p] for p, h in zip(prompts, heads) if h)
-        layers = []
-        for i, (ref_k, ref_v) in enumerate(ref):
-            keys, values = [], []
-            for prompt, head in zip(prompts, heads):
-                k, v = self._kv[prompt][i] if head else (ref_k[:, :, :0], ref_v[:, :, :0])
-                pad = width - k.shape[2]  # zeros under attention mask 0: never attended to
-                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
-                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-            layers.append((torch.cat(keys), torch.cat(values)))
-        return DynamicCache(ddp_cache_data=layers)
+        return PromptKV.stack([self._kv[p] if h else None for p, h in zip(prompts, heads)], self.model.config)
 
     def _prefill(self, new: list[tuple[str, list[int]]]) -> None:
         """Prefill new prompts (``(prompt, head ids)``) into ``self._kv``, batched and charged.
@@ -312,8 +271,6 @@ class Engine:
         prompt runs only its own ``n - m`` tokens over that KV (charged with ``context=m``). Causal
         attention makes a prefix's KV independent of what follows it, so the stored KV is the same as a
         whole-prompt prefill (up to float rounding)."""
-        from transformers import DynamicCache
-
         heads = [h for _, h in new]
         shortest = min(len(h) for h in heads)
         shared_ids, shared_kv = self._shared if self._shared is not None else ([], None)
@@ -323,47 +280,31 @@ class Engine:
                 m = min(_common_prefix_length(heads), shortest - 1)
                 if self.cfg.shared_prefix_min_tokens and m >= self.cfg.shared_prefix_min_tokens:
                     shared_ids = heads[0][:m]
-                    cache = DynamicCache()
-                    self.model(input_ids=torch.tensor([shared_ids], device=self.device), cache=cache,
-                               use_cache=True, logits_to_keep=1)
-                    shared_kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+                    ids, mask = left_pad([shared_ids], self.tokenizer.pad_token_id, self.device)
+                    shared_kv = PromptKV.prefill(self.model, ids, mask, logits_to_keep=1)[0].split()[0]
                     self._shared = (shared_ids, shared_kv)
                     self.counts.add(m)
         m = len(shared_ids)
-        ids, mask = _left_pad([h[m:] for h in heads], self.tokenizer.pad_token_id, self.device)
-        if m:  # [shared prefix | left-padded rest]: positions come from the attention mask
-            mask = torch.cat([torch.ones(len(heads), m, dtype=mask.dtype, device=mask.device), mask], dim=1)
-            cache = DynamicCache(ddp_cache_data=[(k.expand(len(heads), -1, -1, -1).contiguous(),
-                                                  v.expand(len(heads), -1, -1, -1).contiguous())
-                                                 for k, v in shared_kv])
-        else:
-            cache = DynamicCache()
-        self.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True,
-                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, m:], logits_to_keep=1)
-        for r, (prompt, head) in enumerate(new):
-            rest = len(head) - m
-            kv = []
-            for i, layer in enumerate(cache.layers):
-                k, v = layer.keys[r:r + 1, :, -rest:], layer.values[r:r + 1, :, -rest:]
-                if m:  # [shared prefix | own rest], a new tensor
-                    k, v = torch.cat([shared_kv[i][0], k], dim=2), torch.cat([shared_kv[i][1], v], dim=2)
-                else:  # a copy, not a view that keeps the whole batch's cache alive
-                    k, v = k.clone(), v.clone()
-                kv.append((k, v))
+        ids, mask = left_pad([h[m:] for h in heads], self.tokenizer.pad_token_id, self.device)
+        # [shared prefix | left-padded rest] when there is a prefix: positions come from the attention mask
+        prompts, _ = PromptKV.prefill(self.model, ids, mask, prefix=shared_kv, logits_to_keep=1)
+        for (prompt, head), kv in zip(new, prompts.split()):
             self._kv[prompt] = kv
-            self.counts.add(rest, context=m)
+            self.counts.add(len(head) - m, context=m)
 
     def _limit(self, cand: Candidate, cap: Optional[int]) -> int:
         left = self.cfg.max_new_tokens - cand.tokens
         return max(1, min(left, cap) if cap is not None else left)
 
     def _generate(self, items: list[tuple[str, list[int]]], max_new: int, stop_at_step: bool, greedy: bool,
-                  streams: Sequence[tuple[int, int]]):
-        """One batched ``generate`` with prompt-prefix reuse: each distinct prompt's KV (all but its last
-        token) comes from :meth:`_prompt_cache_for`, its rows are gathered for the candidates, and
-        ``generate`` continues from it with [last prompt token + partial solution] per row. Sampled rows
-        draw from their ``streams`` ((key, tokens generated before), :class:`StreamSampling`). Returns, per
-        row, its generated ids and the context length before them."""
+                  streams: Sequence[tuple[int, int]], limits: Optional[Sequence[int]] = None):
+        """One batched call of the decoding core (``frugal.train.decoding.decode``) with prompt-prefix reuse:
+        each distinct prompt's KV (all but its last token) comes from :meth:`_prompt_kv`, its rows are
+        gathered for the candidates, and decoding continues from [last prompt token + partial solution] per
+        row. Sampled rows draw from their ``streams`` ((key, tokens generated before),
+        :class:`~frugal.train.decoding.StreamSampling`); row r stops at EOS, a stop string, or after
+        ``limits[r]`` tokens (default ``max_new``) and then leaves the batch. Returns, per row, its generated
+        ids and the context length before them."""
         tok, dev = self.tokenizer, self.device
         pad = tok.pad_token_id
         was_training = self.model.training
@@ -371,34 +312,27 @@ class Engine:
         prompts = list(dict.fromkeys(p for p, _ in items))
         heads = [self._prompt_ids(p)[:-1] for p in prompts]
         which = torch.tensor([prompts.index(p) for p, _ in items], device=dev)
-        head_ids, head_mask = _left_pad(heads, pad, dev)
-        tail_ids, tail_mask = _left_pad([t for _, t in items], pad, dev)
-        kwargs = dict(max_new_tokens=max_new, eos_token_id=self.eos_ids, pad_token_id=pad, use_cache=True)
-        if head_ids.shape[1] > 0:
-            # Middle padding [pad prompt | pad tail] is fine: positions come from the attention mask.
-            cache = self._prompt_cache_for(prompts, heads, head_ids.shape[1])
-            cache.batch_select_indices(which)
-            kwargs["cache"] = cache  # (`past_key_values` before transformers 5.x)
+        head_ids, head_mask = left_pad(heads, pad, dev)
+        tail_ids, tail_mask = left_pad([t for _, t in items], pad, dev)
+        # Middle padding [pad prompt | pad tail] is fine: positions come from the attention mask.
         ids = torch.cat([head_ids[which], tail_ids], dim=1)
         mask = torch.cat([head_mask[which], tail_mask], dim=1)
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)  # sampling: StreamSampling
-        if not greedy:
-            from transformers import LogitsProcessorList
-
-            sampler = StreamSampling([k for k, _ in streams], [t for _, t in streams], ids.shape[1],
-                                     sampling_warpers(self.cfg))
-            kwargs["logits_processor"] = LogitsProcessorList([sampler])
+        sampler = None if greedy else StreamSampling([k for k, _ in streams], [t for _, t in streams],
+                                                     warpers=sampling_warpers(self.cfg))
         stops = list(self.cfg.stop_strings) + ([self.cfg.step_delimiter] if stop_at_step else [])
-        if stops:
-            kwargs.update(stop_strings=stops, tokenizer=tok)
-        generated = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)[:, ids.shape[1]:]
-        self.model.train(was_training)
+        try:
+            with lora_merged(self.model):
+                cache = self._prompt_kv(prompts, heads).rows(which) if head_ids.shape[1] > 0 else None
+                out, lengths = decoding.decode(self.model, ids, mask, cache, max_new, self.eos_ids, pad, sampler,
+                                               stop_criteria(tok, stops), limits)
+        finally:
+            self.model.train(was_training)
         self.counts.calls += 1
         rows = []
-        for r, (prompt, tail) in enumerate(items):
+        for r, ((prompt, tail), n) in enumerate(zip(items, lengths.tolist())):
             context = len(heads[int(which[r])])
             self.counts.add(len(tail), context=context)
-            rows.append((generated[r].tolist(), context + len(tail)))
+            rows.append((out[r, :n].tolist(), context + len(tail)))
         return rows
 
     def _apply(self, cand: Candidate, partial: list[int], ids: list[int], context: int, stop_at_step: bool) -> None:
@@ -507,10 +441,3 @@ def _common_prefix_length(seqs: list[list[int]]) -> int:
         if any(x[i] != first[i] for x in seqs):
             return i
     return n
-
-
-def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(x) for x in seqs), default=0)
-    ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in seqs], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], dtype=torch.long, device=device)
-    return ids.reshape(len(seqs), width), mask.reshape(len(seqs), width)

@@ -13,15 +13,15 @@ processed tokens:
     FLOPs = 2·N·(prefill + decode) + 2·N_head·(decode + scored) + 2·n_layer·d_attn·Σ c
 
 with Σ c = ``Counts.attention`` from :mod:`frugal.evaluator.engine`. The LM head runs only for generated
-tokens: ``generate`` keeps the logits of the last position of a prefill only (``logits_to_keep=1``), and
-that position's logits are the first generated token's. ``scored`` counts prefill tokens whose logits are
+tokens: the decoding core (``frugal.train.decoding``) keeps the logits of the last position of a prefill
+only (``logits_to_keep=1``), and that position's logits are the first generated token's. ``scored`` counts prefill tokens whose logits are
 computed as well (SSR's target verification of a drafted step). (For SmolLM2-135M the tied head is 28M of its
 135M matrix parameters, so charging it to every prefill token would overstate prefill by ~26%.) A PRM
 reads hidden states: N = its decoder blocks, LoRA and scoring head, and N_head = 0, unless it has
 ``logprob_features`` (then its LM head runs on every step token: ``scored`` = those tokens). Backward passes are not involved (inference only). Norms, activations and softmax are
-ignored (< 1% at these sizes). Counted, not counted: a row that stops early in a batch is not charged
-for the padding steps static batching keeps running (a serving engine with continuous batching does not
-run them); every generated token is charged one pass of the decoder body, though the last one of a call
+ignored (< 1% at these sizes). Counted, not counted: a row that stops early leaves the batch (nothing
+runs for it after its end, as in a serving engine with continuous batching), so it is charged for no
+padding steps; every generated token is charged one pass of the decoder body, though the last one of a call
 only runs through it if a later call re-encodes the partial solution (charged there as prefill): one
 token per row and call too many, so the counts are a slight upper bound.
 """

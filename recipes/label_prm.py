@@ -2,12 +2,19 @@
 
 For each problem: sample solutions from a policy (the base model, or base + adapter via
 ``model.adapter``), split each into steps on the PRM separator, and from every step prefix
-``s_1 … s_i`` roll out ``k`` completions. A step's label is the share of its rollouts that reach the
-gold answer (``label=soft``, Math-Shepherd's SE) or whether any does (``label=hard``, HE). The last step
-is labelled by the sampled solution's own final answer. Output: stepwise JSONL (``prompt``,
-``completions``, ``labels``) that ``frugal train-prm data.paths=[...]`` reads.
+``s_1 … s_i`` (the sampled text up to the separator after step i) roll out ``k`` completions. A step's
+label is the share of its rollouts that reach the gold answer (``label=soft``, Math-Shepherd's SE) or
+whether any does (``label=hard``, HE). The last step is labelled by the sampled solution's own final
+answer. Output: stepwise JSONL (``prompt``, ``completions``, ``labels``) that ``frugal train-prm
+data.paths=[...]`` reads.
 
-Batched (all prefixes of a batch of problems in one ``frugal.train.rollout.generate`` call) and resumable: rows
+A prefix is continued from the token ids the policy sampled for it (``Solution.ids``), after the chat
+prompt's ids: re-rendering the prefix text through the chat template would not give those ids back (BPE
+does not round-trip: SmolLM2 samples "\\n\\n" as one token but encodes "4\\n\\n1" with two "\\n"
+tokens), and a policy continued from ids it would not have sampled writes differently.
+
+Batched (all prefixes of a batch of problems in one ``complete`` call, sampled ``generation.batch_size``
+rows at a time by ``frugal.train.decoding.sample``, the sampler of training rollouts) and resumable: rows
 are appended per batch, and a rerun skips the problems already in the output file.
 
     frugal label-prm task=arith max_problems=200 rollouts=8 output=labels.jsonl
@@ -16,6 +23,8 @@ are appended per batch, and a rerun skips the problems already in the output fil
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import sys
@@ -35,9 +44,11 @@ from frugal.rewards.verify import is_correct
 from frugal.tasks import load_task
 from frugal.tasks.config import TaskConfig
 from frugal.train.checkpoint import atomic_write_text
+from frugal.train import decoding
 from frugal.train.config import scrub_secrets, to_config
 from frugal.train.models import ModelConfig
-from frugal.train.prm import PRMConfig, split_steps
+from frugal.train.prm import PRMConfig
+from frugal.train.prm_steps import split_steps
 from frugal.train.rollout import GenerationConfig
 
 log = logging.getLogger("frugal.label_prm")
@@ -76,49 +87,89 @@ class LabelPRMConfig:
 ConfigStore.instance().store(name="label_prm_schema", node=LabelPRMConfig)
 
 
+@dataclass
+class Solution:
+    """A sampled solution: its text and, from a policy that samples token ids (:class:`HFPolicy`), those
+    ids and where each one ends in the text (``ends[j]``: the text's length through token j)."""
+
+    text: str
+    ids: Optional[list[int]] = None
+    ends: Optional[list[int]] = None
+
+    def prefix(self, end: int) -> "Solution":
+        """The first ``end`` characters, with the ids of every token wholly inside them (all of them when
+        ``end`` falls between tokens, as it does at a separator the policy sampled as its own token)."""
+        if self.ids is None:
+            return Solution(self.text[:end])
+        k = bisect.bisect_right(self.ends, end)
+        return Solution(self.text[:end], self.ids[:k], self.ends[:k])
+
+
 class Policy(Protocol):
     """What labelling needs from a policy (the HF one below; tests pass a deterministic fake)."""
 
-    def sample(self, prompts: Sequence[list[dict]], n: int) -> list[list[str]]: ...
+    def sample(self, prompts: Sequence[list[dict]], n: int) -> list[list[Solution]]: ...
 
-    def complete(self, prompts: Sequence[list[dict]], prefixes: Sequence[str], n: int) -> list[list[str]]: ...
+    def complete(self, prompts: Sequence[list[dict]], prefixes: Sequence[Solution], n: int) -> list[list[str]]: ...
 
 
 class HFPolicy:
-    """A causal LM sampled with :func:`frugal.train.rollout.generate`. A step prefix is passed as a final
-    assistant message that the chat template continues (``continue_final_message``), so the completion
-    picks up exactly where the prefix ends."""
+    """A causal LM sampled through the decoding core (``frugal.train.decoding.sample``). A solution keeps
+    the token ids it was sampled as; a prefix continues from the chat prompt's ids followed by the prefix's
+    ids (and, only where a cut falls inside a token, the rest of its text encoded)."""
 
     def __init__(self, model, tokenizer, gen_cfg: GenerationConfig):
         self.model, self.tokenizer, self.gen_cfg = model, tokenizer, gen_cfg
+        self.eos_ids = decoding.eos_token_ids(model, tokenizer)
 
     def sample(self, prompts, n):
-        from frugal.train.rollout import generate
-
-        texts = generate(self.model, self.tokenizer, list(prompts), self.gen_cfg, num_samples=n).texts
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        rows = self._continue([self._prompt_ids(p) for p in prompts], n)
+        return [[self._solution(ids) for ids in rows[i * n:(i + 1) * n]] for i in range(len(prompts))]
 
     def complete(self, prompts, prefixes, n):
-        from frugal.train.rollout import generate
-
-        chats = [list(p) + [{"role": "assistant", "content": prefix}] for p, prefix in zip(prompts, prefixes)]
-        texts = generate(self.model, _ContinueFinalMessage(self.tokenizer), chats, self.gen_cfg, num_samples=n).texts
+        contexts = [self._prompt_ids(p) + self._prefix_ids(x) for p, x in zip(prompts, prefixes)]
+        rows = self._continue(contexts, n)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in rows]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
+    def _prompt_ids(self, prompt: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"])
 
-class _ContinueFinalMessage:
-    """Tokenizer view whose chat template continues a trailing assistant message instead of opening a
-    new turn; everything else is the wrapped tokenizer."""
+    def _prefix_ids(self, prefix: Solution) -> list[int]:
+        ids = list(prefix.ids or [])
+        rest = prefix.text[prefix.ends[-1] if ids else 0:]  # text not covered by sampled ids
+        return ids + (self.tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
 
-    def __init__(self, tokenizer):
-        self._tok = tokenizer
+    def _continue(self, contexts: list[list[int]], n: int) -> list[list[int]]:
+        """``n`` sampled continuations of each context (token ids), ``generation.batch_size`` rows per call;
+        each ends at its EOS (included) or stop string."""
+        device = next(self.model.parameters()).device
+        per_call = max(1, self.gen_cfg.batch_size // n)
+        out = []
+        for start in range(0, len(contexts), per_call):
+            ids, mask = decoding.left_pad(contexts[start:start + per_call], self.tokenizer.pad_token_id, device)
+            tokens, lengths = decoding.sample(self.model, self.tokenizer, ids, mask, n, self.gen_cfg,
+                                              self.gen_cfg.max_new_tokens)
+            out += [row[:k] for row, k in zip(tokens.tolist(), lengths.tolist())]
+        return out
 
-    def apply_chat_template(self, conversations, **kwargs):
-        kwargs.update(add_generation_prompt=False, continue_final_message=True)
-        return self._tok.apply_chat_template(conversations, **kwargs)
+    def _solution(self, ids: list[int]) -> Solution:
+        body = ids[:-1] if ids and ids[-1] in self.eos_ids else ids
+        pieces = [self.tokenizer.decode([t], skip_special_tokens=True) for t in body]
+        return Solution("".join(pieces), body, list(itertools.accumulate(len(p) for p in pieces)))
 
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
+
+def step_ends(text: str, separator: str) -> list[int]:
+    """For each step of ``split_steps(text, separator)``, the index in ``text`` just after the separator
+    that closes it (``len(text)`` for a last step without one)."""
+    ends, at = [], 0
+    for piece in text.split(separator):
+        at += len(piece)
+        if piece.strip():
+            ends.append(min(at + len(separator), len(text)))
+        at += len(separator)
+    return ends
 
 
 def mc_labels(correct: Sequence[Sequence[bool]], final_correct: bool, how: str) -> list[float]:
@@ -135,23 +186,23 @@ def label_problems(rows: list[dict], policy: Policy, cfg: LabelPRMConfig) -> lis
     """Stepwise rows for one batch of problems (all solutions' prefixes rolled out in one batch)."""
     sep = cfg.prm.separator
     solutions = policy.sample([r["prompt"] for r in rows], cfg.samples_per_problem)
-    items = []  # (row, steps, text)
-    for row, texts in zip(rows, solutions):
-        for text in texts:
-            steps = split_steps(text, sep)[:cfg.max_steps_per_solution]
+    items = []  # (row, solution, steps, where each step's separator ends in the solution's text)
+    for row, sampled in zip(rows, solutions):
+        for solution in sampled:
+            steps = split_steps(solution.text, sep)[:cfg.max_steps_per_solution]
             if steps:
-                items.append((row, steps))
-    # Every proper prefix (steps 1..i, i < n) of every solution, with the separator after it.
-    prefix_of = [(j, i) for j, (_, steps) in enumerate(items) for i in range(1, len(steps))]
+                items.append((row, solution, steps, step_ends(solution.text, sep)))
+    # Every proper prefix (steps 1..i, i < n) of every solution: its sampled text through the separator after step i.
+    prefix_of = [(j, i) for j, (_, _, steps, _) in enumerate(items) for i in range(1, len(steps))]
     prompts = [items[j][0]["prompt"] for j, _ in prefix_of]
-    prefixes = [sep.join(items[j][1][:i]) + sep for j, i in prefix_of]
+    prefixes = [items[j][1].prefix(items[j][3][i - 1]) for j, i in prefix_of]
     outcomes = policy.complete(prompts, prefixes, cfg.rollouts) if prefix_of else []
     per_item: list[list[list[bool]]] = [[] for _ in items]
     for (j, _), prefix, conts in zip(prefix_of, prefixes, outcomes):
         row = items[j][0]
-        per_item[j].append([is_correct(prefix + c, row["answer"], row["answer_format"]) for c in conts])
+        per_item[j].append([is_correct(prefix.text + c, row["answer"], row["answer_format"]) for c in conts])
     out = []
-    for (row, steps), rolls in zip(items, per_item):
+    for (row, _, steps, _), rolls in zip(items, per_item):
         final = is_correct(sep.join(steps), row["answer"], row["answer_format"])
         out.append({"id": row["id"], "prompt": row["question"], "completions": steps,
                     "labels": mc_labels(rolls, final, cfg.label), "answer": row["answer"],

@@ -2,9 +2,10 @@
 
 Reads top to bottom: setup → data (exact labels from generated tasks and/or stepwise JSONL / HF data) →
 (resume) → loop {batch, BCE at separator positions, update, eval, log, checkpoint} → eval → save the
-PRM folder ``final/``. The loss is binary cross-entropy between the head's logit at the last separator
-token after each step and that step's label (soft labels stay soft), averaged over the steps of a
-batch — the objective of TRL's ``PRMTrainer`` and Math-Shepherd (Wang et al., 2024).
+PRM folder ``final/``. The loss (``frugal.train.prm.prm_losses``, next to the model) is binary
+cross-entropy between the head's logit at the last separator token after each step and that step's label
+(soft labels stay soft), averaged over the steps of a batch — the objective of TRL's ``PRMTrainer`` and
+Math-Shepherd (Wang et al., 2024) — plus, with ``lm_loss_weight``, a next-token loss on correct steps.
 
     frugal train-prm                                   # exact labels on arithmetic chains, <= 9.5 min (max_minutes)
     frugal train-prm data.paths=[labels.jsonl] data.generated=false   # Monte-Carlo labels from label-prm
@@ -36,8 +37,8 @@ from frugal.tasks.rows import in_test_split
 from frugal.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from frugal.train.config import LoggerConfig, OptimConfig, scrub_secrets, to_config
 from frugal.train.models import LoraConfig, ModelConfig
-from frugal.train.prm import (HEAD_FILE, PROMPT_SUFFIX, PRM, PRMConfig, auroc, build_prm, collate, first_error_index,
-                       prompt_text, step_metrics)
+from frugal.train.prm import HEAD_FILE, PRM, PRMConfig, build_prm, lm_targets, prm_losses
+from frugal.train.prm_metrics import auroc, first_error_index, step_metrics
 from frugal.train.prm_data import equation_drills, generated_examples, load_stepwise
 from frugal.train.tracking import Tracker
 
@@ -283,49 +284,6 @@ def group_rows(prompts: list[str], rows: list, by_problem: bool) -> list[list]:
     return list(groups.values())
 
 
-def lm_targets(tokenizer, prompt, enc, labels) -> list[int]:
-    """Token indices ``t`` (predicted from position ``t - 1``) of every step labelled correct (≥ 0.5),
-    its separator included: the targets of the auxiliary next-token loss."""
-    start = len(tokenizer(prompt_text(prompt) + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"])
-    out = []
-    for position, label in zip(enc.positions, labels):
-        if label >= 0.5:
-            out += range(start, position + 1)
-        start = position + 1
-    return out
-
-
-def prm_losses(prm: PRM, batch: list[tuple], normalizer: int, lm_normalizer: int = 0):
-    """(BCE, LM) for a micro-batch of rows ``(encoded, labels[, lm_targets])``.
-
-    BCE: the sum over the batch's steps of BCE(logit at the step's separator, label), divided by
-    ``normalizer`` (the step count of the whole optimizer step, so micro-batching does not change it).
-    LM (only with ``lm_normalizer`` > 0): next-token cross-entropy at the rows' ``lm_targets`` (the
-    tokens of correct steps), summed and divided by ``lm_normalizer``; its softmax is the features' (over
-    the candidate vocabulary V' when the PRM has one: ``PRM._token_logprobs``). Cobbe et al. (2021, "Training
-    Verifiers to Solve Math Word Problems") found that training a verifier jointly with the language
-    modelling objective helps it: here it teaches the backbone to compute the step (a step's result),
-    which the head at the separator then only has to compare with what is written.
-    """
-    enc = collate([row[0] for row in batch], prm.tokenizer.pad_token_id)
-    targets = torch.tensor([y for row in batch for y in row[1]], dtype=torch.float32, device=prm.device)
-    if not lm_normalizer:
-        logits = prm.step_logits(**enc)
-    else:
-        logits, token_logprobs = prm.step_logits(**enc, return_token_logprobs=True)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / normalizer
-    if not lm_normalizer:
-        return bce, None
-    rows = torch.tensor([r for r, row in enumerate(batch) for _ in row[2]], dtype=torch.long, device=prm.device)
-    where = torch.tensor([t for row in batch for t in row[2]], dtype=torch.long, device=prm.device)
-    return bce, -token_logprobs[rows, where].sum() / lm_normalizer
-
-
-def bce_loss(prm: PRM, batch: list[tuple], normalizer: int) -> torch.Tensor:
-    """The BCE term of :func:`prm_losses`."""
-    return prm_losses(prm, batch, normalizer)[0]
-
-
 def train_step(prm: PRM, optimizer, batch: list[tuple], max_grad_norm: float, micro_batch_size: int,
                lm_loss_weight: float = 0.0) -> dict:
     prm.train()
@@ -350,7 +308,7 @@ def train_step(prm: PRM, optimizer, batch: list[tuple], max_grad_norm: float, mi
 
 
 def evaluate(prm: PRM, examples: list[dict]) -> dict:
-    """Held-out step accuracy, step AUROC and first-error F1 (see :func:`frugal.train.prm.step_metrics`)."""
+    """Held-out step accuracy, step AUROC and first-error F1 (see :func:`frugal.train.prm_metrics.step_metrics`)."""
     if not examples:
         return {}
     scores = prm.score([e["prompt"] for e in examples], [e["completions"] for e in examples])

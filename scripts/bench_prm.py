@@ -109,7 +109,7 @@ def partial_validity(prm, args) -> dict:
     from frugal.rewards.verify import is_correct
     from frugal.tasks import load_task
     from frugal.train.models import ModelConfig, load_model
-    from frugal.train.prm import aggregate
+    from frugal.train.prm_steps import aggregate
     from frugal.train.rollout import GenerationConfig, generate
 
     from frugal.tasks.config import PromptConfig

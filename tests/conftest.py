@@ -42,3 +42,21 @@ def regraded_accuracy(path: Path, ids: list[str], answer_format: str) -> float:
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+def tiny_lora(scale: float = 0.02):
+    """builtin:tiny-random with a LoRA adapter (r=4) whose B matrices are drawn from N(0, scale): LoRA B
+    starts at zero, so without this the adapter would change nothing. With ``scale=1.0`` greedy outputs
+    vary (the random tiny model alone repeats one token). Seeded: the same weights every call."""
+    import torch
+
+    from frugal.train.models import LoraConfig, ModelConfig, apply_lora, load_model
+
+    torch.manual_seed(0)
+    model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
+    model = apply_lora(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+    return model, tok

@@ -12,7 +12,7 @@ from frugal.evaluator.flops import ModelShape, policy_shape
 from frugal.evaluator.strategies import get
 from frugal.evaluator.strategies.common import best, logit, vote
 from frugal.evaluator.strategies.particle_filter import ess, multinomial_resample, smc, systematic_resample
-from frugal.train.prm import split_steps
+from frugal.train.prm_steps import split_steps
 
 DELIM = "\n\n"
 
@@ -512,7 +512,7 @@ def test_stream_sampling_draws_from_the_tempered_softmax():
     token frequencies match softmax(z / T), one (stream, position) always gives the same token, and only
     that token is left finite for generate's argmax."""
     from frugal.evaluator.engine import StreamSampling
-    from frugal.train.rollout import sampling_warpers
+    from frugal.train.decoding import sampling_warpers
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     warp = sampling_warpers(EngineConfig(temperature=0.5))

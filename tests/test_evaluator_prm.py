@@ -8,7 +8,8 @@ import torch
 from frugal.evaluator.engine import Candidate, CountingPRM, Counts
 from frugal.evaluator.flops import prm_shape
 from frugal.train.models import LoraConfig, ModelConfig
-from frugal.train.prm import PROMPT_SUFFIX, PRMConfig, build_prm
+from frugal.train.prm import PRMConfig, build_prm
+from frugal.train.prm_steps import PROMPT_SUFFIX
 
 TINY = ModelConfig(name_or_path="builtin:tiny-random", dtype="float32")
 CHAT = [{"role": "user", "content": "What is 3 + 4 - 2?"}]

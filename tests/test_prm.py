@@ -9,8 +9,9 @@ import torch
 
 from frugal.tasks.rows import BadRow
 from frugal.train.models import LoraConfig, ModelConfig
-from frugal.train.prm import (PRMConfig, aggregate, auroc, build_prm, collate, encode, load_prm, split_steps,
-                       step_metrics, token_budget_batches)
+from frugal.train.prm import PRMConfig, build_prm, load_prm
+from frugal.train.prm_metrics import auroc, step_metrics
+from frugal.train.prm_steps import aggregate, collate, encode, split_steps, token_budget_batches
 from frugal.train.prm_data import corrupt_solution, generated_examples, load_stepwise, validate_example
 from frugal.conf import CONF_DIR
 
@@ -189,7 +190,8 @@ def test_stepwise_hf_dataset_folder(tmp_path):
 
 def test_soft_labels_end_to_end_and_loss_falls_on_separable_set(tmp_path):
     """Steps that say 'good' are labelled 0.9, 'bad' 0.1 (soft): BCE must fall and the scores separate."""
-    from frugal.recipes.train_prm import bce_loss, train_step
+    from frugal.recipes.train_prm import train_step
+    from frugal.train.prm import bce_loss
 
     torch.manual_seed(0)
     prm = build_prm(TINY, LoraConfig(r=4, alpha=8), PRMConfig(separator="\n"))
@@ -262,12 +264,14 @@ class FakePolicy:
     answer iff the prefix does not contain 'B' (so step B and after are wrong), except one of four."""
 
     def sample(self, prompts, n):
-        return [["A\nB\n\\boxed{5}"] * n for _ in prompts]
+        from frugal.recipes.label_prm import Solution
+
+        return [[Solution("A\nB\n\\boxed{5}")] * n for _ in prompts]
 
     def complete(self, prompts, prefixes, n):
         out = []
         for prefix in prefixes:
-            good = "B" not in prefix
+            good = "B" not in prefix.text
             out.append(["\\boxed{7}" if good or i == 0 else "\\boxed{5}" for i in range(n)])
         return out
 
@@ -333,3 +337,39 @@ def test_mc_labelling_runs_real_generate_on_tiny_random(tmp_path):
         assert 1 <= len(r["labels"]) == len(r["completions"]) <= 8 and r["rollouts"] == 2
         assert all(y in (0.0, 0.5, 1.0) for y in r["labels"][:-1])
         assert r["labels"][-1] == float(r["solution_correct"]) == float(is_correct("e".join(r["completions"]), r["answer"], "boxed"))
+
+
+def test_mc_labelling_continues_each_prefix_from_the_sampled_token_ids(monkeypatch):
+    """A step prefix is continued from the chat prompt's ids + the ids the policy sampled for the prefix,
+    not from its text re-rendered through the chat template (which tokenizes differently: here the
+    policy sampled the separator as two "\\n" tokens, and the tokenizer merges "4\\n\\n" into one)."""
+    from frugal.recipes.label_prm import HFPolicy, LabelPRMConfig, label_problems
+    from frugal.train import decoding
+    from frugal.train.models import load_model
+    from frugal.train.rollout import GenerationConfig
+
+    model, tok = load_model(TINY, torch.device("cpu"))
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    sampled = enc("4") + enc("\n") + enc("\n") + enc("5")  # "4\n\n5", the separator as two tokens
+    assert enc("4\n\n") != sampled[:3]
+    contexts, real = [], decoding.sample
+
+    def fake_first_sample(model, tokenizer, ids, mask, n, cfg, max_new, greedy=False):
+        contexts.append([row[m.bool()].tolist() for row, m in zip(ids, mask)])
+        if len(contexts) > 1:  # the rollouts from the prefix: really sampled
+            return real(model, tokenizer, ids, mask, n, cfg, max_new, greedy)
+        rows = len(ids) * n
+        return torch.tensor([sampled + [tok.eos_token_id]] * rows), torch.full((rows,), len(sampled) + 1)
+
+    monkeypatch.setattr(decoding, "sample", fake_first_sample)
+    cfg = LabelPRMConfig(prm=PRMConfig(separator="\n\n"), samples_per_problem=1, rollouts=2,
+                         generation=GenerationConfig(max_new_tokens=4))
+    prompt = [{"role": "user", "content": "What is 2 + 2?"}]
+    row = {"id": "p0", "prompt": prompt, "question": "What is 2 + 2?", "answer": "4", "answer_format": "number"}
+    out = label_problems([row], HFPolicy(model, tok, cfg.generation), cfg)
+    prompt_ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert contexts[1] == [list(prompt_ids) + sampled[:3]]  # the prefix "4\n\n" exactly as sampled
+    rerendered = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "4\n\n"}], tokenize=True,
+                                         continue_final_message=True, return_dict=True)["input_ids"]
+    assert list(rerendered) != contexts[1][0]  # what continuing the re-rendered text would have fed
+    assert out[0]["completions"] == ["4", "5"] and len(out[0]["labels"]) == 2

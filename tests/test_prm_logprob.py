@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from frugal.train.models import LoraConfig, ModelConfig
-from frugal.train.prm import PRMConfig, build_prm, collate, load_prm
+from frugal.train.prm import PRMConfig, build_prm, load_prm
+from frugal.train.prm_steps import collate
 
 TINY = ModelConfig(name_or_path="builtin:tiny-random", dtype="float32")
 

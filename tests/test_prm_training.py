@@ -27,7 +27,7 @@ def test_group_rows_keeps_a_problems_solutions_together():
 
 
 def test_lm_targets_are_the_correct_steps_and_their_separators():
-    from frugal.recipes.train_prm import lm_targets
+    from frugal.train.prm import lm_targets
 
     prm = build_prm(TINY, LoraConfig(r=4, alpha=8), PRMConfig())
     steps = ["1 + 2 = 3", "3 + 4 = 8", "The answer is 8."]
@@ -41,7 +41,8 @@ def test_lm_targets_are_the_correct_steps_and_their_separators():
 
 
 def test_aux_lm_loss_trains_next_token_prediction_and_is_off_by_default():
-    from frugal.recipes.train_prm import lm_targets, prm_losses, train_step
+    from frugal.recipes.train_prm import train_step
+    from frugal.train.prm import lm_targets, prm_losses
 
     torch.manual_seed(0)
     prm = build_prm(TINY, LoraConfig(r=8, alpha=16), PRMConfig())

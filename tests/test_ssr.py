@@ -9,7 +9,7 @@ import torch
 
 from frugal.evaluator.engine import Counts
 from frugal.evaluator.strategies.ssr import SSRConfig, Scored, decode, score_steps, select_strategies, with_hint
-from frugal.train.prm import split_steps
+from frugal.train.prm_steps import split_steps
 
 
 class FakeEngine:

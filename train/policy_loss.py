@@ -5,8 +5,9 @@ than the whole decoder for a small model); S-GRPO trains on a subset of tokens, 
 gather the hidden states that predict the selected tokens, and apply the LM head to those rows only.
 Because attention is causal, each row is cropped after its own last selected position (later tokens cannot
 influence earlier log-probs), and rows of similar length run together so little padding is computed
-(``_length_buckets``). The G completions of a group share their prompt, so the prompt is run once per
-group into a KV cache that its rows reuse (``_shared_prompt_cache``; exact, gradients included).
+(:func:`length_buckets`). The G completions of a group share their prompt, so the prompt is run once per
+group into a KV cache that its rows reuse (``frugal.train.decoding.PromptKV``, the helper the sampler, the
+evaluator and the PRM use too; exact, gradients included).
 
 **Loss** (GRPO's clipped surrogate, DeepSeekMath eq. 3, restricted to the selected set S):
 
@@ -26,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from frugal.train.decoding import PromptKV
 from frugal.train.token_selection import Selection
 
 
@@ -80,13 +82,12 @@ def selected_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     row_last = torch.zeros(len(used_rows), dtype=torch.long, device=cols.device).scatter_reduce(
         0, row_index, cols, reduce="amax")
     decoder, head = _decoder_and_head(model)
-    cache, which, start = (_shared_prompt_cache(decoder, ids, mask, position_ids, prompt_width) if share_prompts
-                           else (None, None, 0))
+    prompts, which, start = _shared_prompts(decoder, ids, mask, prompt_width) if share_prompts else (None, None, 0)
     logp = torch.empty(len(selection), device=input_ids.device)
-    for bucket in _length_buckets(row_last.tolist()):
+    for bucket in length_buckets(row_last.tolist()):
         rows = torch.tensor(bucket, device=ids.device)
         end = int(row_last[rows].max()) + 1
-        sub_cache = None if cache is None else _cache_rows(cache, which[rows], decoder.config)
+        sub_cache = None if prompts is None else prompts.rows(which[rows])
         hidden = decoder(input_ids=ids[rows, start:end], attention_mask=mask[rows, :end],
                          position_ids=position_ids[rows, start:end], cache=sub_cache,
                          use_cache=sub_cache is not None).last_hidden_state
@@ -104,7 +105,7 @@ def selected_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 BUCKET_OVERHEAD = 16
 
 
-def _length_buckets(lengths: list[int], per_call_overhead: int | None = None) -> list[list[int]]:
+def length_buckets(lengths: list[int], per_call_overhead: int | None = None) -> list[list[int]]:
     """Split rows into groups that run as one padded batch each, minimising the padded columns computed,
     Σ_bucket |bucket| · max length, plus ``per_call_overhead`` column-equivalents per extra decoder call
     (exact dynamic programme over rows sorted by length; a step has tens of rows)."""
@@ -125,15 +126,16 @@ def _length_buckets(lengths: list[int], per_call_overhead: int | None = None) ->
     return buckets[::-1]
 
 
-def _shared_prompt_cache(decoder, ids, mask, position_ids, prompt_width: int):
-    """KV cache of each distinct prompt (all but its last token), and which cache row each row uses.
+def _shared_prompts(decoder, ids, mask, prompt_width: int):
+    """The KV of each distinct prompt (all but its last token) as a :class:`PromptKV`, which prompt each row
+    uses, and the first column the rows still run; ``(None, None, 0)`` when no prompt repeats (rows then run
+    whole).
 
     The G rows of a group repeat one prompt: it is run once and its KV rows are gathered for its
     completions, so only the rest runs per row. The result is the same function of the weights (gradients
     flow into the LoRA weights through the shared cache), but the prompt's share of the forward pass, the
     backward pass and the saved activations shrinks G-fold (for a 38-token prompt and ~28-token
-    completions, about half of the decoder's work). Returns ``(None, None, 0)`` when no prompt repeats:
-    rows then run whole.
+    completions, about half of the decoder's work).
     """
     head = prompt_width - 1
     # Activation checkpointing drops the cache in training mode, so it takes the plain path.
@@ -144,23 +146,11 @@ def _shared_prompt_cache(decoder, ids, mask, position_ids, prompt_width: int):
     distinct, which = torch.unique(prompts, dim=0, return_inverse=True)
     if distinct.shape[0] == ids.shape[0]:
         return None, None, 0
-    from transformers import DynamicCache
-
     rows = torch.arange(ids.shape[0], device=ids.device)
     first = torch.full((distinct.shape[0],), ids.shape[0], device=ids.device)
     first = first.scatter_reduce(0, which, rows, reduce="amin")  # one representative row per prompt
-    cache = DynamicCache(config=decoder.config)
-    decoder(input_ids=ids[first, :head], attention_mask=mask[first, :head], position_ids=position_ids[first, :head],
-            cache=cache, use_cache=True)
-    return cache, which, head
-
-
-def _cache_rows(cache, index: torch.Tensor, config):
-    """A new cache holding rows ``index`` of ``cache`` (gathered, so gradients reach the shared rows)."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers],
-                        config=config)
+    shared, _ = PromptKV.prefill(decoder, ids[first, :head], mask[first, :head])
+    return shared, which, head
 
 
 def full_logits_logprobs(model, input_ids, attention_mask, prompt_width: int, selection: Selection):

@@ -36,16 +36,14 @@ One API is used everywhere (training recipe, evaluator, export)::
     aggregate([0.97, 0.95], "min")                                          # 0.95
     prm.tokens_scored, prm.last_tokens, prm.num_parameters                  # compute accounting
 
-Token layout (fixed, so that training and scoring agree token for token): the prompt text plus
-``PROMPT_SUFFIX`` is tokenized once, each step and the separator are tokenized on their own and
-concatenated. The separator is any string: ``"\\n\\n"`` (default), ``"\\n"``, or a special token already
-in the tokenizer's vocabulary (e.g. ``"<|im_end|>"``), so no embedding is ever resized.
+The token layout it reads (steps, separators, the scored positions) and ``aggregate`` are
+:mod:`frugal.train.prm_steps`; the training loss is :func:`prm_losses` below (the recipe
+``frugal.recipes.train_prm`` runs the loop); step AUROC and first-error F1 are :mod:`frugal.train.prm_metrics`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,8 +51,10 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-AGGREGATIONS = ("last", "min", "prod", "mean")
-PROMPT_SUFFIX = "\n"  # between the prompt and the first step
+from frugal.train.decoding import PromptKV, left_pad
+from frugal.train.prm_steps import (AGGREGATIONS, PROMPT_SUFFIX, Encoded, aggregate, collate, encode, prompt_text,
+                                    separator_ids, split_steps, step_starts, token_budget_batches)
+
 PRM_CONFIG_FILE = "prm.json"
 HEAD_FILE = "head.safetensors"
 ADAPTER_DIR = "adapter"
@@ -95,121 +95,6 @@ class PRMConfig:
             raise ValueError(f"prm.score_batch_tokens must be >= 64, got {self.score_batch_tokens}")
 
 
-# ---------------------------------------------------------------------- aggregation (the one place)
-
-def aggregate(scores: Sequence[float], how: str = "min") -> float:
-    """A solution score from its step scores.
-
-    ``last``: the final step's score (the PRM has seen the whole solution); ``min``: the weakest step
-    (Lightman et al. 2023; Math-Shepherd); ``prod``: P(all steps correct) under independence;
-    ``mean``: average step score. No steps at all give 1.0 (no step has been judged wrong), which is
-    what ``min`` and ``prod`` give for an empty product too.
-    """
-    if how not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {'|'.join(AGGREGATIONS)}, got {how!r}")
-    scores = [float(s) for s in scores]
-    if not scores:
-        return 1.0
-    if how == "last":
-        return scores[-1]
-    if how == "min":
-        return min(scores)
-    if how == "prod":
-        return math.prod(scores)
-    return sum(scores) / len(scores)
-
-
-# ---------------------------------------------------------------------- steps and token layout
-
-def prompt_text(prompt: Any) -> str:
-    """A prompt as plain text: a string as is, chat messages (task rows' ``prompt``) as the content of the
-    last user message."""
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
-        users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
-        return str(users[-1] if users else prompt[-1].get("content", ""))
-    raise TypeError(f"a PRM prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
-
-
-def split_steps(text: str, separator: str) -> list[str]:
-    """Split a (possibly unfinished) solution into steps. A trailing piece without a separator after it
-    is an unfinished step and is kept; empty pieces (text ending in the separator, blank steps) are not."""
-    return [s.strip() for s in text.split(separator) if s.strip()]
-
-
-@dataclass
-class Encoded:
-    """One sequence: token ids and the index of the scored token (separator end) of each step."""
-
-    ids: list[int]
-    positions: list[int]
-    start: int = 0  # index of the first step token (the prompt's token count)
-
-
-def encode(tokenizer, prompt: Any, steps: Sequence[str], separator: str,
-           max_length: Optional[int] = None) -> Encoded:
-    """Token ids of ``prompt + PROMPT_SUFFIX + step_1 + sep + … + step_n + sep`` and, for each step, the
-    position of the last token of the separator that follows it. With ``max_length``, steps that would
-    not fit are dropped (their positions are absent), never cut in the middle."""
-    ids = tokenizer(prompt_text(prompt) + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"]
-    sep = _separator_ids(tokenizer, separator)
-    step_ids = tokenizer(list(steps), add_special_tokens=False)["input_ids"] if steps else []
-    positions, start = [], len(ids)
-    for piece in step_ids:
-        if max_length is not None and len(ids) + len(piece) + len(sep) > max_length:
-            break
-        ids = ids + piece + sep
-        positions.append(len(ids) - 1)
-    return Encoded(list(ids), positions, start)
-
-
-def _separator_ids(tokenizer, separator: str) -> list[int]:
-    ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"prm.separator {separator!r} encodes to no tokens")
-    return ids
-
-
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``/``attention_mask`` and, flat over every step, its row, the position of
-    its scored token (``positions``) and of its first token (``starts``)."""
-    width = max(len(e.ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    rows, positions, starts = [], [], []
-    for r, e in enumerate(batch):
-        ids[r, :len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
-        mask[r, :len(e.ids)] = 1
-        rows += [r] * len(e.positions)
-        positions += e.positions
-        starts += step_starts(e)
-    return {"input_ids": ids, "attention_mask": mask, "rows": torch.tensor(rows, dtype=torch.long),
-            "positions": torch.tensor(positions, dtype=torch.long), "starts": torch.tensor(starts, dtype=torch.long)}
-
-
-def step_starts(e: Encoded) -> list[int]:
-    """Index of the first token of each step of ``e`` (a step runs from there to its separator's end)."""
-    return [e.start] + [p + 1 for p in e.positions[:-1]] if e.positions else []
-
-
-def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches whose padded size (rows × longest) stays under ``max_tokens``; sorted
-    by length so that padding is small. A single longer sequence gets a batch of its own."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current, longest = [], [], 0
-    for i in order:
-        new_longest = max(longest, lengths[i])
-        if current and new_longest * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current, new_longest = [], lengths[i]
-        current.append(i)
-        longest = new_longest
-    if current:
-        batches.append(current)
-    return batches
-
-
 # ---------------------------------------------------------------------- the model
 
 class PRM(torch.nn.Module):
@@ -245,7 +130,7 @@ class PRM(torch.nn.Module):
         if self.evidence is not None:
             torch.nn.init.zeros_(self.evidence.weight)
             self.evidence.to(device=device, dtype=torch.float32)
-        self.separator_length = len(_separator_ids(tokenizer, cfg.separator))
+        self.separator_length = len(separator_ids(tokenizer, cfg.separator))
         self.candidate_ids: Optional[torch.Tensor] = None  # V' of the features' softmax (None: the whole vocabulary)
         self.last_lm_tokens = 0  # tokens whose LM-head logits the last call computed (logprob_features)
         self.tokens_scored = 0
@@ -410,39 +295,29 @@ class PRM(torch.nn.Module):
 
     def _shared_prompt_logits(self, encoded: Sequence[Encoded], idx: Sequence[int], keys: Sequence[str],
                               head_len: dict, prompt_kv: dict) -> tuple[torch.Tensor, int, int]:
-        """Step logits of rows ``idx`` over their prompts' cached KV. Prompts not in ``prompt_kv`` are run
-        first (one left-padded forward; positions from the mask) and stored. The rows' step tokens then
-        run in one forward: [left-padded prompt KV | right-padded steps], positions continuing each
-        row's prompt. Returns (logits, tokens run, attention sum)."""
-        from transformers import DynamicCache
-
+        """Step logits of rows ``idx`` over their prompts' cached KV (``frugal.train.decoding.PromptKV``).
+        Prompts not in ``prompt_kv`` are run first (one left-padded forward; positions from the mask) and
+        stored. The rows' step tokens then run in one forward: [left-padded prompt KV | right-padded
+        steps], positions continuing each row's prompt. Returns (logits, tokens run, attention sum)."""
         dev, pad = self.device, self.tokenizer.pad_token_id
         body = _hf_model(self.model).base_model
         tokens = attention = 0
         heads = {k: encoded[i].ids[:head_len[k]] for i, k in zip(idx, keys)}
         new = [k for k in dict.fromkeys(keys) if k not in prompt_kv]
         if new:
-            width = max(len(heads[k]) for k in new)
-            ids = torch.tensor([[pad] * (width - len(heads[k])) + heads[k] for k in new], device=dev)
-            mask = torch.tensor([[0] * (width - len(heads[k])) + [1] * len(heads[k]) for k in new], device=dev)
-            cache = DynamicCache()
-            last = body(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        cache=cache, use_cache=True).last_hidden_state[:, -1]
-            for r, k in enumerate(new):
+            ids, mask = left_pad([heads[k] for k in new], pad, dev)
+            shared, out = PromptKV.prefill(body, ids, mask)
+            # The prompt's last state too: it predicts the first step token (logprob_features).
+            for k, kv, last in zip(new, shared.split(), out.last_hidden_state[:, -1]):
+                prompt_kv[k] = (kv, last)
                 n = len(heads[k])
-                # The prompt's last state too: it predicts the first step token (logprob_features).
-                prompt_kv[k] = ([(layer.keys[r:r + 1, :, -n:].clone(), layer.values[r:r + 1, :, -n:].clone())
-                                 for layer in cache.layers], last[r])
                 tokens, attention = tokens + n, attention + n * (n + 1) // 2
+        distinct = list(dict.fromkeys(keys))
+        which = torch.tensor([distinct.index(k) for k in keys], device=dev)
+        cache = PromptKV.stack([prompt_kv[k][0] for k in distinct], body.config).rows(which)
         width = max(head_len[k] for k in keys)
         tails = [encoded[i].ids[head_len[k]:] for i, k in zip(idx, keys)]
         tail_width = max(len(t) for t in tails)
-        layers = []
-        for layer in range(len(prompt_kv[keys[0]][0])):
-            # Zeros where a shorter prompt is padded: under attention mask 0, never attended to.
-            ks = [torch.nn.functional.pad(prompt_kv[k][0][layer][0], (0, 0, width - head_len[k], 0)) for k in keys]
-            vs = [torch.nn.functional.pad(prompt_kv[k][0][layer][1], (0, 0, width - head_len[k], 0)) for k in keys]
-            layers.append((torch.cat(ks), torch.cat(vs)))
         ids = torch.tensor([t + [pad] * (tail_width - len(t)) for t in tails], device=dev)
         mask = torch.tensor([[0] * (width - head_len[k]) + [1] * (head_len[k] + len(t)) + [0] * (tail_width - len(t))
                              for k, t in zip(keys, tails)], device=dev)
@@ -453,7 +328,7 @@ class PRM(torch.nn.Module):
         starts = torch.tensor([s - head_len[k] for i, k in zip(idx, keys) for s in step_starts(encoded[i])],
                               dtype=torch.long)
         first_state = torch.stack([prompt_kv[k][1] for k in keys])
-        logits = self.step_logits(ids, mask, rows, where, starts, first_state, cache=DynamicCache(ddp_cache_data=layers),
+        logits = self.step_logits(ids, mask, rows, where, starts, first_state, cache=cache,
                                   position_ids=positions, use_cache=True)
         for k, t in zip(keys, tails):
             p, n = head_len[k], len(t)
@@ -515,6 +390,53 @@ class PRM(torch.nn.Module):
             (tmp / PRM_CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         return out_dir
 
+
+# ---------------------------------------------------------------------- the training loss
+
+def lm_targets(tokenizer, prompt, enc, labels) -> list[int]:
+    """Token indices ``t`` (predicted from position ``t - 1``) of every step labelled correct (≥ 0.5),
+    its separator included: the targets of the auxiliary next-token loss."""
+    start = len(tokenizer(prompt_text(prompt) + PROMPT_SUFFIX, add_special_tokens=False)["input_ids"])
+    out = []
+    for position, label in zip(enc.positions, labels):
+        if label >= 0.5:
+            out += range(start, position + 1)
+        start = position + 1
+    return out
+
+
+def prm_losses(prm: PRM, batch: list[tuple], normalizer: int, lm_normalizer: int = 0):
+    """(BCE, LM) for a micro-batch of rows ``(encoded, labels[, lm_targets])``.
+
+    BCE: the sum over the batch's steps of BCE(logit at the step's separator, label), divided by
+    ``normalizer`` (the step count of the whole optimizer step, so micro-batching does not change it).
+    LM (only with ``lm_normalizer`` > 0): next-token cross-entropy at the rows' ``lm_targets`` (the
+    tokens of correct steps), summed and divided by ``lm_normalizer``; its softmax is the features' (over
+    the candidate vocabulary V' when the PRM has one: ``PRM._token_logprobs``). Cobbe et al. (2021, "Training
+    Verifiers to Solve Math Word Problems") found that training a verifier jointly with the language
+    modelling objective helps it: here it teaches the backbone to compute the step (a step's result),
+    which the head at the separator then only has to compare with what is written.
+    """
+    enc = collate([row[0] for row in batch], prm.tokenizer.pad_token_id)
+    targets = torch.tensor([y for row in batch for y in row[1]], dtype=torch.float32, device=prm.device)
+    if not lm_normalizer:
+        logits = prm.step_logits(**enc)
+    else:
+        logits, token_logprobs = prm.step_logits(**enc, return_token_logprobs=True)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / normalizer
+    if not lm_normalizer:
+        return bce, None
+    rows = torch.tensor([r for r, row in enumerate(batch) for _ in row[2]], dtype=torch.long, device=prm.device)
+    where = torch.tensor([t for row in batch for t in row[2]], dtype=torch.long, device=prm.device)
+    return bce, -token_logprobs[rows, where].sum() / lm_normalizer
+
+
+def bce_loss(prm: PRM, batch: list[tuple], normalizer: int) -> torch.Tensor:
+    """The BCE term of :func:`prm_losses`."""
+    return prm_losses(prm, batch, normalizer)[0]
+
+
+# ---------------------------------------------------------------------- building and loading
 
 def build_prm(model_cfg, lora_cfg, prm_cfg: PRMConfig, device: Optional[torch.device] = None) -> PRM:
     """A fresh PRM: backbone from ``model_cfg`` (``frugal.train.models.load_model``), a new LoRA adapter
@@ -603,64 +525,3 @@ def _is_peft(model) -> bool:
 def _hf_model(model):
     """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if _is_peft(model) else model
-
-
-# ---------------------------------------------------------------------- metrics (training eval, bench)
-
-def auroc(scores: Sequence[float], labels: Sequence[float]) -> float:
-    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties
-    counting ½ (the Mann–Whitney U statistic over n₊·n₋). Labels are binarised at 0.5; NaN when one class
-    is absent."""
-    import numpy as np
-
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.float64) >= 0.5
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
-
-
-def first_error_index(values: Sequence[float], threshold: float = 0.5) -> int:
-    """Index of the earliest step below ``threshold`` (a label or a PRM score); -1 when there is none."""
-    for i, v in enumerate(values):
-        if v < threshold:
-            return i
-    return -1
-
-
-def step_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequence[float]], threshold: float = 0.5) -> dict:
-    """Step accuracy, step AUROC and ProcessBench's first-error F1 (Zheng et al. 2024, "ProcessBench"):
-    per solution the prediction is the earliest step scored below ``threshold`` or "none"; ``acc_error``
-    is exact-match accuracy on solutions that contain an error, ``acc_correct`` on those that do not,
-    and F1 is their harmonic mean."""
-    flat_s = [x for row in scores for x in row]
-    flat_y = [y for row in labels for y in row]
-    if len(flat_s) != len(flat_y):
-        raise ValueError(f"step_metrics: {len(flat_s)} scores for {len(flat_y)} labels")
-    acc = sum((s >= threshold) == (y >= 0.5) for s, y in zip(flat_s, flat_y)) / max(len(flat_s), 1)
-    err_hits, err_n, ok_hits, ok_n = 0, 0, 0, 0
-    for s_row, y_row in zip(scores, labels):
-        gold, pred = first_error_index(y_row), first_error_index(s_row, threshold)
-        if gold >= 0:
-            err_n += 1
-            err_hits += pred == gold
-        else:
-            ok_n += 1
-            ok_hits += pred == -1
-    acc_err = err_hits / err_n if err_n else float("nan")
-    acc_ok = ok_hits / ok_n if ok_n else float("nan")
-    f1 = 2 * acc_err * acc_ok / (acc_err + acc_ok) if acc_err + acc_ok > 0 else 0.0
-    return {"step_accuracy": acc, "step_auroc": auroc(flat_s, flat_y), "first_error_acc_error": acc_err,
-            "first_error_acc_correct": acc_ok, "first_error_f1": f1, "steps": len(flat_s)}

@@ -40,8 +40,8 @@ def validate_example(record: Any, where: str) -> dict:
         if key not in record:
             raise BadRow(f"{where}: missing key {key!r} (has {sorted(record)[:8]})")
     prompt, steps, labels = record["prompt"], record["completions"], record["labels"]
-    if isinstance(prompt, list):  # chat messages: keep the user text (train.prm.prompt_text)
-        from frugal.train.prm import prompt_text
+    if isinstance(prompt, list):  # chat messages: keep the user text (train.prm_steps.prompt_text)
+        from frugal.train.prm_steps import prompt_text
 
         prompt = prompt_text(prompt)
     if not isinstance(prompt, str) or not prompt.strip():

@@ -1,19 +1,21 @@
 """Batched sampling of completions for chat prompts (the part that dominates a CPU training step).
 
-Per chunk of prompts: each prompt is prefilled once into a KV cache shared by its G samples, padding is
-on the left so every row's completion starts at the same column, and ``decode`` runs a KV-cached decoding
-loop from which finished rows drop out; a completion ends at its first EOS (or stop string), everything
-after is masked. The LoRA adapter is merged into the weights while sampling.
+:func:`generate` templates chat prompts and samples them in chunks through the decoding core
+(``frugal.train.decoding.sample``: each prompt prefilled once for its G samples, finished rows leaving the
+batch, the LoRA adapter merged while sampling); a completion ends at its first EOS (or stop string) and
+everything after is masked. With ``generation.backend=vllm`` training samples through :class:`VLLMSampler`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from frugal.train import decoding
+from frugal.train.decoding import eos_token_ids
 
 
 @dataclass
@@ -95,14 +97,6 @@ def completion_mask_from_ids(completion_ids: torch.Tensor, eos_ids: list[int]) -
     return (eos_before == 0).long()
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig, num_samples: int = 1,
              greedy: bool = False) -> Rollout:
@@ -113,15 +107,11 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig,
     max_new = (cfg.eval_max_new_tokens or cfg.max_new_tokens) if greedy else cfg.max_new_tokens
     chunk_rows = cfg.eval_batch_size if greedy else cfg.batch_size
     prompts_per_chunk = max(1, chunk_rows // num_samples)
-    was_training = model.training
-    model.eval()
     parts = []
     for start in range(0, len(prompts), prompts_per_chunk):
         ids, mask = encode_prompts(tokenizer, prompts[start:start + prompts_per_chunk], device)
-        completion, lengths = sample(model, tokenizer, ids, mask, num_samples, cfg, max_new, greedy)
+        completion, lengths = decoding.sample(model, tokenizer, ids, mask, num_samples, cfg, max_new, greedy)
         parts.append((ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0), completion, lengths))
-    if was_training:
-        model.train()
     prompt_ids = _pad_left([p[0] for p in parts], tokenizer.pad_token_id)
     prompt_mask = _pad_left([p[1] for p in parts], 0)
     completion_ids = _pad_right([p[2] for p in parts], tokenizer.pad_token_id)
@@ -133,131 +123,6 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig,
     ]
     return Rollout(prompt_ids, prompt_mask, completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
                    completion_mask, texts, num_samples)
-
-
-@torch.inference_mode()
-def sample(model, tokenizer, ids: torch.Tensor, mask: torch.Tensor, num_samples: int, cfg: GenerationConfig,
-           max_new: int, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num_samples`` continuations of each left-padded row of ``ids`` (rows ``i*num_samples ...``):
-    new tokens ``[N·num_samples, T]`` and their lengths. Each row is prefilled once for all its samples,
-    and the LoRA update is merged into the weights while decoding (one matmul per layer instead of three;
-    exactly undone after). The one sampling path of training rollouts, evaluation and T-SPMO replay."""
-    stop = None
-    if cfg.stop_strings:
-        from transformers import StopStringCriteria
-
-        stop = StopStringCriteria(tokenizer, list(cfg.stop_strings))
-    with lora_merged(model):
-        cache = _shared_prompt_cache(model, ids, mask, num_samples) if ids.shape[1] > 1 else None
-        ids, mask = ids.repeat_interleave(num_samples, 0), mask.repeat_interleave(num_samples, 0)
-        return decode(model, ids, mask, cache, max_new, eos_token_ids(model, tokenizer), tokenizer.pad_token_id,
-                      None if greedy else sampling_warpers(cfg), stop)
-
-
-def sampling_warpers(cfg):
-    """transformers' temperature / top-k / top-p logits warpers, in ``generate``'s order (``cfg``: anything
-    with ``temperature``, ``top_k``, ``top_p``: a ``GenerationConfig`` or the evaluator's ``EngineConfig``)."""
-    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-    warpers = LogitsProcessorList()
-    if cfg.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(cfg.temperature))
-    if cfg.top_k:
-        warpers.append(TopKLogitsWarper(cfg.top_k))
-    if cfg.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(cfg.top_p))
-    return warpers
-
-
-def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new: int, eos_ids: list[int], pad_id: int,
-           warpers=None, stop=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Continue every (left-padded) row of ``ids`` by up to ``max_new`` tokens; sampled through ``warpers``
-    (a transformers ``LogitsProcessorList``), greedy when it is None. ``cache`` may hold KV for the first
-    ``cache.get_seq_length()`` columns already. Returns the new tokens ``[N, T]`` (pad after each row's end)
-    and each row's length (up to and including its EOS or the token completing a ``stop`` criterion).
-
-    Unlike ``model.generate``, a row that has finished leaves the batch (its KV rows are dropped), so short
-    completions stop costing compute: with 32-token budgets and ~27-token completions that is ~1/6 of the
-    sampling work. The random draws stay those of ``generate``: one multinomial over the *whole* batch per
-    step (finished rows draw from a point mass), so a seed gives the same completions as ``generate``.
-    """
-    from transformers import DynamicCache
-
-    n, device = ids.shape[0], ids.device
-    out = torch.full((n, max_new), pad_id, dtype=torch.long, device=device)
-    lengths = torch.full((n,), max_new, dtype=torch.long, device=device)
-    active = torch.arange(n, device=device)
-    eos = torch.tensor(eos_ids, device=device)
-    if cache is None:
-        cache = DynamicCache(config=model.config)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    done_cols = cache.get_seq_length()
-    step_ids, step_pos = ids[:, done_cols:], position_ids[:, done_cols:]
-    for t in range(max_new):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        if warpers is None:
-            token = logits.argmax(-1)
-        else:
-            probs = torch.softmax(warpers(out[active, :t], logits), dim=-1)
-            everyone = torch.zeros(n, probs.shape[1], device=device)
-            everyone[:, pad_id] = 1.0
-            everyone[active] = probs
-            token = torch.multinomial(everyone, num_samples=1).squeeze(1)[active]
-        out[active, t] = token
-        finished = torch.isin(token, eos)
-        if stop is not None:
-            finished |= stop(out[active, : t + 1], None)
-        lengths[active[finished]] = t + 1
-        if finished.all() or t + 1 == max_new:
-            break
-        keep = (~finished).nonzero().squeeze(1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step_pos = step_pos[:, -1:] + 1
-        if keep.numel() < active.numel():
-            cache.batch_select_indices(keep)
-            active, mask, step_pos, token = active[keep], mask[keep], step_pos[keep], token[keep]
-        step_ids = token[:, None]
-    return out[:, : int(lengths.max())], lengths
-
-
-def _shared_prompt_cache(model, ids: torch.Tensor, mask: torch.Tensor, num_samples: int):
-    """KV cache of each prompt but its last token, prefilled once and repeated for its ``num_samples`` rows.
-
-    Prefilling each row would run every prompt G times; for short completions that prefill is a large share
-    of the sampling work. Decoding then runs only the last prompt token per row (whose logits give the first
-    sampled token) and continues as usual.
-    """
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    head_ids, head_mask = ids[:, :-1], mask[:, :-1]
-    model(input_ids=head_ids, attention_mask=head_mask, position_ids=(head_mask.cumsum(-1) - 1).clamp(min=0),
-          cache=cache, use_cache=True, logits_to_keep=1)
-    cache.batch_repeat_interleave(num_samples)
-    return cache
-
-
-@contextmanager
-def lora_merged(model):
-    """Sample with the LoRA update folded into the base weights (W + BA: one matmul per layer instead of
-    three), then restore the base weights *exactly* (a plain unmerge, W + BA − BA, would drift by rounding
-    every step, so runs would stop being reproducible across resumes). No-op without an unmerged adapter."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged and m.active_adapters]
-    if not layers or not hasattr(model, "merge_adapter"):
-        yield
-        return
-    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
-        with torch.no_grad():
-            for m, w in zip(layers, saved):
-                m.get_base_layer().weight.copy_(w)
 
 
 def _pad_left(tensors: list[torch.Tensor], value: int) -> torch.Tensor:

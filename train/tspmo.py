@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from frugal.train.rollout import GenerationConfig, Rollout, sample
+from frugal.train import decoding
+from frugal.train.rollout import GenerationConfig, Rollout
 from frugal.train.token_selection import Selection
 
 WEIGHTINGS = ("unique", "visits")
@@ -176,19 +177,11 @@ def replay_rollout(model, tokenizer, rollout: Rollout, rewards, gen_cfg: Generat
     device = rollout.prompt_ids.device
     pad = tokenizer.pad_token_id
     # Prompt (without its left padding) + prefix, left-padded again so all continuations start together.
-    contexts = [torch.cat([rollout.prompt_ids[g * G][rollout.prompt_mask[g * G].bool()],
-                           torch.tensor(p, dtype=torch.long, device=device)]) for g, p in enumerate(prefixes)]
-    width = max(c.numel() for c in contexts)
-    ids = torch.full((len(contexts), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, c in enumerate(contexts):
-        ids[i, width - c.numel():], mask[i, width - c.numel():] = c, 1
+    contexts = [rollout.prompt_ids[g * G][rollout.prompt_mask[g * G].bool()].tolist() + p
+                for g, p in enumerate(prefixes)]
+    ids, mask = decoding.left_pad(contexts, pad, device)
     budget = gen_cfg.max_new_tokens - min(len(p) for p in prefixes)
-    was_training = model.training
-    model.eval()
-    continuations, lengths = sample(model, tokenizer, ids, mask, num_samples, gen_cfg, max(budget, 1))
-    if was_training:
-        model.train()
+    continuations, lengths = decoding.sample(model, tokenizer, ids, mask, num_samples, gen_cfg, max(budget, 1))
     # Each new completion = prefix + continuation, cut to the same token budget as the original samples.
     new = [(prefixes[i // num_samples] + cont[:n])[:gen_cfg.max_new_tokens]
            for i, (cont, n) in enumerate(zip(continuations.tolist(), lengths.tolist()))]

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from frugal.evaluator.engine import Candidate
 from frugal.rewards.verify import answers_match, extract_answer
-from frugal.train.prm import aggregate
+from frugal.train.prm_steps import aggregate
 
 EPS = 1e-6
 
@@ -37,7 +37,7 @@ def by_problem(cands: Sequence[Candidate], num_problems: int) -> list[list[Candi
 
 
 def solution_score(cand: Candidate, how: str) -> float:
-    """Aggregated PRM score (``frugal.train.prm.aggregate``: last | min | prod | mean)."""
+    """Aggregated PRM score (``frugal.train.prm_steps.aggregate``: last | min | prod | mean)."""
     return aggregate(cand.scores, how)
 
 
