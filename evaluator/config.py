@@ -261,6 +261,32 @@ class EvalConfig(SeededRunConfig):
                              "(a folder written by `frugal train-prm`)")
 
 
+def check_prm_separator(cfg: EvalConfig) -> None:
+    """The step separator is one concept with three keys: ``task.prompt.step_separator`` (how few-shot
+    solutions are written), ``engine.step_delimiter`` (where the engine ends a step) and the PRM's
+    ``separator`` (how it splits a solution into steps, saved in the PRM folder's prm.json by
+    ``frugal train-prm``). With a ``prm_path``, refuse a config whose keys disagree with the PRM, saying
+    which key to set to what. Reads prm.json only: nothing is loaded."""
+    if not cfg.prm_path:
+        return
+    meta_path = Path(cfg.prm_path) / PRM_CONFIG_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"prm_path={cfg.prm_path} is not a PRM folder (no {PRM_CONFIG_FILE}); "
+                                "train one with `frugal train-prm`")
+    saved = json.loads(meta_path.read_text()).get("separator", PRMConfig.separator)
+    wrong = [(key, value) for key, value in (("engine.step_delimiter", cfg.engine.step_delimiter),
+                                             ("task.prompt.step_separator", cfg.task.prompt.step_separator))
+             if value != saved]
+    if wrong:
+        fixes = "; ".join(f"{key} is {value!r}: set {key}={saved!r}" for key, value in wrong)
+        hint = (" (Hydra's command line keeps a backslash as typed: '\\n' there is a backslash and an n; quote a "
+                "real newline, e.g. bash $'\\n', or set the key in a YAML file, where \"\\n\" is a newline)"
+                if any("\\" in value and "\\" not in saved for _, value in wrong) else "")
+        raise ValueError(f"the PRM at prm_path={cfg.prm_path} splits steps on {saved!r} (its {PRM_CONFIG_FILE} "
+                         f"separator), but {fixes}: one step separator for the task's prompts, the engine and "
+                         f"the PRM{hint}")
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
     register_variants("search", SEARCH_VARIANTS)

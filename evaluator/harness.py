@@ -196,9 +196,10 @@ def prepare(cfg, run_dir: Path):
 
 def evaluate(cfg, run_dir: Path) -> dict:
     """Everything ``frugal eval`` does, given a validated :class:`frugal.evaluator.config.EvalConfig`."""
-    from frugal.evaluator.config import GreedyConfig
+    from frugal.evaluator.config import GreedyConfig, check_prm_separator
     from frugal.train.tracking import Tracker
 
+    check_prm_separator(cfg)  # before any model loads: reads prm.json only
     run_dir, device, config_dict, problems, engine = prepare(cfg, run_dir)
     prm = None
     if cfg.prm_path:

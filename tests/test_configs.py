@@ -236,3 +236,84 @@ def test_cfg_job_prints_the_variants_keys_and_defaults_only():
     assert search == {"name": "particle_gibbs", "budgets": [1, 2, 4, 8, 16], "aggregation": "last",
                       "weight_temperature": 1.0, "resampling": "systematic", "ess_threshold": 1.0,
                       "final": "weighted_majority", "sweeps": 2}
+
+
+# ---------------------------------------------------------------------- one step separator, three keys
+
+class ModelLoaded(Exception):
+    pass
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any model load fails loudly: the checks below must answer before one."""
+    import frugal.train.models
+
+    def refuse(*args, **kwargs):
+        raise ModelLoaded("a model was loaded")
+
+    monkeypatch.setattr(frugal.train.models, "load_model", refuse)
+
+
+def _prm_folder(path, separator):
+    import json
+
+    path.mkdir(parents=True)
+    (path / "prm.json").write_text(json.dumps({"format_version": 1, "backbone": "builtin:tiny-random",
+                                               "separator": separator, "aggregation": "min"}))
+    return path
+
+
+def _eval_run(tmp_path, overrides):
+    from frugal.recipes.eval import run
+
+    return run(compose_recipe("eval", ["model=tiny_random", "search=beam", "limit=1"] + overrides),
+               run_dir=tmp_path / "run")
+
+
+def test_eval_refuses_a_separator_that_differs_from_the_prms_before_loading_a_model(tmp_path, no_model_loads):
+    prm = _prm_folder(tmp_path / "prm", "\n")
+    with pytest.raises(ValueError) as err:
+        _eval_run(tmp_path, [f"prm_path={prm}"])
+    msg = str(err.value)
+    assert f"the PRM at prm_path={prm} splits steps on '\\n'" in msg
+    assert "engine.step_delimiter is '\\n\\n': set engine.step_delimiter='\\n'" in msg
+    assert "task.prompt.step_separator is '\\n\\n': set task.prompt.step_separator='\\n'" in msg
+    assert not (tmp_path / "run").exists()  # refused before the run dir, the config dump and any model
+    # one key right, the other still named
+    with pytest.raises(ValueError) as err:
+        _eval_run(tmp_path, [f"prm_path={prm}", "engine.step_delimiter='\n'"])
+    assert "engine.step_delimiter" not in str(err.value)
+    assert "set task.prompt.step_separator='\\n'" in str(err.value)
+    # both right: the check passes and the run goes on to load the policy
+    with pytest.raises(ModelLoaded):
+        _eval_run(tmp_path, [f"prm_path={prm}", "engine.step_delimiter='\n'", "task.prompt.step_separator='\n'"])
+
+
+def test_separator_typed_with_a_backslash_on_the_command_line_gets_a_hint(tmp_path, no_model_loads):
+    prm = _prm_folder(tmp_path / "prm", "\n")
+    with pytest.raises(ValueError) as err:  # Hydra keeps '\n' as a backslash and an n
+        _eval_run(tmp_path, [f"prm_path={prm}", r"engine.step_delimiter='\n'", "task.prompt.step_separator='\n'"])
+    assert "engine.step_delimiter is '\\\\n': set engine.step_delimiter='\\n'" in str(err.value)
+    assert "keeps a backslash as typed" in str(err.value)
+
+
+def test_eval_checks_the_separator_a_trained_prm_folder_saved(tmp_path, monkeypatch):
+    import torch
+
+    import frugal.train.models
+    from frugal.train.models import LoraConfig, ModelConfig
+    from frugal.train.prm import PRMConfig, build_prm
+
+    prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), LoraConfig(r=2, alpha=4),
+                    PRMConfig(separator=" ки"), torch.device("cpu"))
+    prm.save(tmp_path / "prm")  # prm.json as `frugal train-prm` writes it
+    monkeypatch.setattr(frugal.train.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match=r"splits steps on ' ки'.*set engine\.step_delimiter=' ки'"):
+        _eval_run(tmp_path, [f"prm_path={tmp_path / 'prm'}"])
+
+
+def test_prm_path_without_prm_json_is_refused_before_loading(tmp_path, no_model_loads):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is not a PRM folder"):
+        _eval_run(tmp_path, [f"prm_path={tmp_path / 'empty'}"])
