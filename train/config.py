@@ -130,12 +130,17 @@ def make_variant(group: str, variants: Mapping[str, type], name: str, renamed: O
                  **knobs):
     """Python-side construction by name (scripts, tests): ``make_variant("search", SEARCH_VARIANTS,
     "beam", beam_width=2)``, with the same refusals as :func:`to_config`."""
+    return _check_variant(group, knobs, variants, renamed or {}, name)(**knobs)
+
+
+def _check_variant(group: str, node: Mapping[str, Any], variants: Mapping[str, type], renamed: Mapping[str, str],
+                   name: Any) -> type:
     if name not in variants:
         raise ValueError(f"{group}.name must be one of {'|'.join(variants)}, got {name!r}")
-    problems = variant_problems(group, knobs, variants, renamed or {}, name)
+    problems = variant_problems(group, node, variants, renamed, name)
     if problems:
         raise ValueError("; ".join(problems))
-    return variants[name](**knobs)
+    return variants[name]
 
 
 def _variant_class(group: str, raw: Any, node: Mapping[str, Any], meta: Mapping[str, Any]) -> type:
@@ -143,15 +148,10 @@ def _variant_class(group: str, raw: Any, node: Mapping[str, Any], meta: Mapping[
     chosen = OmegaConf.get_type(raw) if isinstance(raw, DictConfig) else None  # the group's choice (Hydra)
     chosen_name = next((n for n, c in variants.items() if c is chosen), None)
     name = node.get("name", chosen_name or meta["default"])
-    if name not in variants:
-        raise ValueError(f"{group}.name must be one of {'|'.join(variants)}, got {name!r}")
-    if chosen_name is not None and chosen_name != name:
+    if chosen_name is not None and name in variants and chosen_name != name:
         raise ValueError(f"{group}.name={name!r} contradicts {group}={chosen_name}: choose the variant with "
                          f"{group}={name} ({group}.name only repeats the group's choice)")
-    problems = variant_problems(group, node, variants, meta["renamed"], name)
-    if problems:
-        raise ValueError("; ".join(problems))
-    return variants[name]
+    return _check_variant(group, node, variants, meta["renamed"], name)
 
 
 def fill_variants(cfg: Any) -> None:
