@@ -57,10 +57,15 @@ class Row:
 def run_strategy(name: str, problems: Sequence[dict], budgets: Sequence[int], engine: Engine,
                  prm: Optional[CountingPRM], search_cfg, seed: int = 0, problems_per_call: int = 32,
                  label: Optional[str] = None, progress: bool = True) -> tuple[list[Row], list[dict]]:
-    """Run strategy ``name`` at every budget; return the summary rows and the per-problem records."""
+    """Run strategy ``name`` at every budget; return the summary rows and the per-problem records.
+    ``search_cfg``: the strategy's config (``frugal.evaluator.config.SEARCH_VARIANTS[name]``)."""
     from tqdm.auto import tqdm
 
+    from frugal.evaluator.config import PRMSearchConfig
+
     label = label or name
+    # a PRM-guided strategy's aggregation scores the chosen solution in results.jsonl (others have no PRM scores)
+    how = search_cfg.aggregation if isinstance(search_cfg, PRMSearchConfig) else None
     run = strategies.get(name)
     pshape = policy_shape(engine.model)
     rshape = prm_shape(prm.prm) if prm is not None and hasattr(prm.prm, "model") else ModelShape(0, 0, 0)
@@ -80,7 +85,7 @@ def run_strategy(name: str, problems: Sequence[dict], budgets: Sequence[int], en
             for row, res in zip(chunk, results):
                 ok = is_correct(res.chosen.text, str(row["answer"]), row.get("answer_format", "boxed"))
                 correct += ok
-                records.append(_record(label, budget, row, res, ok, chunk, search_cfg.aggregation))
+                records.append(_record(label, budget, row, res, ok, chunk, how))
             bar.update(len(chunk))
             bar.set_postfix(budget=budget, acc=round(correct / min(start + len(chunk), len(problems)), 3))
         policy = engine.counts.since(before_policy)
@@ -100,7 +105,7 @@ def _record(label, budget, row, res, ok, chunk, how) -> dict:
 
     return {"strategy": label, "budget": budget, "id": row.get("id"), "question": row.get("question"),
             "answer": row["answer"], "chosen": res.chosen.text, "predicted": answer_of(res.chosen, chunk),
-            "chosen_score": solution_score(res.chosen, how) if res.chosen.scores else None,
+            "chosen_score": solution_score(res.chosen, how) if how and res.chosen.scores else None,
             "correct": bool(ok), "candidates": [cand(c) for c in res.candidates], "info": res.info}
 
 
@@ -191,16 +196,17 @@ def prepare(cfg, run_dir: Path):
 
 def evaluate(cfg, run_dir: Path) -> dict:
     """Everything ``frugal eval`` does, given a validated :class:`frugal.evaluator.config.EvalConfig`."""
-
+    from frugal.evaluator.config import GreedyConfig, check_prm_separator
     from frugal.train.tracking import Tracker
 
+    check_prm_separator(cfg)  # before any model loads: reads prm.json only
     run_dir, device, config_dict, problems, engine = prepare(cfg, run_dir)
     prm = None
     if cfg.prm_path:
         from frugal.train.prm import load_prm
 
         prm = CountingPRM(load_prm(cfg.prm_path, device))
-    budgets = [1] if cfg.search.name == "greedy" else list(cfg.search.budgets)
+    budgets = [1] if isinstance(cfg.search, GreedyConfig) else list(cfg.search.budgets)
     rows, records = run_strategy(cfg.search.name, problems, budgets, engine, prm, cfg.search, cfg.seed,
                                  cfg.problems_per_call, progress=cfg.progress)
     summary = write_outputs(run_dir, rows, records, cfg.plots)

@@ -530,13 +530,13 @@ def auto_best_of_n(problems, cap: int, engine, prm, cfg) -> list[list]:
     reaches ``cfg.auto_threshold`` (the success signal), until the predicted gain of one more sample is
     below ``cfg.auto_eps``, or until ``cap`` samples. The (plain) Beta prior is fitted on a first round of
     ``cfg.auto_pilots`` samples for every problem (their PRM-verified counts), so no separate pilot run is
-    needed. Returns the candidates per problem (the caller selects among them as usual)."""
-    from frugal.evaluator.config import SearchConfig
+    needed. ``cfg``: a :class:`frugal.evaluator.config.BestOfNConfig`. Returns the candidates per problem (the
+    caller selects among them as usual)."""
     from frugal.evaluator.engine import Candidate
     from frugal.evaluator.strategies.common import solution_score
 
-    threshold = float(getattr(cfg, "auto_threshold", 0.5))
-    pilots = max(1, min(int(getattr(cfg, "auto_pilots", 4)), cap))
+    threshold = cfg.auto_threshold
+    pilots = max(1, min(cfg.auto_pilots, cap))
     pools: list[list] = [[] for _ in problems]
 
     def draw(group: list[int], n: int) -> list[list[bool]]:
@@ -553,8 +553,8 @@ def auto_best_of_n(problems, cap: int, engine, prm, cfg) -> list[list]:
     wins = [sum(f) for f in draw(list(range(len(problems))), pilots)]
     # One problem cannot inform a population prior: fall back to the uniform Beta(1, 1).
     prior = fit_beta(wins, pilots) if len(problems) > 1 else BetaFit(1.0, 1.0)
-    rule = AutoBudget(prior, float(getattr(cfg, "auto_eps", SearchConfig.auto_eps)), cap, min_n=pilots)
-    adaptive_sampling(draw, rule, [pilots] * len(problems), wins, chunk=int(getattr(cfg, "auto_chunk", 2)))
+    rule = AutoBudget(prior, cfg.auto_eps, cap, min_n=pilots)
+    adaptive_sampling(draw, rule, [pilots] * len(problems), wins, chunk=cfg.auto_chunk)
     return pools
 
 

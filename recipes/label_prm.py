@@ -45,7 +45,7 @@ from frugal.tasks import load_task
 from frugal.tasks.config import TaskConfig
 from frugal.train.checkpoint import atomic_write_text
 from frugal.train import decoding
-from frugal.train.config import scrub_secrets, to_config
+from frugal.train.config import SeededRunConfig, scrub_secrets, to_config
 from frugal.train.models import ModelConfig
 from frugal.train.prm import PRMConfig
 from frugal.train.prm_steps import split_steps
@@ -55,7 +55,7 @@ log = logging.getLogger("frugal.label_prm")
 
 
 @dataclass
-class LabelPRMConfig:
+class LabelPRMConfig(SeededRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)  # the policy (model.adapter = base + adapter)
     task: TaskConfig = field(default_factory=TaskConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -67,12 +67,10 @@ class LabelPRMConfig:
     label: str = "soft"  # soft (fraction reaching the gold answer) | hard (any reaches it)
     max_steps_per_solution: int = 8  # longer solutions are cut to their first steps (bounds rollout cost)
     problems_per_batch: int = 8  # also the resume granularity
-    output: Optional[str] = None  # default: <run dir>/labels.jsonl
-    seed: int = 0
-    device: str = "auto"
-    num_threads: Optional[int] = None
+    output: Optional[str] = None  # default: <run dir>/labels.jsonl (the run dir: output_dir, else Hydra's)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.split not in ("train", "test"):
             raise ValueError(f"split must be train|test, got {self.split!r}")
         if self.label not in ("soft", "hard"):
@@ -232,7 +230,7 @@ def done_ids(path: Path) -> set[str]:
 
 def run(raw_cfg: DictConfig, run_dir: Path | None = None, policy: Optional[Policy] = None) -> dict:
     cfg: LabelPRMConfig = to_config(raw_cfg, LabelPRMConfig)
-    run_dir = default_run_dir("label_prm", run_dir)
+    run_dir = default_run_dir("label_prm", run_dir, cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     output = Path(cfg.output) if cfg.output else run_dir / "labels.jsonl"
     if cfg.num_threads:

@@ -35,7 +35,7 @@ from frugal.evaluator.engine import EngineConfig
 from frugal.evaluator.ttspm import FORMS, TTSPM, pass_at_n, sample_correctness
 from frugal.tasks.config import TaskConfig
 from frugal.train.checkpoint import atomic_write_text
-from frugal.train.config import to_config
+from frugal.train.config import SeededRunConfig, to_config
 from frugal.train.models import ModelConfig
 from frugal.train.runtime import default_run_dir
 
@@ -43,7 +43,7 @@ log = logging.getLogger("frugal.plan")
 
 
 @dataclass
-class PlanConfig:
+class PlanConfig(SeededRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -53,15 +53,12 @@ class PlanConfig:
     max_n: int = 64  # the curve is printed and plotted for N = 1, 2, 4, ..., max_n
     split: str = "test"  # test | train
     limit: Optional[int] = 100  # first `limit` problems of the split (None = all)
-    seed: int = 0
     problems_per_call: int = 32
-    output_dir: Optional[str] = None  # default: Hydra's run dir outputs/plan/<date>/<time>
-    device: str = "auto"  # auto | cpu | cuda
-    num_threads: Optional[int] = None
     plots: bool = True
     interval_draws: int = 200  # parametric-bootstrap draws for the 90% band of the headline forecast (0 = none)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.pilots < 1:
             raise ValueError(f"pilots must be >= 1, got {self.pilots}")
         if not 0 < self.eps < 1:
@@ -76,8 +73,6 @@ class PlanConfig:
             raise ValueError(f"split must be test|train, got {self.split!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
 
 
 ConfigStore.instance().store(name="plan_schema", node=PlanConfig)

@@ -31,7 +31,8 @@ from frugal.rewards.verify import validate_gold_answers
 from frugal.tasks import load_task
 from frugal.train.advantages import group_advantages
 from frugal.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from frugal.train.config import TrainConfig, register_configs, scrub_secrets, to_config
+from frugal.train.config import (GroupAdvantageConfig, GRPOConfig, SGRPOConfig, TrainConfig, TSPMOConfig,
+                                 register_configs, scrub_secrets, to_config)
 from frugal.train import distributed as dist
 from frugal.train.evaluation import greedy_accuracy
 from frugal.train.models import apply_lora, load_model
@@ -134,14 +135,16 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
         # 2. rewards (TRL convention) and group-relative advantages
         rows, rewards = _score(reward_model, batch, rollout)
-        if cfg.algo.name == "tspmo" and cfg.algo.replay_samples:
+        if isinstance(cfg.algo, TSPMOConfig) and cfg.algo.replay_samples:
             # T-SPMO replay: continue each group's most decisive prefix, then score the grown groups.
             with dist.full_parameters(policy):
                 rollout = replay_rollout(model, tokenizer, rollout, rewards.total, cfg.generation,
                                          cfg.algo.replay_samples, cfg.algo.min_visits)
             G = rollout.group_size
             rows, rewards = _score(reward_model, batch, rollout)
-        adv = group_advantages(torch.tensor(rewards.total), G, cfg.algo.adv_eps, cfg.algo.scale_by_std)
+        # (T-SPMO credits trie transitions instead: it uses only the zero-variance counts of these.)
+        adv = group_advantages(torch.tensor(rewards.total), G, cfg.algo.adv_eps,
+                               cfg.algo.scale_by_std if isinstance(cfg.algo, GroupAdvantageConfig) else True)
 
         # 3. which tokens enter the loss
         selection = _select(cfg, rollout, rewards.total, adv.advantages)
@@ -222,14 +225,14 @@ def _score(reward_model, batch: list[dict], rollout) -> tuple[list[dict], Reward
 
 
 def _select(cfg: TrainConfig, rollout, rewards: list[float], advantages: torch.Tensor) -> Selection:
-    completion_mask = rollout.completion_mask
-    if cfg.algo.name == "grpo":
+    completion_mask, a = rollout.completion_mask, cfg.algo
+    if isinstance(a, GRPOConfig):
         return select_all(completion_mask, advantages)
-    if cfg.algo.name == "tspmo":  # per-token advantages from each group's prefix trie (train/tspmo.py)
-        a = cfg.algo
+    if isinstance(a, TSPMOConfig):  # per-token advantages from each group's prefix trie (train/tspmo.py)
         return select_prefix_matching(rollout.completion_ids, completion_mask, rewards, rollout.group_size,
                                       a.min_visits, a.weighting, a.adv_norm, a.max_selected, a.adv_eps)
-    return select_stochastic(completion_mask, advantages, cfg.algo.k_early, cfg.algo.p_keep, cfg.algo.decay)
+    assert isinstance(a, SGRPOConfig), type(a)
+    return select_stochastic(completion_mask, advantages, a.k_early, a.p_keep, a.decay)
 
 
 def _update(model, optimizer, scheduler, rollout, selection: Selection, cfg: TrainConfig, accelerator=None) -> dict:

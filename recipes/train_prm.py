@@ -35,7 +35,7 @@ from frugal.tasks import load_task
 from frugal.tasks.config import TaskConfig
 from frugal.tasks.rows import in_test_split
 from frugal.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from frugal.train.config import LoggerConfig, OptimConfig, scrub_secrets, to_config
+from frugal.train.config import LoggerConfig, OptimConfig, TimedRunConfig, scrub_secrets, to_config
 from frugal.train.models import LoraConfig, ModelConfig
 from frugal.train.prm import HEAD_FILE, PRM, PRMConfig, build_prm, lm_targets, prm_losses
 from frugal.train.prm_metrics import auroc, first_error_index, step_metrics
@@ -86,7 +86,7 @@ class PRMDataConfig:
 
 
 @dataclass
-class TrainPRMConfig:
+class TrainPRMConfig(TimedRunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     prm: PRMConfig = field(default_factory=PRMConfig)
@@ -97,19 +97,15 @@ class TrainPRMConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     head_lr: float = 1e-3  # the scoring head starts from zero and learns faster than the adapter
     lm_loss_weight: float = 0.0  # auxiliary next-token loss on the steps labelled correct (Cobbe et al. 2021)
-    seed: int = 0
     max_steps: int = 200
     batch_size: int = 16  # solutions per optimizer step
-    max_minutes: Optional[float] = None  # stop the loop (then evaluate and save) after this wall time
     eval_every: int = 50  # steps between held-out evaluations (0 = only at the end)
     save_every: int = 50
     keep_checkpoints: int = 2
     resume: Optional[str] = None  # "true"/"latest" = newest checkpoint under the output root, or a path
-    output_dir: Optional[str] = None  # default: outputs/train_prm/<date>/<time>
-    device: str = "auto"
-    num_threads: Optional[int] = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.max_steps < 0 or self.batch_size < 1:
             raise ValueError("max_steps must be >= 0 and batch_size >= 1")
         if self.lm_loss_weight < 0:
@@ -118,10 +114,6 @@ class TrainPRMConfig:
             raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
         if self.eval_every < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("eval_every and save_every must be >= 0, keep_checkpoints >= 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto|cpu|cuda, got {self.device!r}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
 
 
 def register_configs() -> None:

@@ -19,7 +19,7 @@ differ from the issue's defaults (τ = 64, beam width 4) because of the task, no
   scoring on top, costs ~0.6× its FLOPs: halving the compute takes the higher rate (``--rejection-rate``;
   a negative value keeps N // beam width);
 * beam search with beam width 4; particle filtering with T = 1, systematic resampling when ESS < N/2,
-  answer = weighted majority of the final particles' scores (the `SearchConfig` defaults; the answer rule
+  answer = weighted majority of the final particles' scores (the `ParticleFilterConfig` defaults; the answer rule
   was chosen on the development set ``--first 48``, see ``search.final``); greedy as the reference point.
   Weighted best-of-N (the same answer rule on best-of-N's own candidates) is printed for reference.
 
@@ -82,7 +82,8 @@ def parse_args(argv=None):
     ap.add_argument("--rejection-rate", type=float, default=0.875,
                     help="early rejection: share of candidates dropped at tau (search.rejection_rate; <0 = N // beam width kept)")
     ap.add_argument("--aggregation", default="last")
-    ap.add_argument("--pf-temperature", type=float, default=None, help="particle filtering T (default: the config's)")
+    ap.add_argument("--pf-weight-temperature", type=float, default=None,
+                    help="particle filtering's weight temperature T (search.weight_temperature; default: the config's)")
     ap.add_argument("--pf-ess", type=float, default=None, help="particle filtering ESS threshold (default: the config's)")
     ap.add_argument("--pf-final", default=None, help="particle filtering final pick: best|weighted_majority")
     ap.add_argument("--strategies", nargs="+", default=["best_of_n", "early_rejection", "particle_filter", "beam", "greedy"])
@@ -105,12 +106,12 @@ def find_prm(path):
 def weighted_best_of_n(records, problems, budget, aggregation) -> float:
     """Accuracy of weighted best-of-N (answer = argmax_a of the summed solution scores) on the candidates
     best-of-N drew at ``budget``: the same samples, picked by particle filtering's default answer rule."""
-    from frugal.evaluator.config import SearchConfig
+    from frugal.evaluator.config import search_config
     from frugal.evaluator.engine import Candidate
     from frugal.evaluator.strategies.best_of_n import select
     from frugal.rewards.verify import is_correct
 
-    cfg = SearchConfig(name="best_of_n", weighted=True, aggregation=aggregation)
+    cfg = search_config("best_of_n", weighted=True, aggregation=aggregation)
     row_of = {row["id"]: row for row in problems}
     right = []
     for rec in records:
@@ -127,12 +128,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    from frugal.evaluator.config import SearchConfig
+    from frugal.evaluator.config import SEARCH_VARIANTS, search_config
     from frugal.evaluator.engine import CountingPRM, Engine, EngineConfig
     from frugal.evaluator.harness import run_strategy, write_outputs
     from frugal.tasks import load_task
     from frugal.tasks.config import PromptConfig, TaskConfig
     from frugal.train.models import ModelConfig, load_model
+    from frugal.train.config import own_keys
     from frugal.train.prm import load_prm
 
     if args.threads:
@@ -154,16 +156,17 @@ def main(argv=None) -> None:
           f"max_new_tokens={args.max_new_tokens} tau={args.tau} beam_width={args.beam_width} "
           f"rejection_rate={args.rejection_rate}", flush=True)
 
-    pf_overrides = {k: v for k, v in (("temperature", args.pf_temperature), ("ess_threshold", args.pf_ess),
+    pf_overrides = {k: v for k, v in (("weight_temperature", args.pf_weight_temperature), ("ess_threshold", args.pf_ess),
                                       ("final", args.pf_final)) if v is not None}
-    pf = SearchConfig(**pf_overrides)
-    print(f"task=arith problems {args.first}-{args.first + len(problems) - 1} of the test split, operands={args.operands} ops={args.ops} (one digit) fewshot={args.fewshot} answer_format={args.answer_format} particle_filter: T={pf.temperature} "
+    pf = search_config("particle_filter", **pf_overrides)
+    print(f"task=arith problems {args.first}-{args.first + len(problems) - 1} of the test split, operands={args.operands} ops={args.ops} (one digit) fewshot={args.fewshot} answer_format={args.answer_format} particle_filter: T={pf.weight_temperature} "
           f"ess_threshold={pf.ess_threshold} resampling={pf.resampling} final={pf.final}", flush=True)
     rows, records = [], []
-    for name in args.strategies:
-        cfg = SearchConfig(name=name, budgets=list(args.budgets), aggregation=args.aggregation, tau=args.tau,
-                           beam_width=args.beam_width, **pf_overrides,
-                           rejection_rate=args.rejection_rate if args.rejection_rate >= 0 else None)
+    knobs = {"budgets": list(args.budgets), "aggregation": args.aggregation, "tau": args.tau,
+             "beam_width": args.beam_width, "rejection_rate": args.rejection_rate if args.rejection_rate >= 0 else None,
+             **pf_overrides}
+    for name in args.strategies:  # each strategy takes the flags it reads (its own keys)
+        cfg = search_config(name, **{k: v for k, v in knobs.items() if k in own_keys(SEARCH_VARIANTS[name])})
         budgets = [1] if name == "greedy" else list(args.budgets)
         r, rec = run_strategy(name, problems, budgets, engine, prm if name != "greedy" else None, cfg,
                               seed=args.seed, progress=False)

@@ -57,7 +57,7 @@ from frugal.train.checkpoint import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv=None):
-    from frugal.evaluator.config import SearchConfig
+    from frugal.evaluator.config import BestOfNConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--bootstrap", type=int, default=50, help="bootstrap resamples of the problems")
     ap.add_argument("--form", default="beta", choices=list(FORMS), help="the headline forecast form")
-    ap.add_argument("--eps", type=float, default=SearchConfig.auto_eps,
+    ap.add_argument("--eps", type=float, default=BestOfNConfig.auto_eps,
                     help="auto budget: smallest worthwhile gain per sample (search.auto_eps)")
     ap.add_argument("--task", default="multiply", choices=["arith", "multiply"],
                     help="generated task: multiply (a * b; a has --digits digits, b --digits-b) or arith (a op b ...)")

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from frugal.evaluator.config import SearchConfig
+from frugal.evaluator.config import ParticleFilterConfig, search_config
 from frugal.evaluator.engine import Candidate, CountingPRM, Counts, Engine, EngineConfig
 from frugal.evaluator.flops import ModelShape, policy_shape
 from frugal.evaluator.strategies import get
@@ -80,7 +80,7 @@ PROBLEMS = [{"prompt": [{"role": "user", "content": "q0"}], "answer": "1", "answ
 
 
 def _cfg(**kw):
-    return SearchConfig(**{"name": "best_of_n", **kw})
+    return search_config(kw.pop("name", "best_of_n"), **kw)
 
 
 # ---------------------------------------------------------------------- strategies on the fakes
@@ -277,7 +277,7 @@ def test_particle_filter_answer_is_the_weighted_vote_by_default():
 
     pool = [Candidate(0, f"v={r}{DELIM}\\boxed{{{a}}}", finished=True, scores=[r])
             for r, a in ((0.3, 7), (0.8, 9), (0.3, 7), (0.3, 7))]
-    assert SearchConfig().final == "weighted_majority"
+    assert ParticleFilterConfig().final == "weighted_majority"
     assert choose(pool, BOXED, _cfg(name="particle_filter")).text.endswith("\\boxed{7}")
     assert choose(pool, BOXED, _cfg(name="particle_filter", final="best")).text.endswith("\\boxed{9}")
     # and 7 loses the vote once its summed score falls below 9's: 3 × 0.25 = 0.75 < 0.8

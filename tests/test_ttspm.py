@@ -3,7 +3,6 @@ data with known p, the per-problem auto budget, auto best-of-N with a fake engin
 
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -226,12 +225,12 @@ class _FakePRM:
 
 
 def test_auto_best_of_n_stops_verified_problems_early():
+    from frugal.evaluator.config import BestOfNConfig
     from frugal.evaluator.strategies import best_of_n
 
     problems = [{"prompt": [{"role": "user", "content": f"q{i}"}], "answer": "1", "answer_format": "number"}
                 for i in range(3)]
-    cfg = SimpleNamespace(budget="auto", auto_eps=0.05, auto_threshold=0.5, auto_pilots=2, auto_chunk=1,
-                          aggregation="last", weighted=False)
+    cfg = BestOfNConfig(budget="auto", auto_eps=0.05, auto_threshold=0.5, auto_pilots=2, auto_chunk=1)
     engine = _FakeEngine()
     pools = auto_best_of_n(problems, 16, engine, _FakePRM(), cfg)
     assert len(pools[0]) == 2  # success among its 2 pilots

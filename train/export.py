@@ -21,6 +21,7 @@ written files are checked against the secret environment variables before anythi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import torch
 from omegaconf import OmegaConf
 
 from frugal.train.checkpoint import STEP_DIR, atomic_dir, atomic_write_text, list_checkpoints
-from frugal.train.config import SECRET_ENV, scrub_secrets
+from frugal.train.config import ALGO_VARIANTS, SECRET_ENV, RunConfig, scrub_secrets
 from frugal.train.models import ModelConfig, load_model, load_tokenizer
 from frugal.train.tracking import flatten
 
@@ -50,15 +51,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(RunConfig):
+    # (RunConfig: output_dir, default <run dir>/export or <source>-export; device; num_threads)
+    device: str = "cpu"  # cpu | cuda | auto, for verify/merge
     source: Optional[str] = None  # run dir | checkpoints/step_<n> | final/ | any PEFT adapter folder | PRM folder
-    output_dir: Optional[str] = None  # default: <run dir>/export (or <source>-export)
     overwrite: bool = False  # replace a non-empty output_dir
     merge: bool = False  # also write the merged full model to <output_dir>/merged
     merged_dtype: Optional[str] = None  # float32 | bfloat16 | float16; None = the base checkpoint's dtype
     base_model: Optional[str] = None  # override the run's base model (must fit the adapter)
     verify: bool = True  # load base + adapter and check every adapter tensor fits (catches mismatches)
-    device: str = "cpu"  # cpu | cuda | auto, for verify/merge
     license: str = "apache-2.0"
     model_name: Optional[str] = None  # card title; default: the repo name or the folder name
     eval_summary: Optional[str] = None  # a `frugal eval` summary.json to add to the card's table
@@ -69,13 +70,12 @@ class ExportConfig:
     dry_run: bool = False  # list files and target, no network
 
     def __post_init__(self):
+        super().__post_init__()
         if not self.source:
             raise ValueError("source is required: a run dir, checkpoints/step_<n>, final/ or an adapter folder "
                              "(e.g. `frugal export source=outputs/train/2025-01-01/12-00-00`)")
         if self.merged_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"merged_dtype must be float32|bfloat16|float16, got {self.merged_dtype!r}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device must be cpu|cuda|auto, got {self.device!r}")
         if self.push_to_hub and self.push_to_hub.count("/") != 1:
             raise ValueError(f"push_to_hub must look like <org>/<name>, got {self.push_to_hub!r}")
 
@@ -170,6 +170,8 @@ def base_model_config(src: Source, override: Optional[str] = None) -> ModelConfi
 def export(cfg: ExportConfig) -> dict:
     """Write the export folder (and push it unless ``dry_run``). Returns a report dict."""
     src = resolve_source(cfg.source)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     if src.kind == "prm" and cfg.merge:
         raise ValueError(f"merge=true applies to policy adapters; {src.folder} is a PRM folder (exported as is)")
     out = Path(cfg.output_dir) if cfg.output_dir else _default_output(src)
@@ -380,8 +382,10 @@ def model_card(src: Source, cfg: ExportConfig, info: dict, eval_rows: list[tuple
 
 
 def _key_config(conf: dict) -> list[tuple[str, Any]]:
-    keys = ["algo.name", "algo.group_size", "algo.k_early", "algo.p_keep", "algo.decay", "algo.beta",
-            "algo.clip_low", "algo.clip_high", "algo.num_iterations", "optim.lr", "optim.schedule",
+    # The algorithm's own knobs (its variant dataclass, train/config.py), whichever algorithm the run used.
+    variant = ALGO_VARIANTS.get(str(conf.get("algo", {}).get("name")))
+    algo_keys = [f"algo.{f.name}" for f in dataclasses.fields(variant)] if variant else []
+    keys = [*algo_keys, "optim.lr", "optim.schedule",
             "max_steps", "prompts_per_step", "lora.r", "lora.alpha", "lora.target_modules",
             "generation.max_new_tokens", "generation.temperature", "prm.separator", "prm.aggregation",
             "prm.num_layers", "prm.lora_last_layers", "task.name", "seed"]

@@ -15,7 +15,7 @@ from frugal.evaluator.strategies.common import Result, best, by_problem, fresh, 
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:
-    if getattr(cfg, "budget", "fixed") == "auto":  # search.budget=auto: N is the cap (evaluator/ttspm.py)
+    if cfg.budget == "auto":  # search.budget=auto: N is the cap (evaluator/ttspm.py)
         from frugal.evaluator.ttspm import auto_best_of_n
 
         return [select(group, problems, cfg) for group in auto_best_of_n(problems, budget, engine, prm, cfg)]

@@ -6,7 +6,7 @@ the transition, and the PRM score r_t = agg(PRM(x_t)) (default agg = last) the o
 particles per problem, at each step:
 
     1. propagate: every unfinished particle generates one step, x_t^i ~ p_θ(· | x_{t-1}^i);
-    2. weight:    log w^i += logit(r_t^i) / T         (finished particles re-use their final score;
+    2. weight:    log w^i += logit(r_t^i) / T  (T = search.weight_temperature)        (finished particles re-use their final score;
                   one that finished without stating an answer gets r = 0);
                   w̄^i = softmax(log w)^i,   ESS = 1 / Σ_i (w̄^i)²;
     3. resample:  if ESS < ess_threshold·N (every step when ess_threshold ≥ 1): draw N ancestors
@@ -18,7 +18,7 @@ answer, â = argmax_a Σ_i r_final^i · 1[ans(x^i) = a] over the final particles
 particle with the best final score among those stating an answer (``best``). Why the vote by default: the
 final pool approximates the posterior over solutions, and a small PRM ranks complete solutions poorly, so
 summing its scores over the particles that agree is more robust than trusting its single highest score
-(on the search benchmark's development set it was 2–13 points better at every N; see ``SearchConfig``).
+(on the search benchmark's development set it was 2–13 points better at every N; see ``ParticleFilterConfig``).
 
 The SMC loop :func:`smc` also runs conditional SMC for :mod:`frugal.evaluator.strategies.particle_gibbs`: a
 reference trajectory per problem keeps slot 0 at every step and is never resampled away.
@@ -119,7 +119,7 @@ def smc(problems, n: int, engine, prm, cfg, references: Optional[list[Optional[l
             #    replaces it (its last step's score says only that the steps so far are right)
             scores = [solution_score(c, cfg.aggregation) if not c.finished or has_answer(c, problems) else 0.0
                       for c in s.particles]
-            s.log_weights += torch.tensor([logit(r) / cfg.temperature for r in scores], dtype=torch.float64)
+            s.log_weights += torch.tensor([logit(r) / cfg.weight_temperature for r in scores], dtype=torch.float64)
             if all(c.finished for c in s.particles):
                 continue
             # 3. resample when the weights have degenerated (or every step)

@@ -4,7 +4,7 @@ Monte Carlo methods"; applied to reasoning steps by Puri et al. 2025, Alg. 2).
 Sweep k runs particle filtering (:func:`frugal.evaluator.strategies.particle_filter.smc`) with N' = max(2,
 budget // sweeps) particles per problem, where slot 0 holds the reference trajectory x*^(k−1) at every
 step and is never resampled away (the other N'−1 particles resample from all N', reference included).
-After the sweep a new reference is drawn from the final particles with probability ∝ exp(logit(r)/T):
+After the sweep a new reference is drawn from the final particles with probability ∝ exp(logit(r)/T) (T = search.weight_temperature):
 
     x*^(k) ~ Σ_i w̄_i δ(x_i^(k)),   w̄ = softmax(logit(r_i)/T)
 
@@ -29,7 +29,7 @@ def run(problems, budget, engine, prm, cfg) -> list[Result]:
         swarms = smc(problems, n, engine, prm, cfg, references, first_stream=sweep * n)
         for p, s in enumerate(swarms):
             pools[p] += s.particles
-            final = torch.tensor([logit(solution_score(c, cfg.aggregation)) / cfg.temperature for c in s.particles])
+            final = torch.tensor([logit(solution_score(c, cfg.aggregation)) / cfg.weight_temperature for c in s.particles])
             pick = int(torch.multinomial(torch.softmax(final.double(), 0), 1))
             references[p] = s.histories[pick]
     return [Result(choose(pool, problems, cfg), pool) for pool in pools]

@@ -394,10 +394,10 @@ _DRAFTS: dict[tuple, Engine] = {}
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:
     """``search=ssr`` in the harness: ``engine`` is the target (the evaluated policy), the draft is loaded
-    once from ``cfg.ssr.draft_model`` / ``draft_adapter``; ``budget`` = k parallel paths. The harness
-    counts the target's tokens; the draft's are in each result's ``info`` (and ``draft_engine().counts``)."""
-    scfg = getattr(cfg, "ssr", None) or SSRConfig()
-    return ssr(problems, budget, draft_engine(scfg, engine), engine, scfg)
+    once from ``cfg.ssr.draft_model`` / ``draft_adapter`` (``cfg``: an SSRSearchConfig); ``budget`` = k
+    parallel paths. The harness counts the target's tokens; the draft's are in each result's ``info`` (and
+    ``draft_engine().counts``)."""
+    return ssr(problems, budget, draft_engine(cfg.ssr, engine), engine, cfg.ssr)
 
 
 def draft_engine(scfg: SSRConfig, target: Engine) -> Engine:
