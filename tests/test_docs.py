@@ -292,3 +292,104 @@ def test_readme_links_to_every_doc_and_they_exist():
         assert (ROOT / target).is_file(), f"README.md links to {target}, which does not exist"
     pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
     assert pages <= linked, f"docs/ pages the README does not link: {sorted(pages - linked)}"
+
+
+# ---------------------------------------------------------------------- defaults stated in the docs
+
+# The dataclasses are where a default is written; a docs table that states one must agree with them.
+# Which composed config each `| key | default | meaning |` table describes, by the heading above it.
+DEFAULT_TABLES = {
+    ("algorithms.md", "## RL fine-tuning"): ("train", [], "algo."),
+    ("algorithms.md", "### S-GRPO (`algo=sgrpo`, the default)"): ("train", [], "algo."),
+    ("algorithms.md", "### T-SPMO (`algo=tspmo`)"): ("train", ["algo=tspmo"], "algo."),
+    ("evaluator.md", "## Other `frugal eval` keys"): ("eval", ["search=majority"], ""),
+    ("evaluator.md", "## The engine"): ("eval", ["search=majority"], "engine."),
+    ("evaluator.md", "## Budget planning: `frugal plan`"): ("plan", [], ""),
+    ("export.md", "## Keys"): ("export", ["source=runs/demo"], ""),
+    ("training.md", "## `frugal train`"): ("train", [], ""),
+    ("training.md", "### `frugal train-prm`"): ("train-prm", [], ""),
+}
+KEY_NAME = re.compile(r"`([A-Za-z_][\w.]*)`")
+
+
+def default_tables():
+    """(doc, heading, [(line number, keys, stated default)]) for each table with a default column."""
+    for (name, heading), context in DEFAULT_TABLES.items():
+        lines = (ROOT / "docs" / name).read_text().splitlines()
+        start = lines.index(heading)
+        header = next(i for i in range(start, len(lines)) if re.match(r"\| .*key.* \| default \|", lines[i]))
+        rows = []
+        for i in range(header + 2, len(lines)):
+            if not lines[i].startswith("|"):
+                break
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", lines[i].strip().strip("|"))]
+            rows.append((i + 1, KEY_NAME.findall(cells[0]), cells[1]))
+        yield name, heading, context, rows
+
+
+def _stated(text: str):
+    """A stated default as a value, or None when it is prose ("required", "`<run>/export`")."""
+    import yaml
+
+    text = text.strip()
+    quoted = text.startswith("`")
+    text = text.strip("`")
+    if not text or "<" in text or " " in text.replace(", ", ","):
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 as a string
+            return float(value)
+        except ValueError:
+            return value if quoted else None  # a bare word is prose ("required"); a value is `quoted`
+    return value
+
+
+def test_every_default_table_is_checked():
+    """Each docs table with a default column is named in DEFAULT_TABLES (so none escapes the check)."""
+    found = set()
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        heading = None
+        for line in doc.read_text().splitlines():
+            if line.startswith("#"):
+                heading = line
+            elif re.match(r"\| .*key.* \| default \|", line):
+                found.add((doc.name, heading))
+    assert found == set(DEFAULT_TABLES)
+
+
+@pytest.mark.parametrize("name,heading,context,rows", list(default_tables()),
+                         ids=[f"{n}:{h.lstrip('# ')}" for n, h, _, _ in default_tables()])
+def test_defaults_in_the_docs_are_the_dataclasses(name, heading, context, rows):
+    from omegaconf import OmegaConf
+
+    recipe, overrides, prefix = context
+    cfg = OmegaConf.structured(compose_and_validate(recipe, overrides))
+    checked, wrong = 0, []
+    for number, keys, stated in rows:
+        values = [_stated(v) for v in stated.split(", ")] if ", " in stated else [_stated(stated)]
+        if len(values) == 1:
+            values = values * len(keys)
+        if len(values) != len(keys):
+            continue  # prose in the default column
+        group = ""
+        for key, value in zip(keys, values):
+            group = key.rpartition(".")[0] + "." if "." in key else group  # `generation.a`, `b` -> generation.b
+            full = prefix + (key if "." in key else group + key)
+            actual = OmegaConf.select(cfg, full, default="<absent>")
+            if value is None and stated.strip() != "null":
+                continue
+            if OmegaConf.is_config(actual) and isinstance(value, str):
+                continue  # a config group's choice (`logger` | `none`)
+            if isinstance(actual, (int, float)) and not isinstance(actual, bool) and isinstance(value, (int, float)):
+                ok = float(actual) == float(value)
+            else:
+                ok = OmegaConf.to_container(actual) == value if OmegaConf.is_config(actual) else actual == value
+            checked += 1
+            if not ok:
+                wrong.append(f"docs/{name}:{number}: {full} is {actual!r} in the config, the docs say {value!r}")
+    assert checked, f"no default checked in docs/{name} {heading}"
+    assert not wrong, "\n".join(wrong)
