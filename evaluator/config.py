@@ -145,6 +145,14 @@ class BeamConfig(PRMSearchConfig):
 
 
 @dataclass
+class DVTSConfig(BeamConfig):
+    """Diverse verifier tree search (evaluator/strategies/dvts.py): N / beam_width independent subtrees,
+    each keeping its best of beam_width children per step."""
+
+    name: str = "dvts"
+
+
+@dataclass
 class EarlyRejectionConfig(BeamConfig):
     name: str = "early_rejection"
     tau: int = 64  # tokens generated before the partial PRM score decides
@@ -216,7 +224,7 @@ class SSRSearchConfig(BudgetedConfig):
 
 
 SEARCH_VARIANTS = {"greedy": GreedyConfig, "majority": MajorityConfig, "best_of_n": BestOfNConfig,
-                   "beam": BeamConfig, "early_rejection": EarlyRejectionConfig,
+                   "beam": BeamConfig, "dvts": DVTSConfig, "early_rejection": EarlyRejectionConfig,
                    "particle_filter": ParticleFilterConfig, "particle_gibbs": ParticleGibbsConfig,
                    "ssr": SSRSearchConfig}
 STRATEGIES = tuple(SEARCH_VARIANTS)
