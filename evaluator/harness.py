@@ -168,7 +168,9 @@ def load_problems(cfg) -> list[dict]:
     problems = data.test if cfg.split == "test" else data.train
     problems = problems[:cfg.limit] if cfg.limit else problems
     if not problems:
-        raise ValueError(f"task={cfg.task.name} split={cfg.split}: no problems to evaluate")
+        hint = (" (an evaluation-only dataset: its problems are the test split; set split=test)"
+                if cfg.split == "train" and data.info.get("eval_only") else "")
+        raise ValueError(f"task={cfg.task.name} split={cfg.split}: no problems to evaluate{hint}")
     validate_gold_answers(problems, source=f"task={cfg.task.name}")
     return problems
 
