@@ -39,7 +39,7 @@ def _tokenizer(special: list[str], added: list[str] = (), bos: str | None = None
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=bos, **kwargs)
 
 
-def qwen_math_prm(folder: Path, seed: int = 0) -> Path:
+def qwen_math_prm(folder: Path, seed: int = 0, shards: int = 1) -> Path:
     """Qwen/Qwen2.5-Math-PRM-7B's layout: architectures Qwen2ForProcessRewardModel (model_type qwen2, an
     auto_map to the remote code it ships), ``model.*`` decoder weights and the ``score.0`` / ``score.2``
     head in model.safetensors, a ChatML tokenizer with ``<extra_0>``."""
@@ -59,7 +59,18 @@ def qwen_math_prm(folder: Path, seed: int = 0) -> Path:
         torch.nn.init.normal_(p, std=0.5)
     state = {f"model.{k}": v for k, v in body.state_dict().items()}
     state.update({f"score.{k}": v for k, v in score.state_dict().items()})
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    state = {k: v.contiguous() for k, v in state.items()}
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:  # model-0000i-of-0000n.safetensors + model.safetensors.index.json, as the 7B checkpoint ships
+        keys = sorted(state)
+        weight_map = {}
+        for i in range(shards):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: state[k] for k in keys[i::shards]}
+            save_file(part, str(folder / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     meta = config.to_dict()
     meta["architectures"] = ["Qwen2ForProcessRewardModel"]
     meta["auto_map"] = {"AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",

@@ -145,6 +145,17 @@ def test_prompt_sharing_runs_fewer_tokens_and_counts_them(family):
     assert shape.head == 0
 
 
+def test_sharded_qwen_checkpoint_and_bfloat16(tmp_path):
+    from hub_prm_fixtures import qwen_math_prm
+
+    one = load_any_prm(str(qwen_math_prm(tmp_path / "one")), None, torch.device("cpu"), "float32")
+    sharded = load_any_prm(str(qwen_math_prm(tmp_path / "sharded", shards=3)), None, torch.device("cpu"), "float32")
+    assert sharded.score(PROMPTS, STEPS) == one.score(PROMPTS, STEPS)
+    low = load_any_prm(str(tmp_path / "one"), None, torch.device("cpu"), "bfloat16")
+    for a, b in zip(low.score(PROMPTS, STEPS), one.score(PROMPTS, STEPS)):
+        assert a == pytest.approx(b, abs=0.05)
+
+
 def test_unknown_architecture_names_the_families(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="prm_family=frugal|qwen2_math_prm"):
