@@ -129,7 +129,7 @@ def load_any_prm(path: str, family: Optional[str] = None, device: Optional[torch
         body, head = _load_qwen_prm(folder, torch_dtype)
         return HubPRM(QwenMathPRM(tok), body.to(device), head.to(device), tok, cfg, str(path))
     lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device)
-    fmt = MathShepherd(tok) if family == "math_shepherd" else RLHFlow(tok)
+    fmt = MathShepherd(tok, separator) if family == "math_shepherd" else RLHFlow(tok)
     head = _TokenPair(lm.get_output_embeddings().weight, fmt.candidates)
     return HubPRM(fmt, lm, head, tok, cfg, str(path))
 
@@ -207,14 +207,13 @@ class QwenMathPRM:
 class MathShepherd:
     """Math-Shepherd's layout; scores are P(+) over {+, -} at each step tag ``ки``."""
 
-    def __init__(self, tok):
-        self.tok = tok
+    def __init__(self, tok, separator: str = "\n\n"):
+        self.tok, self.separator = tok, separator  # the separator written between "step ки" pieces
         pair = tok.encode("+ -", add_special_tokens=False)
         if len(pair) != 2:
             raise ValueError(f"Math-Shepherd: '+ -' should be two tokens (the good and bad tokens), got {pair}")
         self.candidates = (pair[0], pair[1])
         self.tag = tok.encode(SHEPHERD_TAG, add_special_tokens=False)[-1]
-        self.separator = "\n"  # replaced by HubPRM with the configured one
 
     def encode(self, question: str, steps: Sequence[str]) -> Encoded:
         body = "".join(f"{s} {SHEPHERD_TAG}" + (self.separator if i < len(steps) - 1 else "")
@@ -259,8 +258,6 @@ class HubPRM(torch.nn.Module):
     def __init__(self, fmt, model, head, tokenizer, cfg: HubPRMConfig, source: str):
         super().__init__()
         self.fmt, self.model, self.head, self.tokenizer, self.cfg, self.source = fmt, model, head, tokenizer, cfg, source
-        if hasattr(fmt, "separator"):
-            fmt.separator = cfg.separator
         self.family = type(fmt).__name__
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         body = self.body

@@ -48,10 +48,11 @@ BENCHMARKS = {
 GSM8K_HUB = Benchmark("openai/gsm8k", "test", "question", "answer", config_name="main")
 
 
-def load_splits(path: str, config_name: Optional[str] = None):
+def load_splits(path: str, config_name: Optional[str] = None, single_split: str = "train"):
     """``datasets.load_dataset(path, config_name)`` as a ``DatasetDict`` (a folder written by
-    ``save_to_disk`` is read with ``load_from_disk``); a data file's split is named after the file
-    (``test.jsonl`` -> test), as the Hub names a repository's files. Errors name the path."""
+    ``save_to_disk`` is read with ``load_from_disk``; a lone saved ``Dataset`` is split ``single_split``);
+    a data file's split is named after the file (``test.jsonl`` -> test), as the Hub names a
+    repository's files. Errors name the path."""
     import datasets
 
     local = Path(path)
@@ -70,7 +71,7 @@ def load_splits(path: str, config_name: Optional[str] = None):
             raise FileNotFoundError(f"dataset {path!r}" + (f" (config {config_name!r})" if config_name else "")
                                     + f" could not be loaded: {type(err).__name__}: {err}") from None
     if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({"train": loaded})
+        loaded = datasets.DatasetDict({single_split: loaded})
     return loaded
 
 

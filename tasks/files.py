@@ -145,16 +145,14 @@ def jsonl(cfg: TaskConfig) -> TaskData:
 
 
 def hf(cfg: TaskConfig) -> TaskData:
-    """A Hugging Face dataset id (Hub, honours HF_HUB_OFFLINE) or a folder saved with ``save_to_disk``."""
-    import datasets
-
+    """A Hugging Face dataset id (Hub, honours HF_HUB_OFFLINE; ``task.config_name`` picks its config), a
+    folder saved with ``save_to_disk``, or a local copy in the Hub's layout. A dataset with a test split
+    and no train split is evaluation-only: its rows are the test rows and there are no train rows."""
     if not cfg.path:
         raise ValueError("task=hf needs task.path=<dataset id or saved folder>")
     from frugal.tasks.benchmarks import load_splits
 
-    loaded = load_splits(cfg.path, cfg.config_name)
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({cfg.train_split: loaded})
+    loaded = load_splits(cfg.path, cfg.config_name, single_split=cfg.train_split)
 
     def records(split):
         return ((f"{cfg.path}[{split}] row {i}", rec) for i, rec in enumerate(loaded[split]))

@@ -162,14 +162,16 @@ def test_unknown_architecture_names_the_families(tmp_path):
         detect_family(tmp_path)
 
 
-@pytest.mark.parametrize("name", sorted(BUILDERS))
-def test_frugal_eval_end_to_end_per_family(name, tmp_path):
+@pytest.mark.parametrize("name, search", [("qwen2_math_prm", ["search=best_of_n"]),
+                                          ("math_shepherd", ["search=particle_filter"]),  # partial scores each step
+                                          ("rlhflow", ["search=dvts", "search.beam_width=1"])])
+def test_frugal_eval_end_to_end_per_family(name, search, tmp_path):
     from test_configs import compose_recipe
 
     from frugal.recipes.eval import run
 
     folder = BUILDERS[name](tmp_path / name)
-    summary = run(compose_recipe("eval", ["model=tiny_random", "search=best_of_n", "search.budgets=[2]", "limit=2",
+    summary = run(compose_recipe("eval", ["model=tiny_random", *search, "search.budgets=[2]", "limit=2",
                                           "task=arith", "engine.max_new_tokens=8", "num_threads=1", "plots=false",
                                           "progress=false", f"prm_path={folder}"]), run_dir=tmp_path / "run")
     row = summary["rows"][0]
