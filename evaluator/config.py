@@ -145,6 +145,14 @@ class BeamConfig(PRMSearchConfig):
 
 
 @dataclass
+class DVTSConfig(BeamConfig):
+    """Diverse verifier tree search (evaluator/strategies/dvts.py): N / beam_width independent subtrees,
+    each keeping its best of beam_width children per step."""
+
+    name: str = "dvts"
+
+
+@dataclass
 class EarlyRejectionConfig(BeamConfig):
     name: str = "early_rejection"
     tau: int = 64  # tokens generated before the partial PRM score decides
@@ -216,7 +224,7 @@ class SSRSearchConfig(BudgetedConfig):
 
 
 SEARCH_VARIANTS = {"greedy": GreedyConfig, "majority": MajorityConfig, "best_of_n": BestOfNConfig,
-                   "beam": BeamConfig, "early_rejection": EarlyRejectionConfig,
+                   "beam": BeamConfig, "dvts": DVTSConfig, "early_rejection": EarlyRejectionConfig,
                    "particle_filter": ParticleFilterConfig, "particle_gibbs": ParticleGibbsConfig,
                    "ssr": SSRSearchConfig}
 STRATEGIES = tuple(SEARCH_VARIANTS)
@@ -238,9 +246,12 @@ class EvalConfig(SeededRunConfig):
     task: TaskConfig = field(default_factory=TaskConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     search: Any = variant_field(SEARCH_VARIANTS, "best_of_n", SEARCH_RENAMED)  # one of SEARCH_VARIANTS, by search.name
-    # A PRM folder (from `frugal train-prm`); PRM-guided strategies need one. Not called `prm`: that name is
-    # the PRM recipe's config group, and Hydra would read `prm=<path>` as a choice in that group.
+    # A PRM: a folder from `frugal train-prm`, or a Hub checkpoint (an id or its downloaded folder; see
+    # evaluator/hub_prm.py); PRM-guided strategies need one. Not called `prm`: that name is the PRM recipe's
+    # config group, and Hydra would read `prm=<path>` as a choice in that group.
     prm_path: Optional[str] = None
+    # frugal | qwen2_math_prm | math_shepherd | rlhflow; None = detected (prm.json, config.json architectures)
+    prm_family: Optional[str] = None
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     split: str = "test"  # test | train
     limit: Optional[int] = None  # first `limit` problems of the split (None = all)
@@ -258,8 +269,12 @@ class EvalConfig(SeededRunConfig):
         if self.problems_per_call < 1:
             raise ValueError(f"problems_per_call must be >= 1, got {self.problems_per_call}")
         if isinstance(self.search, PRMSearchConfig) and not self.prm_path:
-            raise ValueError(f"search={self.search.name} is PRM-guided: set prm_path=<PRM folder> "
-                             "(a folder written by `frugal train-prm`)")
+            raise ValueError(f"search={self.search.name} is PRM-guided: set prm_path=<PRM folder or Hub id> "
+                             "(a folder written by `frugal train-prm`, or e.g. Qwen/Qwen2.5-Math-PRM-7B)")
+        from frugal.evaluator.hub_prm import FAMILIES
+
+        if self.prm_family is not None and self.prm_family not in FAMILIES:
+            raise ValueError(f"prm_family must be one of {'|'.join(FAMILIES)} or null, got {self.prm_family!r}")
 
 
 def check_prm_separator(cfg: EvalConfig) -> None:
@@ -267,13 +282,18 @@ def check_prm_separator(cfg: EvalConfig) -> None:
     solutions are written), ``engine.step_delimiter`` (where the engine ends a step) and the PRM's
     ``separator`` (how it splits a solution into steps, saved in the PRM folder's prm.json by
     ``frugal train-prm``). With a ``prm_path``, refuse a config whose keys disagree with the PRM, saying
-    which key to set to what. Reads prm.json only: nothing is loaded."""
-    if not cfg.prm_path:
+    which key to set to what. Reads prm.json only: nothing is loaded. A Hub PRM (``prm_family`` other than
+    frugal, or a path without prm.json that is no Frugal folder) splits steps on ``engine.step_delimiter``:
+    nothing to check."""
+    if not cfg.prm_path or cfg.prm_family not in (None, "frugal"):
         return
     meta_path = Path(cfg.prm_path) / PRM_CONFIG_FILE
+    local = Path(cfg.prm_path)
+    if cfg.prm_family is None and not meta_path.is_file() and (not local.is_dir() or (local / "config.json").is_file()):
+        return  # a Hub id or checkpoint folder (hub_prm.detect_family decides at load time)
     if not meta_path.is_file():
-        raise FileNotFoundError(f"prm_path={cfg.prm_path} is not a PRM folder (no {PRM_CONFIG_FILE}); "
-                                "train one with `frugal train-prm`")
+        raise FileNotFoundError(f"prm_path={cfg.prm_path} is not a PRM folder (no {PRM_CONFIG_FILE}) nor a Hub "
+                                "checkpoint (no config.json); train one with `frugal train-prm` or name a Hub PRM")
     saved = json.loads(meta_path.read_text()).get("separator", PRMConfig.separator)
     wrong = [(key, value) for key, value in (("engine.step_delimiter", cfg.engine.step_delimiter),
                                              ("task.prompt.step_separator", cfg.task.prompt.step_separator))

@@ -168,7 +168,9 @@ def load_problems(cfg) -> list[dict]:
     problems = data.test if cfg.split == "test" else data.train
     problems = problems[:cfg.limit] if cfg.limit else problems
     if not problems:
-        raise ValueError(f"task={cfg.task.name} split={cfg.split}: no problems to evaluate")
+        hint = (" (an evaluation-only dataset: its problems are the test split; set split=test)"
+                if cfg.split == "train" and data.info.get("eval_only") else "")
+        raise ValueError(f"task={cfg.task.name} split={cfg.split}: no problems to evaluate{hint}")
     validate_gold_answers(problems, source=f"task={cfg.task.name}")
     return problems
 
@@ -203,9 +205,9 @@ def evaluate(cfg, run_dir: Path) -> dict:
     run_dir, device, config_dict, problems, engine = prepare(cfg, run_dir)
     prm = None
     if cfg.prm_path:
-        from frugal.train.prm import load_prm
+        from frugal.evaluator.hub_prm import load_any_prm
 
-        prm = CountingPRM(load_prm(cfg.prm_path, device))
+        prm = CountingPRM(load_any_prm(cfg.prm_path, cfg.prm_family, device, separator=cfg.engine.step_delimiter))
     budgets = [1] if isinstance(cfg.search, GreedyConfig) else list(cfg.search.budgets)
     rows, records = run_strategy(cfg.search.name, problems, budgets, engine, prm, cfg.search, cfg.seed,
                                  cfg.problems_per_call, progress=cfg.progress)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from frugal.conf import CONF_DIR
 from frugal.rewards.combine import Rewards, build_reward_model
 from frugal.rewards.verify import validate_gold_answers
-from frugal.tasks import load_task
+from frugal.tasks import load_task, require_train
 from frugal.train.advantages import group_advantages
 from frugal.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from frugal.train.config import (GroupAdvantageConfig, GRPOConfig, SGRPOConfig, TrainConfig, TSPMOConfig,
@@ -63,8 +63,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
     data = load_task(cfg.task)
     validate_gold_answers(data.train + data.test, source=f"task={cfg.task.name}")
-    if not data.train:
-        raise ValueError(f"task={cfg.task.name}: the training split is empty")
+    require_train(data, cfg.task, "frugal train")
     reward_model = build_reward_model(cfg.reward)
     answer_format = cfg.task.prompt.answer_format
 

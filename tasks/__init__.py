@@ -18,11 +18,12 @@ from frugal.tasks.rows import BadRow, TaskData, add_fewshot
 
 
 def load_task(cfg: TaskConfig) -> TaskData:
-    from frugal.tasks import files, generated
+    from frugal.tasks import benchmarks, files, generated
 
     loaders = {
         "arith": generated.arith, "multiply": generated.multiply, "svamp": files.svamp,
         "gsm8k": files.gsm8k, "jsonl": files.jsonl, "hf": files.hf,
+        "math500": benchmarks.benchmark, "aime24": benchmarks.benchmark, "aime25": benchmarks.benchmark,
     }
     data = loaders[cfg.name](cfg)
     if cfg.prompt.num_fewshot:
@@ -34,4 +35,15 @@ def load_task(cfg: TaskConfig) -> TaskData:
     return data
 
 
-__all__ = ["BadRow", "TaskConfig", "TaskData", "load_task"]
+def require_train(data: TaskData, cfg: TaskConfig, recipe: str) -> None:
+    """Refuse a task without training rows for a recipe that trains on them, saying why."""
+    if data.train:
+        return
+    if data.info.get("eval_only"):
+        raise ValueError(f"task={cfg.name} is an evaluation-only dataset (no train split), and {recipe} trains on "
+                         f"the train split: train on another task (e.g. task=gsm8k) and evaluate with "
+                         f"`frugal eval task={cfg.name}`")
+    raise ValueError(f"task={cfg.name}: the training split is empty")
+
+
+__all__ = ["BadRow", "TaskConfig", "TaskData", "load_task", "require_train"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-TASKS = ("arith", "multiply", "svamp", "gsm8k", "jsonl", "hf")
+TASKS = ("arith", "multiply", "svamp", "gsm8k", "jsonl", "hf", "math500", "aime24", "aime25")
 ANSWER_FORMATS = ("boxed", "answer_line", "number")
 
 
@@ -57,10 +57,14 @@ class TaskConfig:
     answer_regex: Optional[str] = None  # one capture group that extracts the gold answer from answer_field
     train_split: str = "train"
     test_split: str = "test"
+    config_name: Optional[str] = None  # hf (and the Hub benchmarks): the dataset's config (subset) name
+    source: str = "auto"  # gsm8k: local (the JSONL file) | hub (openai/gsm8k, main) | auto (local file if found)
 
     def __post_init__(self):
         if self.name not in TASKS:
             raise ValueError(f"task.name must be one of {'|'.join(TASKS)}, got {self.name!r}")
+        if self.source not in ("auto", "local", "hub"):
+            raise ValueError(f"task.source must be auto|local|hub, got {self.source!r}")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"task.on_bad_row must be error|skip, got {self.on_bad_row!r}")
         bad_ops = [op for op in self.ops if op not in ("+", "-", "*")]

@@ -79,24 +79,36 @@ def svamp(cfg: TaskConfig) -> TaskData:
 GSM8K_CALCULATOR = re.compile(r"<<[^>]*>>")
 
 
+def gsm8k_record(rec: Any, where: str, row_id: str, cfg: TaskConfig) -> dict:
+    """One GSM8K record (``question``, ``answer`` = worked solution, ``#### n``) as a task row (the local
+    file's rows and the Hub's ``openai/gsm8k`` rows alike)."""
+    solution = str(_field(rec, "answer", where))
+    if "####" not in solution:
+        raise BadRow(f"{where}: no '####' before the final answer")
+    work, answer = solution.rsplit("####", 1)
+    steps = [GSM8K_CALCULATOR.sub("", s).strip() for s in work.strip().split("\n") if s.strip()]
+    return make_row(row_id, _field(rec, "question", where), answer.strip(), cfg.prompt, steps)
+
+
 def _gsm8k_rows(path: Path, cfg: TaskConfig) -> tuple[list[dict], int]:
     def records():
         for number, rec in _read_jsonl(path):
             where = f"{path} line {number}"
-
-            def build(rec=rec, where=where, number=number):
-                solution = str(_field(rec, "answer", where))
-                if "####" not in solution:
-                    raise BadRow(f"{where}: no '####' before the final answer")
-                work, answer = solution.rsplit("####", 1)
-                steps = [GSM8K_CALCULATOR.sub("", s).strip() for s in work.strip().split("\n") if s.strip()]
-                return make_row(f"gsm8k:{path.name}:{number}", _field(rec, "question", where), answer.strip(),
-                                cfg.prompt, steps)
-            yield where, build
+            yield where, lambda rec=rec, where=where, number=number: gsm8k_record(
+                rec, where, f"gsm8k:{path.name}:{number}", cfg)
     return collect(records(), cfg.on_bad_row, str(path))
 
 
 def gsm8k(cfg: TaskConfig) -> TaskData:
+    """``task.source``: local = a JSONL file (task.path, else $FRUGAL_DATA_DIR or shared/data
+    gsm8k_train.jsonl, hash-split unless task.test_path); hub = ``openai/gsm8k`` config ``main`` with
+    its own train / test splits (:func:`frugal.tasks.benchmarks.gsm8k_hub`; task.path may name a local
+    copy in the Hub's layout); auto = the local file when there is one, else the Hub."""
+    local = Path(cfg.path) if cfg.path else data_dir() / "gsm8k_train.jsonl"
+    if cfg.source == "hub" or (cfg.source == "auto" and not cfg.path and not local.exists()):
+        from frugal.tasks.benchmarks import gsm8k_hub
+
+        return gsm8k_hub(cfg)
     path = _default_path(cfg, "gsm8k_train.jsonl")
     rows, skipped = _gsm8k_rows(path, cfg)
     if cfg.test_path:
@@ -133,24 +145,25 @@ def jsonl(cfg: TaskConfig) -> TaskData:
 
 
 def hf(cfg: TaskConfig) -> TaskData:
-    """A Hugging Face dataset id (Hub, honours HF_HUB_OFFLINE) or a folder saved with ``save_to_disk``."""
-    import datasets
-
+    """A Hugging Face dataset id (Hub, honours HF_HUB_OFFLINE; ``task.config_name`` picks its config), a
+    folder saved with ``save_to_disk``, or a local copy in the Hub's layout. A dataset with a test split
+    and no train split is evaluation-only: its rows are the test rows and there are no train rows."""
     if not cfg.path:
         raise ValueError("task=hf needs task.path=<dataset id or saved folder>")
-    local = Path(cfg.path)
-    if local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
-        loaded = datasets.load_from_disk(str(local))
-    else:
-        loaded = datasets.load_dataset(cfg.path)
-    if isinstance(loaded, datasets.Dataset):
-        loaded = datasets.DatasetDict({cfg.train_split: loaded})
-    if cfg.train_split not in loaded:
-        raise ValueError(f"task.train_split={cfg.train_split!r} not in {cfg.path} (splits: {list(loaded)})")
+    from frugal.tasks.benchmarks import load_splits
+
+    loaded = load_splits(cfg.path, cfg.config_name, single_split=cfg.train_split)
 
     def records(split):
         return ((f"{cfg.path}[{split}] row {i}", rec) for i, rec in enumerate(loaded[split]))
 
+    if cfg.train_split not in loaded:
+        if cfg.test_split not in loaded:
+            raise ValueError(f"task.train_split={cfg.train_split!r} and task.test_split={cfg.test_split!r} are "
+                             f"not in {cfg.path} (splits: {list(loaded)})")
+        # an evaluation-only dataset: its test split, no train rows (training recipes refuse it)
+        test, skipped = _mapped_rows(records(cfg.test_split), cfg, cfg.path)
+        return TaskData([], test, skipped=skipped, info={"eval_only": True})
     rows, skipped = _mapped_rows(records(cfg.train_split), cfg, cfg.path)
     if cfg.test_split in loaded:
         test, s2 = _mapped_rows(records(cfg.test_split), cfg, cfg.path)

@@ -11,7 +11,7 @@ by a reader or a static tool.
 
 from __future__ import annotations
 
-from frugal.evaluator.strategies import (beam, best_of_n, early_rejection, greedy, majority, particle_filter,
+from frugal.evaluator.strategies import (beam, best_of_n, dvts, early_rejection, greedy, majority, particle_filter,
                                          particle_gibbs, ssr)
 
 RUNNERS = {
@@ -19,6 +19,7 @@ RUNNERS = {
     "majority": majority.run,
     "best_of_n": best_of_n.run,
     "beam": beam.run,
+    "dvts": dvts.run,
     "early_rejection": early_rejection.run,
     "particle_filter": particle_filter.run,
     "particle_gibbs": particle_gibbs.run,
