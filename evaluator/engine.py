@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
@@ -106,6 +106,7 @@ class Counts:
     attention: int = 0
     calls: int = 0
     scored: int = 0  # prefill tokens whose logits were computed too (SSR verification), for the LM-head FLOPs
+    cached: int = 0  # prompt tokens served from a prefix / KV cache instead of being prefilled (not charged)
 
     @property
     def tokens(self) -> int:
@@ -127,8 +128,7 @@ class Counts:
         return copy.copy(self)
 
     def since(self, before: "Counts") -> "Counts":
-        return Counts(self.prefill - before.prefill, self.decode - before.decode,
-                      self.attention - before.attention, self.calls - before.calls, self.scored - before.scored)
+        return Counts(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(Counts)})
 
 
 @dataclass
