@@ -30,9 +30,11 @@ Per length and algorithm: the median **update** seconds over ``--repeats`` updat
 update (token selection + ``frugal.recipes.train._update``: micro-batched forward/backward over the
 selected tokens, clip, AdamW; sampling excluded), the **whole-step** seconds (this length's sampling time,
 measured once, + selection + update), the **peak RSS** of the child process (ru_maxrss: imports, model,
-rollout and the update) and the update's own **peak RSS increase** over the RSS just before it (sampled
-every 2 ms from /proc/self/statm; the BENCH memory ratio uses this, since the process floor — ~1 GB of
-imports and weights — is the same for every algorithm), the **fraction of completion tokens in the loss**
+rollout and every update) and the update's own **peak RSS increase** over the RSS just before it (sampled
+every 2 ms from /proc/self/statm, the largest over the timed updates; the warm-up update is excluded because
+it also pages in the memory-mapped weights, ~0.5 GB; children run with a fixed glibc mmap threshold so
+freed activations leave the RSS). The BENCH memory ratio uses this increase, since the process floor —
+imports and weights — is the same for every algorithm. Also the **fraction of completion tokens in the loss**
 and the **mean position of each row's last selected token** (0-based; the decoder runs each row up to it).
 
 *Profile* (``--profile``, on by default): one more S-GRPO update with the decayed schedule at the longest
@@ -41,7 +43,7 @@ head at the selected positions (+ log-softmax), the loss, the backward pass and 
 AdamW), with timers around the same library calls ``_update`` makes.
 
 **Accuracy** (``--accuracy``, a separate run): held-out greedy accuracy after the same ``--acc-steps``
-steps of ``frugal train`` for grpo / sgrpo / sgrpo_decay (and tspmo with ``--acc-algos``) with seeds 0 and 1
+steps of ``frugal train`` (the task recipe's own lr, LoRA and batch, the same for every algorithm) for grpo / sgrpo / sgrpo_decay (and tspmo with ``--acc-algos``) with seeds 0 and 1
 (``--seeds``), real rewards, one child process per run; the spread between seeds is the noise. Default
 task: the demo recipe (single-digit addition, where a 135M model's accuracy moves in a few steps) with
 ``--acc-max-new-tokens`` 128; its held-out split serves as the development split for choosing the schedule
@@ -76,7 +78,8 @@ ALGOS = ("grpo", "sgrpo", "sgrpo_decay", "tspmo")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="builtin:smollm2-135m-instruct", help="HF id, local path or builtin:*")
-    p.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 256], help="completion lengths (tokens)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="completion lengths in tokens (default 32 128 256; --quick: 8 16 24)")
     p.add_argument("--prompts", type=int, default=2, help="GSM8K prompts per rollout")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--micro-batch", type=int, default=4, help="completions per forward/backward (optim.micro_batch_size)")
@@ -105,10 +108,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.model, args.lengths, args.repeats, args.prompts, args.group = "builtin:tiny-random", [8, 16, 24], 1, 2, 4
+        args.model, args.repeats, args.prompts, args.group = "builtin:tiny-random", 1, 2, 4
         args.micro_batch, args.acc_steps, args.seeds, args.acc_max_new_tokens = 4, 1, [0], 16
         args.acc_overrides = ["model=tiny_random", "task.n_train=32", "task.n_test=4", "prompts_per_step=2",
                               "algo.group_size=4", "eval_limit=4"]
+    args.lengths = args.lengths or ([8, 16, 24] if args.quick else [32, 128, 256])
     unknown = (set(args.algos.split(",")) | set(args.acc_algos.split(","))) - set(ALGOS)
     if unknown:
         p.error(f"--algos/--acc-algos: unknown {sorted(unknown)}; choose from {','.join(ALGOS)}")
@@ -320,9 +324,10 @@ def profile_update(model, optimizer, rollout, cfg, rewards, adv) -> dict:
     decoder, _ = _decoder_and_head(model)
     calls, starts = [], []
     pre = decoder.register_forward_pre_hook(lambda m, a, kw: starts.append(time.perf_counter()), with_kwargs=True)
-    post = decoder.register_forward_hook(
-        lambda m, a, kw, out: calls.append((kw["attention_mask"].shape, time.perf_counter() - starts.pop())),
-        with_kwargs=True)
+    post = decoder.register_forward_hook(  # (attention-mask shape = rows x columns up to the crop, ids, seconds)
+        lambda m, a, kw, out: calls.append((kw["attention_mask"].shape, kw["input_ids"].shape,
+                                            time.perf_counter() - starts.pop())), with_kwargs=True)
+    columns = 0  # token positions the decoder ran for the rows (the prompt prefill aside)
     timers = {"decoder_prefill_s": 0.0, "decoder_rows_s": 0.0, "head_and_logsoftmax_s": 0.0, "loss_s": 0.0,
               "backward_s": 0.0, "clip_s": 0.0, "optimizer_s": 0.0}
     try:
@@ -338,8 +343,9 @@ def profile_update(model, optimizer, rollout, cfg, rewards, adv) -> dict:
             t0 = time.perf_counter()
             logp = selected_logprobs(model, ids, mask, width, sel)
             t1 = time.perf_counter()
-            prefill = sum(s for shape, s in calls if shape[1] == width - 1)  # the prompt (all but its last token)
-            rows = sum(s for shape, s in calls if shape[1] != width - 1)
+            prefill = sum(s for shape, _, s in calls if shape[1] == width - 1)  # the prompt (all but its last token)
+            rows = sum(s for shape, _, s in calls if shape[1] != width - 1)
+            columns += sum(i[0] * i[1] for shape, i, _ in calls if shape[1] != width - 1)
             timers["decoder_prefill_s"] += prefill
             timers["decoder_rows_s"] += rows
             timers["head_and_logsoftmax_s"] += (t1 - t0) - prefill - rows
@@ -359,6 +365,9 @@ def profile_update(model, optimizer, rollout, cfg, rewards, adv) -> dict:
         timers["clip_s"], timers["optimizer_s"] = t1 - t0, t2 - t1
         timers["total_s"] = t2 - t_all
         last = last_positions(selection, rollout.completion_ids.shape[0])
+        # Uncropped, each row in the loss would run its whole completion (+ the prompt's last token).
+        timers.update(decoder_columns=columns, decoder_columns_uncropped=int((last >= 0).sum()) * (
+            rollout.completion_ids.shape[1] + 1))
         timers.update(selected=len(selection), rows_in_loss=int((last >= 0).sum()),
                       last_pos_mean=float(last[last >= 0].float().mean()), length=rollout.completion_ids.shape[1])
     finally:
@@ -399,8 +408,12 @@ def launch(kind: str, name: str, spec: dict, args, workdir: Path) -> dict:
     out, spec_path, log_path = workdir / f"{name}.json", workdir / f"{name}.spec.json", workdir / f"{name}.log"
     spec = {**spec, "out": str(out)}
     spec_path.write_text(json.dumps(spec))
+    # A fixed mmap threshold: glibc then serves every block >= 64 KiB (all activations) with its own mapping
+    # and returns it to the OS when freed, so the RSS seen during an update is its live memory, not memory an
+    # earlier update freed but the heap kept (with the default, adaptive threshold it often is).
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "MALLOC_MMAP_THRESHOLD_": "65536"}
     cmd = [sys.executable, str(Path(__file__).resolve()), *forwarded_argv(args), "--child", kind, "--spec", str(spec_path)]
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -440,7 +453,7 @@ def run_timing(args, workdir: Path) -> dict:
             r["median_update_s"] = median(r["update_s"])
             r["median_select_s"] = median(r["select_s"])
             r["step_s"] = sample["sample_s"] + r["median_select_s"] + r["median_update_s"]
-            r["update_peak_rss_mb"] = max(r["update_rss_mb"])
+            r["update_peak_rss_mb"] = max(r["update_rss_mb"][1:] or r["update_rss_mb"])  # warm-up excluded
             results[length][algo] = r
             print(f"  {algo:11s} update {r['median_update_s']:7.2f} s | step {r['step_s']:7.2f} s | "
                   f"peak RSS {r['peak_rss_mb']:6.0f} MB (update +{r['update_peak_rss_mb']:5.0f} MB) | "
@@ -467,7 +480,9 @@ def print_profile(results: dict) -> None:
         if not prof:
             continue
         print(f"profile: one S-GRPO update (decayed schedule) at L={length}: {prof['selected']} tokens selected "
-              f"in {prof['rows_in_loss']} rows, last selected at {prof['last_pos_mean']:.1f} on average")
+              f"in {prof['rows_in_loss']} rows, last selected at {prof['last_pos_mean']:.1f} on average; the decoder "
+              f"ran {prof['decoder_columns']} row positions of {prof['decoder_columns_uncropped']} uncropped "
+              f"({prof['decoder_columns'] / max(prof['decoder_columns_uncropped'], 1):.2f}x, bucket padding included)")
         total = prof["total_s"]
         for key in ("decoder_prefill_s", "decoder_rows_s", "head_and_logsoftmax_s", "loss_s", "backward_s",
                     "clip_s", "optimizer_s"):
