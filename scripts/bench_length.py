@@ -1,8 +1,8 @@
 """Benchmark: S-GRPO's update against full-token GRPO and T-SPMO at realistic completion lengths.
 
-    python scripts/bench_length.py                        # timing + profile; ~7-10 min alone on 2 CPU cores
+    python scripts/bench_length.py                        # timing + profile; ~10-12 min alone on 2 CPU cores
     python scripts/bench_length.py --quick                # smoke run on builtin:tiny-random (seconds)
-    python scripts/bench_length.py --accuracy             # the separate accuracy check (~20 min alone)
+    python scripts/bench_length.py --accuracy             # the separate accuracy check (~20-25 min alone)
 
 **What the timing part measures.** The embedded SmolLM2-135M-Instruct, CPU, float32, LoRA r=16 / alpha=32
 on all linear layers, AdamW lr 2e-4, the same seed everywhere. For each completion length L in 32, 128,
@@ -82,7 +82,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="completion lengths in tokens (default 32 128 256; --quick: 8 16 24)")
     p.add_argument("--prompts", type=int, default=2, help="GSM8K prompts per rollout")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
-    p.add_argument("--micro-batch", type=int, default=4, help="completions per forward/backward (optim.micro_batch_size)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="completions per forward/backward (optim.micro_batch_size; 8 = one group)")
+    p.add_argument("--bucket-overhead", type=int, default=None,
+                   help="policy_loss.BUCKET_OVERHEAD for the updates (default: the library's; a diagnostic)")
     p.add_argument("--repeats", type=int, default=2, help="timed updates per algorithm and length (after 1 warm-up)")
     p.add_argument("--decayed", default="16,0.5,0.95", help="the decayed S-GRPO schedule: k_early,p_keep,decay")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"comma list of {','.join(ALGOS)}")
@@ -109,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.model, args.repeats, args.prompts, args.group = "builtin:tiny-random", 1, 2, 4
-        args.micro_batch, args.acc_steps, args.seeds, args.acc_max_new_tokens = 4, 1, [0], 16
+        args.acc_steps, args.seeds, args.acc_max_new_tokens = 1, [0], 16
         args.acc_overrides = ["model=tiny_random", "task.n_train=32", "task.n_test=4", "prompts_per_step=2",
                               "algo.group_size=4", "eval_limit=4"]
     args.lengths = args.lengths or ([8, 16, 24] if args.quick else [32, 128, 256])
@@ -277,6 +280,10 @@ def child_update(spec: dict, args) -> dict:
     from frugal.train.rollout import Rollout
     from frugal.train.runtime import make_scheduler
 
+    if args.bucket_overhead is not None:  # what one more decoder call is assumed to cost, in padded columns
+        from frugal.train import policy_loss
+
+        policy_loss.BUCKET_OVERHEAD = args.bucket_overhead
     model, _ = load_policy(args)
     rollout = Rollout(**torch.load(spec["rollout"]))
     n, group = rollout.completion_ids.shape[0], rollout.group_size
@@ -427,6 +434,7 @@ def forwarded_argv(args) -> list[str]:
             "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats), "--decayed", args.decayed,
             "--lr", repr(args.lr), "--rank", str(args.rank), "--alpha", str(args.alpha), "--seed", str(args.seed),
             "--threads", str(args.threads)]
+    argv += ["--bucket-overhead", str(args.bucket_overhead)] if args.bucket_overhead is not None else []
     return argv + (["--quick"] if args.quick else [])
 
 
