@@ -3,6 +3,7 @@
     python scripts/bench_length.py                        # timing + profile; ~10-12 min alone on 2 CPU cores
     python scripts/bench_length.py --quick                # smoke run on builtin:tiny-random (seconds)
     python scripts/bench_length.py --accuracy             # the separate accuracy check (~20-25 min alone)
+    python scripts/bench_length.py --plan                 # no model: what each candidate schedule implies
 
 **What the timing part measures.** The embedded SmolLM2-135M-Instruct, CPU, float32, LoRA r=16 / alpha=32
 on all linear layers, AdamW lr 2e-4, the same seed everywhere. For each completion length L in 32, 128,
@@ -73,6 +74,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ("grpo", "sgrpo", "sgrpo_decay", "tspmo")
+# The schedules docs/benchmarks.md weighs: the default, the paper recipe's k_early, decayed ones.
+CANDIDATES = ("8,0.3,1.0", "25,0.3,1.0", "8,0.5,0.95", "16,0.5,0.95", "25,0.5,0.95", "16,0.5,0.9")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,6 +101,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: builtin:tiny-random, lengths 8 16 24, 1 repeat, accuracy 1 step (seconds)")
     p.add_argument("--accuracy", action="store_true", help="run the accuracy comparison instead of the timing")
+    p.add_argument("--plan", action="store_true",
+                   help="no model: print what each --candidates schedule implies (tokens in the loss, crop, "
+                        "decoder positions with length buckets) at --lengths, and exit (seconds)")
+    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="--plan: schedules k_early,p_keep,decay")
     p.add_argument("--acc-algos", default="grpo,sgrpo,sgrpo_decay")
     p.add_argument("--acc-steps", type=int, default=8)
     p.add_argument("--acc-max-new-tokens", type=int, default=128)
@@ -410,6 +417,41 @@ def run_child(args) -> None:
 
 # ---------------------------------------------------------------------- the parent
 
+def plan(args, draws: int = 100) -> dict:
+    """What each candidate schedule implies at each length, without a model: the expected share of tokens in
+    the loss, the expected crop ((E[last] + 1) / L), and, simulated with the library's own selection and
+    length buckets (``--group`` rows per micro-batch, prompt shared), the decoder positions computed as a
+    share of GRPO's and the decoder calls per micro-batch. Counts, not timings."""
+    import torch
+
+    from frugal.train.policy_loss import length_buckets
+    from frugal.train.token_selection import expected_keep_fraction, expected_last_position, select_stochastic
+
+    gen = torch.Generator().manual_seed(args.seed)
+    out = {}
+    for text in args.candidates:
+        knobs = parse_schedule(text)
+        k, p, d = knobs["k_early"], knobs["p_keep"], knobs["decay"]
+        cells = []
+        for length in sorted(args.lengths):
+            computed, calls = 0, 0
+            for _ in range(draws):
+                sel = select_stochastic(torch.ones(args.group, length, dtype=torch.long), torch.ones(args.group),
+                                        k, p, d, generator=gen)
+                last = last_positions(sel, args.group).tolist()  # a row runs from the prompt's last token to here
+                buckets = length_buckets(last)
+                calls += len(buckets)
+                computed += sum(len(b) * (max(last[i] for i in b) + 1) for b in buckets)
+            cells.append({"length": length, "keep_frac": expected_keep_fraction(length, k, p, d),
+                          "crop": (expected_last_position(length, k, p, d) + 1) / length,
+                          "decoder_vs_grpo": computed / (draws * args.group * length), "calls": calls / draws})
+        out[text] = cells
+        print(f"{text:14s} " + " | ".join(
+            f"L={c['length']}: loss {100 * c['keep_frac']:3.0f}%, crop {100 * c['crop']:3.0f}%, decoder "
+            f"{c['decoder_vs_grpo']:.2f}x GRPO ({c['calls']:.1f} calls)" for c in cells))
+    return out
+
+
 def launch(kind: str, name: str, spec: dict, args, workdir: Path) -> dict:
     """Run one child (this script with --child) and return its result; its log stays in ``workdir``."""
     out, spec_path, log_path = workdir / f"{name}.json", workdir / f"{name}.spec.json", workdir / f"{name}.log"
@@ -528,13 +570,16 @@ def main(argv=None) -> int:
         run_child(args)
         return 0
     workdir = Path(args.workdir or ROOT / "outputs" / "bench_length" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not args.plan:
+        workdir.mkdir(parents=True, exist_ok=True)
     print(f"bench_length: model={args.model} lengths={args.lengths} prompts={args.prompts} G={args.group} "
           f"micro_batch={args.micro_batch} repeats={args.repeats}+1 warm-up decayed={args.decayed_schedule} "
           f"lr={args.lr} lora=r{args.rank}/a{args.alpha} threads={args.threads} seed={args.seed} "
           f"load={os.getloadavg()[0]:.2f} workdir={workdir}", flush=True)
     summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "spec")}, "workdir": str(workdir)}
-    if args.accuracy:
+    if args.plan:
+        summary["plan"] = plan(args)
+    elif args.accuracy:
         summary["accuracy"] = run_accuracy(args, workdir)
     else:
         results = summary["results"] = run_timing(args, workdir)
@@ -552,7 +597,7 @@ def main(argv=None) -> int:
         from frugal.train.checkpoint import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(summary, indent=2, default=str))
-    if not args.accuracy:
+    if not (args.accuracy or args.plan):
         at = summary["ratios"][longest]
         print(f"BENCH length sgrpo_vs_grpo_update_{longest}={at['sgrpo_decay_vs_grpo_update']:.3f} "
               f"sgrpo_vs_grpo_mem_{longest}={at['sgrpo_decay_vs_grpo_mem']:.3f} "

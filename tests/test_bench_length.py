@@ -75,3 +75,17 @@ def test_smoke_run_on_tiny_random(tmp_path):
     assert len(decayed["update_s"]) == 2  # warm-up + --repeats 1 (quick)
     ratio = float(last.split("sgrpo_vs_grpo_update_12=")[1].split()[0])
     assert ratio == pytest.approx(summary["ratios"]["12"]["sgrpo_decay_vs_grpo_update"], abs=1e-3)
+
+
+def test_plan_counts_the_decoder_positions_each_schedule_needs(capsys):
+    bench = _bench()
+    assert bench.main(["--plan", "--lengths", "64", "--candidates", "8,0.3,1.0", "8,0.5,0.9"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("BENCH") for line in lines)
+    args = bench.parse_args(["--lengths", "64", "--candidates", "8,0.3,1.0", "8,0.5,0.9"])
+    plan = bench.plan(args, draws=20)
+    uniform, decayed = plan["8,0.3,1.0"][0], plan["8,0.5,0.9"][0]
+    assert uniform["decoder_vs_grpo"] > 0.95 and uniform["crop"] > 0.95  # decay 1: the row runs to its end
+    # decay 0.9: kept after 8 tokens w.p. 0.5·0.9^(t-8), so rows stop around a third of the way in
+    assert decayed["decoder_vs_grpo"] < 0.6 and decayed["crop"] < 0.5
+    assert decayed["decoder_vs_grpo"] >= decayed["crop"] - 0.05  # buckets run to their longest row
