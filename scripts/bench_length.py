@@ -126,10 +126,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = (set(args.algos.split(",")) | set(args.acc_algos.split(","))) - set(ALGOS)
     if unknown:
         p.error(f"--algos/--acc-algos: unknown {sorted(unknown)}; choose from {','.join(ALGOS)}")
-    try:
-        args.decayed_schedule = parse_schedule(args.decayed)
-    except ValueError as e:
-        p.error(f"--decayed {args.decayed!r}: {e}")
+    for flag, texts in (("--decayed", [args.decayed]), ("--candidates", args.candidates)):
+        for text in texts:
+            try:
+                parse_schedule(text)
+            except ValueError as e:
+                p.error(f"{flag} {text!r}: {e}")
+    args.decayed_schedule = parse_schedule(args.decayed)
     if args.repeats < 1 or args.prompts < 1 or args.group < 2 or min(args.lengths) < 1:
         p.error("--repeats and --prompts must be >= 1, --group >= 2, every --lengths value >= 1")
     return args

@@ -23,7 +23,8 @@ def _bench():
 def test_bad_flags_fail_early(capsys):
     bench = _bench()
     for argv, message in [(["--decayed", "8,1.5,0.9"], "p_keep"), (["--decayed", "8,0.5"], "three"),
-                          (["--algos", "grpo,ppo"], "ppo"), (["--repeats", "0"], "--repeats")]:
+                          (["--algos", "grpo,ppo"], "ppo"),
+                          (["--plan", "--candidates", "8,0.3,1.5"], "decay"), (["--repeats", "0"], "--repeats")]:
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert message in capsys.readouterr().err
