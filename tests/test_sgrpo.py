@@ -8,7 +8,8 @@ import torch
 from frugal.train.advantages import group_advantages
 from frugal.train.models import LoraConfig, ModelConfig, apply_lora, load_model
 from frugal.train.policy_loss import clipped_pg_loss, full_logits_logprobs, selected_logprobs
-from frugal.train.token_selection import Selection, expected_keep_fraction, select_all, select_stochastic
+from frugal.train.token_selection import (Selection, expected_keep_fraction, expected_last_position, select_all,
+                                          select_stochastic)
 
 
 def test_group_advantages_hand_worked():
@@ -128,3 +129,34 @@ def test_selected_position_head_matches_full_logits(tiny_lora):
         # float32 noise only: the cropped batch runs matmuls of other shapes
         err = (fast_grads[name] - slow_grads[name]).abs().max()
         assert err <= 1e-4 * slow_grads[name].abs().max() + 1e-7, name
+
+
+def test_expected_last_position_hand_worked():
+    # p = [1, .5, .5]: last = 2 w.p. .5, last = 1 w.p. .5·.5, last = 0 w.p. 1·.5·.5 -> E = .25 + 2·.5 = 1.25
+    assert expected_last_position(3, k_early=1, p_keep=0.5) == pytest.approx(1.25)
+    assert expected_last_position(10, k_early=10, p_keep=0.0) == pytest.approx(9.0)  # only the first 10
+    # p = 1, 1/2, 1/4, 1/8, 1/16: P(last = j) = p(j) · Π_{t>j} (1 − p(t))
+    p = [1, 1 / 2, 1 / 4, 1 / 8, 1 / 16]
+    by_hand = sum(j * p[j] * math.prod(1 - q for q in p[j + 1:]) for j in range(5))
+    assert expected_last_position(5, k_early=0, p_keep=1.0, decay=0.5) == pytest.approx(by_hand)
+    assert by_hand == pytest.approx(1.3193359375)
+    assert math.isnan(expected_last_position(4, k_early=0, p_keep=0.0))  # nothing is ever kept
+
+
+@pytest.mark.parametrize("k_early,p_keep,decay", [(8, 0.3, 1.0), (4, 0.6, 0.95), (16, 0.5, 0.9)])
+def test_selected_fraction_and_last_position_follow_the_schedule(k_early, p_keep, decay):
+    """Over many rows of mixed lengths, the share of tokens in the loss and the mean position of each row's
+    last selected token match the schedule's expectations (expected_keep_fraction, expected_last_position)."""
+    n, width = 3000, 128
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(16, width + 1, (n,), generator=gen)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    sel = select_stochastic(mask, torch.ones(n), k_early, p_keep, decay, generator=gen)
+    expected_kept = sum(expected_keep_fraction(int(L), k_early, p_keep, decay) * int(L) for L in lengths)
+    assert len(sel) / float(lengths.sum()) == pytest.approx(expected_kept / float(lengths.sum()), rel=0.03)
+    last = torch.full((n,), -1).scatter_reduce(0, sel.rows, sel.positions, reduce="amax")
+    assert (last >= 0).all() and (last < lengths).all()
+    expected_last = sum(expected_last_position(int(L), k_early, p_keep, decay) for L in lengths) / n
+    assert last.float().mean().item() == pytest.approx(expected_last, rel=0.03)
+    if decay < 1:  # a decayed schedule stops early: that is what lets the update crop long completions
+        assert expected_last_position(256, k_early, p_keep, decay) < 0.5 * 255
