@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from frugal.train.decoding import PromptKV
+from frugal.train.decoding import PromptKV, cache_kw
 from frugal.train.token_selection import Selection
 
 
@@ -98,7 +98,7 @@ def selected_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         end = int(row_last[rows].max()) + 1
         sub_cache = None if prompts is None else prompts.rows(which[rows])
         hidden = decoder(input_ids=ids[rows, start:end], attention_mask=mask[rows, :end],
-                         position_ids=position_ids[rows, start:end], cache=sub_cache,
+                         position_ids=position_ids[rows, start:end], **{cache_kw(): sub_cache},
                          use_cache=sub_cache is not None).last_hidden_state
         local = torch.full((len(used_rows),), -1, dtype=torch.long, device=ids.device)
         local[rows] = torch.arange(len(bucket), device=ids.device)

@@ -166,11 +166,10 @@ def unservable_modules(peft_model, supported: Sequence[str], packed: dict[str, l
 
 
 def _lora_capabilities(worker) -> tuple[list[str], dict[str, list[str]]]:
-    """Runs inside vLLM's worker (``collective_rpc``): the model's LoRA-servable modules."""
-    from vllm.lora.utils import get_supported_lora_modules
-
-    model = worker.model_runner.get_model()
-    return get_supported_lora_modules(model), dict(getattr(model, "packed_modules_mapping", {}) or {})
+    """Runs inside vLLM's worker (``collective_rpc``): the modules its LoRA manager serves and its packed
+    mapping, the two lists vLLM's adapter loader checks an adapter against."""
+    manager = worker.model_runner.lora_manager._adapter_manager
+    return list(manager.supported_lora_modules), {k: list(v) for k, v in manager.packed_modules_mapping.items()}
 
 
 # ---------------------------------------------------------------------- adapter versions on disk
