@@ -278,7 +278,7 @@ def _update(model, optimizer, scheduler, rollout, selection: Selection, cfg: Tra
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))
         optimizer.step()
         stats = {"loss": loss_sum, "kl": kl_sum, "clip_frac": clip_sum, "grad_norm": float(grad_norm)}
-        if behaviour is not None:  # mean |log pi_old - log mu| and mean IS weight over the selected tokens
+        if behaviour is not None and len(selection):  # over the loss's tokens (none: nothing to report)
             stats.update({"vllm/logprob_gap": gap_sum / total, "vllm/is_weight": w_sum / total})
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -41,6 +41,34 @@ def test_server_mode_needs_a_url():
         GenerationConfig(backend="vllm", vllm_mode="server")
 
 
+def test_unservable_modules_as_vllm_checks_them(tmp_path):
+    """vLLM's loader accepts an adapter module when it is a supported module or part of a packed one
+    (q_proj in qkv_proj); modules_to_save (trained in full) are never servable. Publishing writes whole
+    versions and retiring deletes them."""
+    from peft import LoraConfig, get_peft_model
+
+    from frugal.train.models import load_tokenizer, tiny_random_model
+    from frugal.train.vllm_backend import AdapterPublisher, lora_rank_slot, unservable_modules
+
+    supported = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    tok = load_tokenizer("builtin:tiny-random")
+    lora = get_peft_model(tiny_random_model(len(tok), tok), LoraConfig(r=4, target_modules="all-linear"))
+    assert unservable_modules(lora, supported, packed) == []
+    assert unservable_modules(lora, ["qkv_proj", "o_proj"], packed) == ["down_proj", "gate_proj", "up_proj"]
+    saved = get_peft_model(tiny_random_model(len(tok), tok), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                         modules_to_save=["lm_head"]))
+    assert unservable_modules(saved, supported, packed) == ["lm_head"]
+    assert [lora_rank_slot(r) for r in (1, 4, 8, 9, 64)] == [1, 8, 8, 16, 64]
+
+    pub = AdapterPublisher(tmp_path, prefix="run")
+    name, version, path = pub.publish(lora)
+    assert (name, version) == ("run-v1", 1) and (path / "adapter_model.safetensors").exists()
+    pub.publish(lora)
+    pub.retire(name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run-v2"]
+
+
 # ---------------------------------------------------------------------- a real engine
 
 def _hf_model(lora_kwargs: dict):
