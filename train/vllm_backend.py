@@ -232,6 +232,13 @@ class ColocateEngine:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
             self.publisher.retire(previous.lora_name)
 
+    def close(self) -> None:
+        """Retire the adapter in use (the engine itself goes with its last reference)."""
+        if self.current is not None:
+            self.llm.llm_engine.remove_lora(self.current.lora_int_id)
+            self.publisher.retire(self.current.lora_name)
+            self.current = None
+
     def _reload_full_weights(self, peft_model) -> None:
         # merge_and_unload would change the trainer's module in place; the merged copy is computed per
         # tensor from the adapter's delta (W + B A · alpha/r) by peft on a state-dict copy.
@@ -312,6 +319,14 @@ class ServerEngine:
             self.client.post("/v1/unload_lora_adapter", json={"lora_name": previous})
             self.publisher.retire(previous)
 
+    def close(self) -> None:
+        """Unload this run's adapter from the server and delete its folder."""
+        if self.current is not None:
+            self.client.post("/v1/unload_lora_adapter", json={"lora_name": self.current})
+            self.publisher.retire(self.current)
+            self.current = None
+        self.client.close()
+
     def _complete(self, prompt_ids: list[list[int]], body: dict) -> list[dict]:
         body = {"model": self.current or self.base, "prompt": prompt_ids,
                 "return_tokens_as_token_ids": True, **body}
@@ -372,6 +387,10 @@ class VLLMSampler:
                            trust_remote_code=model_cfg.trust_remote_code)
             engine = ColocateEngine(llm, publisher, model, sleep=cfg.vllm_sleep and torch.cuda.is_available())
         return cls(engine, tokenizer, cfg, eos_token_ids(model, tokenizer))
+
+    def close(self) -> None:
+        """At the end of a run: the last adapter version is retired from vLLM."""
+        self.engine.close()
 
     def prompt_ids(self, prompts: list[list[dict]]) -> list[list[int]]:
         return [list(self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
