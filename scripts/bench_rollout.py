@@ -50,13 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument("--vllm-dtype", default="auto", help="auto (the trainer's float32) | bfloat16 | float16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 1 prompt x 2, 8 new tokens")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 2 prompts x 4, 16 new tokens")
     p.add_argument("--workdir", default=None, help="run dirs and logs (default outputs/bench_rollout/<time>)")
     p.add_argument("--json", default=None, help="write the summary here")
     p.add_argument("--worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)  # one run, in a subprocess
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.prompts, args.group, args.max_new_tokens = 2, 1, 2, 8
+        args.steps, args.prompts, args.group, args.max_new_tokens = 2, 2, 4, 16
     return args
 
 
@@ -134,8 +134,10 @@ def main(argv=None) -> None:
                "vllm_vs_hf_step_time": vl["step_s"] / hf["step_s"], "logprob_gap": vl["logprob_gap"]}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
+    gap = summary["logprob_gap"]  # None when no timed step had a token in the loss (every group tied)
     print(f"BENCH rollout vllm_vs_hf_tokens_per_s={summary['vllm_vs_hf_tokens_per_s']:.3f} "
-          f"vllm_vs_hf_step_time={summary['vllm_vs_hf_step_time']:.3f} logprob_gap={summary['logprob_gap']:.5f}")
+          f"vllm_vs_hf_step_time={summary['vllm_vs_hf_step_time']:.3f} "
+          f"logprob_gap={'nan' if gap is None else f'{gap:.5f}'}")
 
 
 if __name__ == "__main__":
