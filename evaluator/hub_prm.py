@@ -46,7 +46,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from frugal.train.decoding import PromptKV
+from frugal.train.decoding import PromptKV, cache_kw
 from frugal.train.prm_steps import Encoded, aggregate, prompt_text, split_steps, token_budget_batches
 
 FAMILIES = ("frugal", "qwen2_math_prm", "math_shepherd", "rlhflow")
@@ -332,7 +332,7 @@ class HubPRM(torch.nn.Module):
         head_mask = [[0] * (width - h) + [1] * h for h in heads] if cache is not None else [[] for _ in heads]
         mask = torch.tensor([hm + [1] * len(t) + [0] * (tail_width - len(t)) for hm, t in zip(head_mask, tails)], device=dev)
         positions = torch.tensor([[h + j for j in range(tail_width)] for h in heads], device=dev)
-        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, **{cache_kw(): cache},
                       use_cache=cache is not None).last_hidden_state
         for h, t in zip(heads, tails):
             tokens, attention = tokens + len(t), attention + len(t) * h + len(t) * (len(t) + 1) // 2

@@ -88,10 +88,11 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     tracker = Tracker(run_dir, cfg.logger, config_dict, resume_step=start_step if resume_from else None,
                       enabled=main)
     sampler = None
-    if cfg.generation.backend == "vllm":  # GPU: vLLM samples the training completions (train/rollout.py)
-        from frugal.train.rollout import VLLMSampler
+    if cfg.generation.backend == "vllm":  # vLLM samples the training completions (train/vllm_backend.py)
+        from frugal.train.vllm_backend import VLLMSampler
 
-        sampler = VLLMSampler(model, tokenizer, accelerator, cfg.generation)
+        sampler = VLLMSampler.build(model, tokenizer, cfg.generation, cfg.model, cfg.lora.r, run_dir, cfg.seed,
+                                    cfg.num_threads, rank=accelerator.process_index)
 
     eval_seconds = 0.0  # how long one held-out evaluation takes: max_minutes keeps room for the final one
     if cfg.eval_before and resume_from is None:
@@ -187,6 +188,8 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
             save_checkpoint(run_dir, step, model, optimizer, scheduler,
                             {"data_position": step * cfg.prompts_per_step, "best": best}, cfg.keep_checkpoints)
     progress.close()
+    if sampler is not None:
+        sampler.close()  # vLLM: unload this run's last adapter (a shared server keeps serving others)
 
     # ------------------------------------------------------------------ evaluate and save (main process)
     with dist.full_parameters(policy):  # entered on every rank (FSDP gathers); the main process evaluates
@@ -251,25 +254,34 @@ def _update(model, optimizer, scheduler, rollout, selection: Selection, cfg: Tra
                     old_logp[i] = selected_logprobs(model, input_ids, attention_mask, width, sel)
                 if cfg.algo.beta > 0:
                     ref_logp[i] = reference_logprobs(model, input_ids, attention_mask, width, sel)
+    # vLLM sampled the tokens: its log-probs are the behaviour policy of the truncated IS weights.
+    behaviour = rollout.behaviour_logprobs
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
     for _ in range(cfg.algo.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        loss_sum, kl_sum, clip_sum = 0.0, 0.0, 0.0
+        loss_sum, kl_sum, clip_sum, gap_sum, w_sum = 0.0, 0.0, 0.0, 0.0, 0.0
         for i, sel in enumerate(chunks):
             logp = selected_logprobs(model, input_ids, attention_mask, width, sel)
             out = clipped_pg_loss(logp, old_logp.get(i), ref_logp.get(i), sel.advantages.to(logp.device),
-                                  cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.beta, normalizer=total)
+                                  cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.beta, normalizer=total,
+                                  behaviour_logp=None if behaviour is None else behaviour[sel.rows, sel.positions],
+                                  is_cap=cfg.generation.vllm_is_cap)
             out.loss.backward()
             loss_sum += out.loss.item()
             kl_sum += out.kl * len(sel) / total
             clip_sum += out.clip_fraction * len(sel) / total
+            gap_sum += out.logprob_gap
+            w_sum += out.is_weight * len(sel)
         params = [p for p in model.parameters() if p.requires_grad]
         # Sum the LoRA gradients over ranks explicitly: selected_logprobs bypasses DDP's forward hooks.
         dist.sync_gradients(params, accelerator)
-        loss_sum, kl_sum, clip_sum = dist.sum_over_ranks([loss_sum, kl_sum, clip_sum], accelerator)
+        loss_sum, kl_sum, clip_sum, gap_sum, w_sum = dist.sum_over_ranks(
+            [loss_sum, kl_sum, clip_sum, gap_sum, w_sum], accelerator)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))
         optimizer.step()
         stats = {"loss": loss_sum, "kl": kl_sum, "clip_frac": clip_sum, "grad_norm": float(grad_norm)}
+        if behaviour is not None and len(selection):  # over the loss's tokens (none: nothing to report)
+            stats.update({"vllm/logprob_gap": gap_sum / total, "vllm/is_weight": w_sum / total})
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return stats

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -15,6 +16,17 @@ TINY = [
     "save_every=0", "optim.micro_batch_size=4",
     'reward.functions=[{name:"reward_fixtures:share_of_letter_e",weight:1.0}]',
 ]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``vllm`` skip, with the reason, where vLLM is not installed (``make test``);
+    ``make test-vllm`` runs them in .venv-vllm."""
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason="vLLM is not installed (make test-vllm runs these)")
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(skip)
 
 
 def compose_train(overrides: list[str]):

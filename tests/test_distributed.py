@@ -112,39 +112,34 @@ def test_vllm_backend_without_vllm_names_the_extra():
     assert isinstance(err.value, ImportError)
 
 
-def test_vllm_sampler_turns_vllm_outputs_into_a_rollout(monkeypatch):
-    """The vLLM backend's glue (GPU-only engine replaced by a stand-in): weights synced before every call,
-    G copies of each prompt requested, outputs padded and masked exactly like the HF backend's."""
+def test_vllm_sampler_turns_vllm_outputs_into_a_rollout():
+    """The vLLM sampler's glue (engine replaced by a stand-in): the adapter handed over before every call,
+    G samples per prompt requested, outputs padded and masked exactly like the HF backend's, and vLLM's
+    per-token log-probs kept as the behaviour policy (0 where masked)."""
     import torch
-    import trl.generation.vllm_generation as vg
 
     from frugal.train.models import load_tokenizer, tiny_random_model
-    from frugal.train.rollout import GenerationConfig, VLLMSampler
+    from frugal.train.rollout import GenerationConfig
+    from frugal.train.vllm_backend import VLLMSampler
 
     tok = load_tokenizer("builtin:tiny-random")
     model = tiny_random_model(len(tok), tok)
     eos = tok.eos_token_id
     calls = []
 
-    class FakeVLLM:
-        def __init__(self, model, accelerator, tokenizer, **kwargs):
-            calls.append(("init", kwargs["mode"], kwargs["max_completion_length"]))
+    class FakeEngine:
+        def update(self, peft_model):
+            calls.append(("update",))
 
-        def sync_weights(self):
-            calls.append(("sync",))
-
-        def generate(self, prompts, images, num_generations):
-            calls.append(("generate", len(prompts), num_generations))
+        def generate(self, prompt_ids, num_samples, cfg, seed):
+            calls.append(("generate", len(prompt_ids), num_samples, cfg.max_new_tokens))
             completions = [[11, 12, eos], [13], [14, eos], [15, 16, 17]]
-            return [list(p) for p in prompts], completions[:len(prompts)], None, None
+            return [(c, [-0.5 - i for i in range(len(c))]) for c in completions]
 
-    monkeypatch.setattr(vg, "VLLMGeneration", FakeVLLM)
-    cfg = GenerationConfig(max_new_tokens=3)
-    object.__setattr__(cfg, "backend", "vllm")  # validation would (rightly) refuse: vLLM is not installed
-    sampler = VLLMSampler(model, tok, None, cfg)
+    sampler = VLLMSampler(FakeEngine(), tok, GenerationConfig(max_new_tokens=3), [eos])
     prompts = [[{"role": "user", "content": "1+1?"}], [{"role": "user", "content": "What is 12 * 7 exactly?"}]]
     rollout = sampler(model, prompts, num_samples=2)
-    assert calls == [("init", "colocate", 3), ("sync",), ("generate", 4, 2)]
+    assert calls == [("update",), ("generate", 2, 2, 3)]
     lens = [len(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
             for p in prompts]
     assert rollout.prompt_mask.sum(1).tolist() == [lens[0], lens[0], lens[1], lens[1]]
@@ -153,6 +148,8 @@ def test_vllm_sampler_turns_vllm_outputs_into_a_rollout(monkeypatch):
     assert rollout.completion_ids[0].tolist() == [11, 12, eos] and rollout.group_size == 2
     assert rollout.texts[3] == tok.decode([15, 16, 17], skip_special_tokens=True)
     assert torch.equal(rollout.input_ids[:, :rollout.prompt_ids.shape[1]], rollout.prompt_ids)
+    assert rollout.behaviour_logprobs.tolist() == [[-0.5, -1.5, -2.5], [-0.5, 0, 0], [-0.5, -1.5, 0],
+                                                   [-0.5, -1.5, -2.5]]
 
 
 def test_fsdp_shards_the_base_and_keeps_identical_lora_parameters(fsdp_run, two_rank_run):

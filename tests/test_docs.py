@@ -24,7 +24,7 @@ What the test does not check, and why:
   validation are checked as usual; in case a validation comes to check existence, every relative input
   path a command names (``prm_path``, ``model.adapter``, ``source``, ``data.paths``, …) is created as an
   empty placeholder under a temporary working directory that the case runs in.
-* ``generation.backend=vllm`` validates that vLLM is installed (a GPU extra). For commands that select it,
+* ``generation.backend=vllm`` (colocate) validates that vLLM is installed (``make test-vllm`` has it; the suite does not). For commands that select it,
   that one check is made to find vLLM; the rest of the config is validated normally.
 * ``python scripts/…`` lines are not run (benchmarks take minutes to hours); the script must exist.
 
@@ -225,7 +225,7 @@ def test_documented_command_composes_and_validates(cmd: Command, tmp_path, monke
     overrides = hydra_overrides(recipe, args)
     monkeypatch.chdir(tmp_path)
     make_placeholders(overrides, tmp_path)
-    if "generation.backend=vllm" in overrides:  # the GPU extra is not installed here: pretend it is
+    if "generation.backend=vllm" in overrides:  # vLLM may not be installed here: pretend it is
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: (
             importlib.machinery.ModuleSpec(name, None) if name == "vllm" else find_spec(name, *a, **k)))

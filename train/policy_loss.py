@@ -17,6 +17,15 @@ evaluator and the PRM use too; exact, gradients included).
 
 With one optimisation pass per batch π_old = π_θ (detached), so r_k = 1 and the gradient is the plain
 policy gradient A_k ∇log π_θ; the clip matters when ``num_iterations > 1``.
+
+**Off-policy correction** (``generation.backend=vllm``). The tokens were drawn by vLLM, whose
+probabilities μ differ slightly from the trainer's (other kernels, often another dtype). With vLLM's
+per-token log-probs as the behaviour policy, each token's term is weighted by a truncated importance
+weight (truncated IS, Yao et al. 2025 "Your efficient RL framework secretly brings you off-policy RL
+training"; TRL's ``vllm_importance_sampling_correction``):
+
+    w_k   = min(exp(log π_old(y_k | ·) − log μ(y_k | ·)), C)        (detached; C = generation.vllm_is_cap)
+    L_pg  = −(1/|S|) Σ_{k∈S} w_k · min(r_k A_k, clip(r_k, 1−ε_low, 1+ε_high) A_k)
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from frugal.train.decoding import PromptKV
+from frugal.train.decoding import PromptKV, cache_kw
 from frugal.train.token_selection import Selection
 
 
@@ -89,7 +98,7 @@ def selected_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         end = int(row_last[rows].max()) + 1
         sub_cache = None if prompts is None else prompts.rows(which[rows])
         hidden = decoder(input_ids=ids[rows, start:end], attention_mask=mask[rows, :end],
-                         position_ids=position_ids[rows, start:end], cache=sub_cache,
+                         position_ids=position_ids[rows, start:end], **{cache_kw(): sub_cache},
                          use_cache=sub_cache is not None).last_hidden_state
         local = torch.full((len(used_rows),), -1, dtype=torch.long, device=ids.device)
         local[rows] = torch.arange(len(bucket), device=ids.device)
@@ -170,12 +179,16 @@ class LossOutput:
     kl: float
     clip_fraction: float
     num_tokens: int
+    logprob_gap: float = 0.0  # Σ_k |log π_old − log μ| over the tokens (0 without a behaviour policy)
+    is_weight: float = 1.0  # mean truncated importance weight w_k
 
 
 def clipped_pg_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
                     advantages: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2,
-                    beta: float = 0.0, normalizer: Optional[float] = None) -> LossOutput:
-    """The loss above over K selected tokens. ``normalizer`` defaults to K (token mean)."""
+                    beta: float = 0.0, normalizer: Optional[float] = None,
+                    behaviour_logp: Optional[torch.Tensor] = None, is_cap: float = 2.0) -> LossOutput:
+    """The loss above over K selected tokens. ``normalizer`` defaults to K (token mean).
+    ``behaviour_logp``: the sampler's log-probs of the same tokens (vLLM); None = the policy sampled them."""
     k = logp.numel()
     if k == 0:
         zero = logp.sum()  # keeps the graph valid when nothing was selected
@@ -184,7 +197,14 @@ def clipped_pg_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_lo
     ratio = torch.exp(logp - old)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * advantages
-    per_token = -torch.minimum(unclipped, clipped)
+    pg_term = -torch.minimum(unclipped, clipped)
+    gap, is_weight = 0.0, 1.0
+    if behaviour_logp is not None:
+        diff = old.detach() - behaviour_logp.to(old.dtype)
+        weight = torch.exp(diff).clamp(max=is_cap)
+        pg_term = pg_term * weight
+        gap, is_weight = float(diff.abs().sum()), float(weight.mean())
+    per_token = pg_term
     kl_term = torch.zeros_like(per_token)
     if beta > 0 and ref_logp is not None:
         delta = ref_logp - logp
@@ -193,8 +213,8 @@ def clipped_pg_loss(logp: torch.Tensor, old_logp: Optional[torch.Tensor], ref_lo
     norm = float(normalizer) if normalizer else float(k)
     loss = per_token.sum() / norm
     clip_frac = ((ratio < 1 - clip_low) | (ratio > 1 + clip_high)).float().mean().item()
-    return LossOutput(loss, float(-torch.minimum(unclipped, clipped).detach().sum() / norm), float(kl_term.detach().mean()),
-                      clip_frac, k)
+    return LossOutput(loss, float(pg_term.detach().sum() / norm), float(kl_term.detach().mean()), clip_frac, k,
+                      gap, is_weight)
 
 
 def reference_logprobs(model, input_ids, attention_mask, prompt_width: int, selection: Selection):

@@ -51,7 +51,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from frugal.train.decoding import PromptKV, left_pad
+from frugal.train.decoding import PromptKV, cache_kw, left_pad
 from frugal.train.prm_steps import (AGGREGATIONS, PROMPT_SUFFIX, Encoded, aggregate, collate, encode, prompt_text,
                                     separator_ids, split_steps, step_starts, token_budget_batches)
 
@@ -328,7 +328,7 @@ class PRM(torch.nn.Module):
         starts = torch.tensor([s - head_len[k] for i, k in zip(idx, keys) for s in step_starts(encoded[i])],
                               dtype=torch.long)
         first_state = torch.stack([prompt_kv[k][1] for k in keys])
-        logits = self.step_logits(ids, mask, rows, where, starts, first_state, cache=cache,
+        logits = self.step_logits(ids, mask, rows, where, starts, first_state, **{cache_kw(): cache},
                                   position_ids=positions, use_cache=True)
         for k, t in zip(keys, tails):
             p, n = head_len[k], len(t)

