@@ -241,7 +241,8 @@ def stop_criteria(tokenizer, stop_strings: Sequence[str]):
 
 
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new: int, eos_ids: list[int], pad_id: int,
-           sampler=None, stop=None, limits: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+           sampler=None, stop=None, limits: Optional[Sequence[int]] = None,
+           on_leave=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Continue every left-padded row of ``ids`` by up to ``max_new`` tokens (row r by at most
     ``limits[r]``). ``cache`` may hold KV for the first ``cache.get_seq_length()`` columns already (padding
     may sit in the middle, e.g. [padded prompt | padded partial solution]: positions come from ``mask``).
@@ -252,6 +253,11 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new: int, eo
 
     A row that has finished leaves the batch (its KV rows are dropped), so short completions stop costing
     compute: with 32-token budgets and ~27-token completions that is ~1/6 of the sampling work.
+
+    ``on_leave(rows, cache, mask, index)``: called as rows leave (finished, or the last step ran) with
+    their row numbers ``rows``, the cache, the mask (as wide as the cache: every token fed so far; the
+    token generated last was never fed) and their positions ``index`` in the current batch, before
+    their KV is dropped: the evaluator keeps each candidate's KV across calls this way.
     """
     from transformers import DynamicCache
 
@@ -277,7 +283,13 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new: int, eo
         if limit is not None:
             finished |= limit == t + 1
         lengths[active[finished]] = t + 1
-        if finished.all() or t + 1 == max_new:
+        last = bool(finished.all()) or t + 1 == max_new
+        if on_leave is not None:
+            leaving = torch.ones_like(finished) if last else finished
+            if leaving.any():
+                index = leaving.nonzero().squeeze(1)
+                on_leave(active[index], cache, mask, index)
+        if last:
             break
         keep = (~finished).nonzero().squeeze(1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
