@@ -411,10 +411,11 @@ class Engine:
 
     @torch.inference_mode()
     def score(self, problems: Sequence[dict], cands: Sequence[Candidate], conts: Sequence[Sequence[int]],
-              batch_size: Optional[int] = None) -> list[tuple[list[float], list[float]]]:
+              batch_size: Optional[int] = None) -> list[tuple[list[float], list[float], int]]:
         """The model's reading of token ids ``conts[i]`` (this engine's tokenizer) written after candidate
         ``cands[i]``: per token its log-prob and the log-prob of the model's own greedy token there
-        (speculative verification: SSR's target checks drafted tokens). Nothing is generated.
+        (speculative verification: SSR's target checks drafted tokens), and the tokens the pass ran for
+        the row. Nothing is generated.
 
         One forward pass per batch over only what is not cached: with the store on, a candidate's prompt
         and partial solution come from the KV cache (as in :meth:`extend`) and the pass runs the rest of
@@ -422,7 +423,7 @@ class Engine:
         KV of every token run is stored under the candidate's ids + ``conts[i]``, so a candidate that
         accepts a prefix of ``conts[i]`` continues from the cache there and the rejected tokens are never
         attended to (they sit in a leaf of their own until evicted)."""
-        out: list[tuple[list[float], list[float]]] = [([], []) for _ in cands]
+        out: list[tuple[list[float], list[float], int]] = [([], [], 0) for _ in cands]
         rows = []
         for cand, cont in zip(cands, conts):
             prompt = self.prompt_text(problems[cand.problem]["prompt"])
@@ -451,7 +452,7 @@ class Engine:
                         n = len(rows[i][2])
                         target = torch.tensor(rows[i][2], device=logits.device)
                         picked = logp_all[r, keep - 1 - n:].gather(-1, target[:, None]).squeeze(-1)
-                        out[i] = (picked.tolist(), top[r, keep - 1 - n:].tolist())
+                        out[i] = (picked.tolist(), top[r, keep - 1 - n:].tolist(), layout[r][2])
                         self.counts.scored += n
                         if self._store is not None:
                             head, matched, _ = layout[r]

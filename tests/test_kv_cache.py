@@ -57,7 +57,8 @@ def test_extended_candidate_has_the_logits_of_one_full_forward_pass(tiny):
     assert cand.tokens >= 12 and cand.ids is not None
     prefill_before = engine.counts.prefill
     cont = tok(" 7", add_special_tokens=False)["input_ids"] + [5, 17]
-    logp, top = engine.score(PROBLEMS, [cand], [cont])[0]
+    logp, top, ran = engine.score(PROBLEMS, [cand], [cont])[0]
+    assert ran == 1 + len(cont)
     # only the solution's last token (never fed: the call stopped on it) and the continuation ran
     assert engine.counts.prefill - prefill_before == 1 + len(cont)
     full = torch.tensor([_full_ids(engine, cand) + cont])

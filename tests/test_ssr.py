@@ -226,15 +226,15 @@ def test_rejected_step_keeps_its_accepted_prefix_and_the_target_writes_the_rest(
     assert res.chosen.text.startswith("draft says 2 plus and")
 
 
-def _reference_logps(model, tok, engine, prompt, prefix, step):
-    head = tok(engine.prompt_text(prompt) + prefix, add_special_tokens=False)["input_ids"]
-    full = tok(engine.prompt_text(prompt) + prefix + step.rstrip(), add_special_tokens=False)["input_ids"]
-    assert full[:len(head)] == head
+def _reference_logps(model, engine, prompt, ids, step_ids):
+    """Log-probs of ``step_ids`` after the templated prompt and ``ids`` by one full forward pass."""
+    full = engine._prompt_ids(engine.prompt_text(prompt)) + list(ids) + list(step_ids)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
-    lp = torch.stack([logp[t - 1, full[t]] for t in range(len(head), len(full))])
-    top = torch.stack([logp[t - 1].max() for t in range(len(head), len(full))])
-    return lp, top, full, head
+    at = len(full) - len(step_ids)
+    lp = torch.stack([logp[t - 1, full[t]] for t in range(at, len(full))])
+    top = torch.stack([logp[t - 1].max() for t in range(at, len(full))])
+    return lp, top
 
 
 def test_judge_criteria_by_hand():
@@ -253,32 +253,50 @@ def test_judge_criteria_by_hand():
 
 
 def test_score_steps_matches_full_logits_on_tiny_model():
-    from frugal.evaluator.engine import Engine, EngineConfig
+    """Verification is one pass over the drafted tokens on the target's cached prefix: hand-counted tokens
+    run, and the log-probs of a full forward pass over prompt + path + step."""
+    from frugal.evaluator.engine import Candidate, Engine, EngineConfig
     from frugal.train.models import ModelConfig, load_model
 
-    model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random"), torch.device("cpu"))
-    engine = Engine(model, tok, EngineConfig())
+    model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
+    engine = Engine(model, tok, EngineConfig(max_step_tokens=5))
     prompts = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Hi"}]]
-    prefixes, steps = ["First,", ""], [" add them: 5\n\n", "Hello there, friend"]
-    scored = score_steps(engine, prompts, prefixes, steps)
-    for prompt, prefix, step, sc in zip(prompts, prefixes, steps, scored):
-        lp, top, full, head = _reference_logps(model, tok, engine, prompt, prefix, step)
-        np.testing.assert_allclose(sc.logp, lp.numpy(), atol=1e-4)
-        np.testing.assert_allclose(sc.top, top.numpy(), atol=1e-4)
-        assert sc.processed == len(full) and len(sc.starts) == len(full) - len(head)
-        # each token's start, in characters of the step, is where its decoded text begins
-        text = engine.prompt_text(prompt) + prefix
+    problems = [{"prompt": p} for p in prompts]
+    # path 0: five tokens the target wrote itself (their KV is cached); path 1: text it never saw
+    written = engine.extend(problems, [Candidate(0, stream=0)])[0]
+    prefixes = [written, "First,"]
+    steps = [" add them: 5\n\n", "Hello there, friend"]
+    step_ids = [tok(x, add_special_tokens=False)["input_ids"] for x in steps]
+    first = len(tok("First,", add_special_tokens=False)["input_ids"])
+    before = engine.counts.snapshot()
+    scored = score_steps(engine, prompts, prefixes, steps, step_ids=[step_ids[0], None])
+    spent = engine.counts.since(before)
+    # hand count: path 0 runs its last token (its logits judge the first drafted token) + the drafted ones;
+    # path 1 runs the prompt's last token, the text "First," and the step
+    assert [sc.processed for sc in scored] == [1 + len(step_ids[0]), 1 + first + len(step_ids[1])]
+    new_prompt = len(engine._prompt_ids(engine.prompt_text(prompts[1]))) - 1  # "Hi" is prefilled once, first
+    assert spent.prefill == sum(sc.processed for sc in scored) + new_prompt
+    # the trailing delimiter token is run (its KV is the path's, if accepted) but not judged
+    assert len(scored[0].logp) == len(step_ids[0]) - 1 and spent.scored == len(step_ids[0]) + len(step_ids[1])
+    for prompt, prefix, ids, sc in zip(prompts, prefixes, step_ids, scored):
+        prefix_ids = prefix.ids[2] if isinstance(prefix, Candidate) else tok(prefix, add_special_tokens=False)["input_ids"]
+        lp, top = _reference_logps(model, engine, prompt, prefix_ids, ids)
+        np.testing.assert_allclose(sc.logp, lp[:len(sc.logp)].numpy(), atol=1e-5)
+        np.testing.assert_allclose(sc.top, top[:len(sc.top)].numpy(), atol=1e-5)
+    for step, ids, sc in zip(steps, step_ids, scored):  # each token's start, in characters of the step
         for t, start in enumerate(sc.starts):
-            assert text + step[:start] == tok.decode(full[:len(head) + t])
-    assert engine.counts.prefill == sum(sc.processed for sc in scored)
+            assert step[:start] == tok.decode(ids[:t])
+    # the same path verified again with another step: only its last token and the new step run now
+    again = score_steps(engine, prompts[1:], ["First,"], [" bye"])[0]
+    assert again.processed == 1 + len(tok(" bye", add_special_tokens=False)["input_ids"])
     [empty] = score_steps(engine, prompts[:1], [""], ["  \n\n"])  # nothing to accept
     assert empty.mean == float("-inf") and not empty.judge("  \n\n", "margin", -100.0).accepted("  \n\n")
     # margin 0 on the tiny model: the accepted prefix ends at the first non-greedy token
     step, sc = steps[1], scored[1]
     gaps = np.array(sc.logp) - np.array(sc.top)
-    first = int(np.argmax(gaps < 0)) if (gaps < 0).any() else len(gaps)
+    first_bad = int(np.argmax(gaps < 0)) if (gaps < 0).any() else len(gaps)
     v = sc.judge(step, "margin", 0.0)
-    assert v.kept_tokens == first and (v.accepted(step) == (first == len(gaps)))
+    assert v.kept_tokens == first_bad and (v.accepted(step) == (first_bad == len(gaps)))
 
 
 def test_fast_mode_reads_answers_only_at_step_ends():
