@@ -308,3 +308,31 @@ def test_fast_mode_reads_answers_only_at_step_ends():
     done = Path(0, "", Candidate(0, "so it is 12\n\n"))
     assert _stop([cut, done], problem("q", "12"), fast=1) == "first_answer"
     assert _stop([Path(0, "", Candidate(0, "so it is 1", finished=True))], problem("q"), fast=1) == "first_answer"
+
+
+def test_frugal_eval_ssr_counts_the_draft_in_summary(tmp_path, monkeypatch):
+    """`frugal eval search=ssr`: the draft (here the self-speculative one, the target's first layer) is
+    listed in summary.json with its tokens and FLOPs and summed into flops_total; a second run in the same
+    process counts the same (no engine or count survives a run)."""
+    import json
+    import sys
+
+    from frugal.recipes.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["frugal"])
+    rows = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        rc = main(["eval", "model=tiny_random", "search=ssr", "search.budgets=[2]", "search.ssr.draft_layers=1",
+                   "search.ssr.hints=['','Think.','Be brief.']", "limit=2", "engine.max_new_tokens=10",
+                   "engine.max_step_tokens=4", "plots=false", f"output_dir={out}",
+                   f"hydra.run.dir={tmp_path / 'hydra' / run}"])
+        assert rc == 0
+        rows.append(json.loads((out / "summary.json").read_text())["rows"][0])
+    row = rows[0]
+    assert set(row["models"]) == {"target", "draft"}
+    draft, target = row["models"]["draft"], row["models"]["target"]
+    assert draft["generated"] > 0 and draft["flops"] > 0 and target["prefill"] > 0
+    assert row["flops_total"] == pytest.approx(draft["flops"] + target["flops"])
+    assert row["flops_policy"] == target["flops"]
+    assert rows[1]["models"] == rows[0]["models"] and rows[1]["flops_total"] == row["flops_total"]
