@@ -25,7 +25,8 @@ differences are paired and not blurred by independent sampling luck).
 Token accounting (:class:`Counts`, one per model; :mod:`frugal.evaluator.flops` turns them into FLOPs):
 
 * ``prefill`` — tokens encoded before generating: each distinct prompt once (shared by all candidates
-  of that problem, across calls), plus each row's last prompt token and partial solution per call;
+  of that problem, across calls), plus what each row runs per call (the part of [last prompt token +
+  partial solution] not in the per-candidate KV store);
 * ``decode`` — tokens generated and kept, per row (a row that has stopped leaves the batch, so nothing
   is decoded, or charged, after its end);
 * ``attention`` — Σ over processed tokens of the number of keys each one attends to (itself and every
@@ -37,13 +38,19 @@ into a KV cache and kept (per prompt, until :meth:`Engine.clear_prompt_cache`; t
 between chunks of problems). Prompts that begin with the same tokens (the chat template's system prompt,
 few-shot worked examples: often most of a short question's prompt) prefill that shared prefix once and
 only their own rest over it — the automatic prefix caching of serving engines (vLLM, SGLang) — and are
-charged so (``shared_prefix_min_tokens``). Each call gathers those KV rows for its candidates
-(``frugal.train.decoding.PromptKV``) and the core continues every row from [last prompt token + partial
-solution] with the usual KV cache, so every generated token costs one forward position. The partial
-solutions' KV is not cached across calls (candidates are copied, resampled and cut at step ends), so each
-call encodes each candidate's partial solution again, and the counts say so — step-wise strategies (beam,
-particle filtering) pay that per step. It encodes the token ids this engine sampled for the candidate
-(``Candidate.ids``), not its text re-tokenised, which would not round-trip (:meth:`Engine._partial_ids`).
+charged so (``shared_prefix_min_tokens``).
+
+Per-candidate KV reuse (``kv_cache_tokens`` > 0, the default): a candidate's KV (its prompt's last token and
+everything it generated or accepted) is kept across calls in a radix tree of token segments per prompt
+(:mod:`frugal.evaluator.kv_cache`), keyed by the exact ids the engine continues it from: ``Candidate.ids``
+(the ids this engine sampled for its text, :meth:`Engine._partial_ids`), not its text re-tokenised, which
+would not round-trip. Forks share their parent's segments. Each row's cache is [its prompt's KV | the
+longest stored prefix of its tail], stacked per row, and the row runs only the rest: the token it ended on
+last call (generated, never fed) and anything appended since (text another model wrote). When a row
+leaves the decoding batch, the decoding core hands its KV back (``decode``'s ``on_leave``) and the store
+keeps it; over ``kv_cache_tokens`` the least recently used segments are dropped, and tokens prefilled again
+because of that are counted (``Counts.reprefill``). With the store off every call encodes each candidate's
+partial solution again. ``cached`` counts the context tokens rows read from a cache (prompt and store).
 ``summary.json`` reports prefill and generated tokens separately.
 
 :class:`CountingPRM` wraps a PRM (``frugal.train.prm.PRM`` or anything with the same ``score`` /

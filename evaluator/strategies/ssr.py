@@ -13,7 +13,7 @@ are kept: they are the paths' first proposals (already scored).
 
 Step-level speculative decoding (SSD). Each round, every unfinished path gets one step (text up to the
 step delimiter) from the draft, and the target verifies all drafted steps in one batched forward pass over
-prompt + path + step (:func:`score_steps`; it generates nothing). Criteria (``score``, ``threshold`` τ):
+the drafted tokens only, on its cached KV of prompt + path (:func:`score_steps`; it generates nothing). Criteria (``score``, ``threshold`` τ):
 
     mean     accept the whole step iff (1/T) Σ_t log p_T(d_t | ·) ≥ τ        (the issue's step-level test)
     min      token t passes iff log p_T(d_t | ·) ≥ τ
@@ -31,15 +31,17 @@ tokens depends on the draft. τ < 0 trades accuracy for fewer target tokens.
 
 Refinement over the SSR paper (``keep_prefix``, default on): a rejected step is not thrown away whole —
 as in token-level speculative decoding, the drafted tokens before the first failing token are kept (cut
-at that token's first character via the tokenizer's offsets) and the target writes from there to the end
+at that token's first character, from the tokens' decoded pieces) and the target writes from there to the end
 of the step (``regen_tokens=None``), or only ``regen_tokens`` tokens, after which the draft continues the
 open step (``regen_tokens=1``, the default, is token-level speculative decoding with step-sized draft
 blocks: on the demo pairing the base draft's first token is usually rejected — the adapter answers
 tersely — but once steered by the target's token the draft writes the rest as the target would). The
 target's generated tokens then count only what it wrote after a rejection. Fast-mode answers are read
 only at step ends, so a number cut mid-step is never taken for an answer. Steps travel as text, so draft
-and target may use different tokenizers. Verification is a prefill: it counts as target prefill tokens
-and FLOPs, not as generated tokens.
+and target may use different tokenizers; with the same tokenizer the draft's ids are handed to the target
+(and the target's back to the draft), so nothing is re-encoded. Verification is one target pass over the
+drafted tokens only, on the target's cached prefix (:func:`score_steps`): it counts as target prefill
+tokens and FLOPs, not as generated tokens.
 
 Fast modes (per problem, checked after every round; a path "has an answer" once ``extract_answer`` finds
 one in its text — for ``answer_format=number`` that is the first step containing a number):
@@ -50,11 +52,11 @@ one in its text — for ``answer_format=number`` that is the first step containi
 
 Accounting: one :class:`frugal.evaluator.engine.Engine` per model. The draft engine counts draft tokens, the
 target engine counts target tokens — its generated tokens (what it wrote after rejections) and, as
-prefill, every token it processed while verifying (the prompt is re-encoded by every verification pass:
-no KV reuse there yet, so SSR's target FLOPs exceed target-only decoding on this CPU demo even though
-its generated tokens fall). :func:`report` turns both into FLOPs (:mod:`frugal.evaluator.flops`).
+prefill, every token it ran while verifying (the drafted tokens and the one before them: the prompt and
+the accepted path come from its KV store). The harness builds the draft per run (``strategies.prepare``)
+and sums both into ``flops_total``; :func:`report` turns both into FLOPs (:mod:`frugal.evaluator.flops`).
 
-Measured (``scripts/bench_ssr.py``, 40 held-out ± problems, k = 2, fast=1, target = SmolLM2-135M + a
+Measured before per-candidate KV reuse (``scripts/bench_ssr.py``, 40 held-out ± problems, k = 2, fast=1, target = SmolLM2-135M + a
 10-step demo adapter at 75 % greedy accuracy, draft = the base model): target generated tokens ÷
 target-only and accuracy change — ``margin:0:regen=1`` 0.131 / +0.0; ``margin:0`` (target writes the rest
 of a rejected step) 0.744 / +0.0; ``mean:-0.3`` 0.793 / −2.5; ``min:-2:regen=1`` 0.076 / −30.0.
