@@ -336,3 +336,28 @@ def test_frugal_eval_ssr_counts_the_draft_in_summary(tmp_path, monkeypatch):
     assert row["flops_total"] == pytest.approx(draft["flops"] + target["flops"])
     assert row["flops_policy"] == target["flops"]
     assert rows[1]["models"] == rows[0]["models"] and rows[1]["flops_total"] == row["flops_total"]
+
+
+def test_draft_identical_to_target_is_accepted_whole_and_verification_runs_only_drafted_tokens():
+    """With the target itself as the draft (greedy, margin 0) every drafted step is the target's own greedy
+    text: all accepted, the target writes nothing, and each verification pass runs the drafted tokens plus
+    the one token before them (the accepted path is in the target's KV store), never the path again."""
+    from conftest import tiny_lora
+
+    from frugal.evaluator.engine import Engine, EngineConfig
+
+    model, tok = tiny_lora(1.0)
+    problems = [{"prompt": [{"role": "user", "content": f"What is {a} + 3?"}], "answer": "5",
+                 "answer_format": "number"} for a in range(3)]
+    cfg = SSRConfig(hints=["", "Think."])
+    ecfg = EngineConfig(max_step_tokens=4, max_new_tokens=16)
+    draft, target = Engine(model, tok, ecfg, "draft"), Engine(model, tok, ecfg, "target")
+    paths = select_strategies(problems, 2, draft, target, cfg)
+    d0, t0 = draft.counts.snapshot(), target.counts.snapshot()
+    res = decode(problems, paths, draft, target, cfg)
+    drafted, verified = draft.counts.since(d0), target.counts.since(t0)
+    rounds = sum(r.info["proposed"] for r in res) - sum(len(g) for g in paths)  # the SPM's first steps are not here
+    assert all(r.info["accepted"] == r.info["proposed"] and r.info["target_tokens"] == 0 for r in res)
+    assert verified.decode == 0 and drafted.decode > 0 and rounds > 0
+    assert verified.prefill == drafted.decode + rounds  # hand count: drafted tokens + one per verified step
+    assert verified.scored == drafted.decode
