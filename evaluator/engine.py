@@ -45,8 +45,10 @@ everything it generated or accepted) is kept across calls in a radix tree of tok
 (:mod:`frugal.evaluator.kv_cache`), keyed by the exact ids the engine continues it from: ``Candidate.ids``
 (the ids this engine sampled for its text, :meth:`Engine._partial_ids`), not its text re-tokenised, which
 would not round-trip. Forks share their parent's segments. Each row's cache is [its prompt's KV | the
-longest stored prefix of its tail], stacked per row, and the row runs only the rest: the token it ended on
-last call (generated, never fed) and anything appended since (text another model wrote). When a row
+longest stored prefix of its tail], stacked per row. The rest — the token it ended on last call (generated,
+never fed) and anything appended since (text another model wrote) — runs once per distinct tail before
+decoding (:meth:`Engine._run_tails`: the children of one beam or the duplicates of one particle share it),
+and every row then decodes from its whole tail in the store. When a row
 leaves the decoding batch, the decoding core hands its KV back (``decode``'s ``on_leave``) and the store
 keeps it; over ``kv_cache_tokens`` the least recently used segments are dropped, and tokens prefilled again
 because of that are counted (``Counts.reprefill``). With the store off every call encodes each candidate's
@@ -333,9 +335,14 @@ class Engine:
                                                      warpers=sampling_warpers(self.cfg))
         stops = list(self.cfg.stop_strings) + ([self.cfg.step_delimiter] if stop_at_step else [])
         left: dict[int, tuple[int, list]] = {}  # row -> (tokens it generated and fed, KV of what it fed)
+        first = None
         try:
             with lora_merged(self.model):
-                cache, ids, mask, rows = self._layout(items, [len(t) - 1 for _, t in items])
+                if self._store is None:
+                    cache, ids, mask, rows = self._layout(items, [len(t) - 1 for _, t in items])
+                else:  # each distinct tail's new tokens run once (forks share them), then all rows decode
+                    first = self._run_tails(items)
+                    cache, ids, mask, rows = self._layout(items, [len(t) for _, t in items])
 
                 def keep(which, cache, mask, index):  # decode hands each row's KV back as it leaves
                     for r, i in zip(which.tolist(), index.tolist()):
@@ -346,7 +353,8 @@ class Engine:
 
                 out, lengths = decoding.decode(self.model, ids, mask, cache, max_new, self.eos_ids, pad, sampler,
                                                stop_criteria(tok, stops), limits,
-                                               on_leave=keep if self._store is not None else None)
+                                               on_leave=keep if self._store is not None else None,
+                                               first_logits=first)
         finally:
             self.model.train(was_training)
         self.counts.calls += 1
@@ -361,7 +369,29 @@ class Engine:
             self._store.evict()
         return result
 
-    def _layout(self, items: Sequence[tuple[str, list[int]]], limits: Sequence[int]):
+    def _run_tails(self, items: Sequence[tuple[str, list[int]]]) -> torch.Tensor:
+        """Store on: run the not-yet-stored tokens of each distinct (prompt, tail) once — forks of one
+        parent share it, so the token their parent ended on runs once, not once per fork — store their KV,
+        and return each row's logits for its next token ([rows, vocab]). Every tail then lies whole in
+        the store."""
+        distinct = list(dict.fromkeys((p, tuple(t)) for p, t in items))
+        where = {key: i for i, key in enumerate(distinct)}
+        runs = [(p, list(t)) for p, t in distinct]
+        cache, ids, mask, rows = self._layout(runs, [len(t) - 1 for _, t in runs], count_cached=False)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        width = cache.get_seq_length()
+        logits = self.model(input_ids=ids[:, width:], attention_mask=mask, use_cache=True, cache=cache,
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, width:], logits_to_keep=1).logits[:, -1]
+        for r, ((prompt, tail), (head, matched, _)) in enumerate(zip(runs, rows)):
+            cols = mask[r].nonzero().squeeze(1)[head + matched:]
+            self._store.insert(prompt, tail, matched,
+                               [(layer.keys[r:r + 1, :, cols], layer.values[r:r + 1, :, cols]) for layer in cache.layers])
+        return logits[torch.tensor([where[(p, tuple(t))] for p, t in items], device=logits.device)]
+
+    def _layout(self, items: Sequence[tuple[str, list[int]]], limits: Sequence[int], count_cached: bool = True):
         """The batch for rows ``items`` ((templated prompt, tail ids)): a ``DynamicCache`` holding each
         row's cached context, and ``ids`` / ``mask`` whose columns past the cache are the tokens each row
         still has to run (left-padded; middle padding is fine: positions come from the mask). Returns
@@ -413,7 +443,7 @@ class Engine:
                 mask = torch.cat([stacked.mask, tail_mask], dim=1)
         for head, matched, run in rows:
             self.counts.add(run, context=head + matched)
-            self.counts.cached += head + matched
+            self.counts.cached += (head + matched) if count_cached else 0
         return cache, ids, mask, rows
 
     @torch.inference_mode()

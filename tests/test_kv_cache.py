@@ -79,10 +79,12 @@ def test_each_call_runs_only_new_tokens_and_forks_share_their_prefix(tiny):
     before = engine.counts.snapshot()
     kids = engine.extend(PROBLEMS, [first] + [first.fork(j) for j in range(1, 4)])
     spent = engine.counts.since(before)
-    assert spent.prefill == 4  # each child runs only the token its parent ended on
-    assert spent.cached == 4 * (len(_full_ids(engine, first)) - 1)
-    # the parent's segment is stored once; the store grew by the token the parent ended on (once: all
-    # four ran it and store it at the same place) and each child's own tokens but its last
+    # the token the parent ended on (generated, never fed) runs once for all four children, then each
+    # child decodes over the shared prefix: nothing of the parent is run again
+    assert spent.prefill == 1
+    assert spent.cached == 4 * len(_full_ids(engine, first))
+    # the parent's segment is stored once; the store grew by the token the parent ended on (once) and
+    # each child's own tokens but its last
     assert engine._store.tokens - stored == 1 + sum(k.tokens - first.tokens - 1 for k in kids)
     assert len({k.text for k in kids}) > 1
 
