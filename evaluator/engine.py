@@ -48,11 +48,11 @@ would not round-trip. Forks share their parent's segments. Each row's cache is [
 longest stored prefix of its tail], stacked per row. The rest — the token it ended on last call (generated,
 never fed) and anything appended since (text another model wrote) — runs once per distinct tail before
 decoding (:meth:`Engine._run_tails`: the children of one beam or the duplicates of one particle share it),
-and every row then decodes from its whole tail in the store. When a row
-leaves the decoding batch, the decoding core hands its KV back (``decode``'s ``on_leave``) and the store
-keeps it; over ``kv_cache_tokens`` the least recently used segments are dropped, and tokens prefilled again
-because of that are counted (``Counts.reprefill``). With the store off every call encodes each candidate's
-partial solution again. ``cached`` counts the context tokens rows read from a cache (prompt and store).
+and every row then decodes from its whole tail in the store. When a row leaves the decoding batch, the
+decoding core hands its KV back (``decode``'s ``on_leave``) and the store keeps it; over
+``kv_cache_tokens`` the least recently used segments are dropped, and tokens prefilled again because of
+that are counted (``Counts.reprefill``). With the store off every call encodes each candidate's partial
+solution again. ``cached`` counts the context tokens rows read from a cache (prompt and store).
 ``summary.json`` reports prefill and generated tokens separately.
 
 :class:`CountingPRM` wraps a PRM (``frugal.train.prm.PRM`` or anything with the same ``score`` /
@@ -459,7 +459,9 @@ class Engine:
         its tail and ``conts[i]``, the LM head at ``len(conts[i])`` positions (charged as ``scored``). The
         KV of every token run is stored under the candidate's ids + ``conts[i]``, so a candidate that
         accepts a prefix of ``conts[i]`` continues from the cache there and the rejected tokens are never
-        attended to (they sit in a leaf of their own until evicted)."""
+        attended to (they sit in a leaf of their own until evicted). This is the HF backend's; a backend
+        that runs the model elsewhere overrides it (e.g. vLLM's ``prompt_logprobs`` over its prefix cache)
+        and charges the same ``Counts`` fields."""
         out: list[tuple[list[float], list[float], int]] = [([], [], 0) for _ in cands]
         rows = []
         for cand, cont in zip(cands, conts):
