@@ -324,9 +324,11 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
             if cfg.keep_prefix and verdict.keep > 0:
                 kept = Candidate(j, before.text + step[:verdict.keep], before.tokens + verdict.kept_tokens)
                 drafted = _drafted(draft, before, proposal) if share else None
-                if drafted is not None and before.ids is not None and before.ids[1] == before.text:
+                start = ([] if not before.text else
+                         list(before.ids[2]) if before.ids is not None and before.ids[1] == before.text else None)
+                if drafted is not None and start is not None:
                     # the draft's ids up to the first rejected token spell the kept text (same tokenizer)
-                    kept.ids = (target, kept.text, list(before.ids[2]) + drafted[:verdict.kept_tokens])
+                    kept.ids = (target, kept.text, start + drafted[:verdict.kept_tokens])
                 before = kept
                 flat[j].accepted_tokens += verdict.kept_tokens
             redo.append((j, before))
@@ -459,11 +461,17 @@ def self_draft(model, keep: int):
     model's early exits are weaker drafts, so fewer drafted tokens are accepted."""
     import copy
 
-    from frugal.train.prm import truncate_layers
-
     from transformers import PretrainedConfig
 
-    path = next(name for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, torch.nn.ModuleList))
+    from frugal.train.prm import truncate_layers
+
+    path = next((name for name, m in model.named_modules() if name.endswith("layers")
+                 and isinstance(m, torch.nn.ModuleList)), None)
+    if path is None:
+        raise ValueError("search.ssr.draft_layers: this model has no `.layers` ModuleList to cut; set draft_layers=0")
+    total = len(model.get_submodule(path))
+    if not 0 < keep < total:
+        raise ValueError(f"search.ssr.draft_layers={keep}: the target has {total} decoder layers; keep 1..{total - 1}")
     config = None
     top = copy.copy(model)
     top._modules = dict(model._modules)
