@@ -36,7 +36,7 @@ import glob
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,9 @@ def main(argv=None):
     ap.add_argument("--self-draft-layers", type=int, nargs="*", default=[10],
                     help="also run the headline criterion with the target cut to its first k layers as the draft "
                          "(self-speculative, LayerSkip); none: skip")
+    ap.add_argument("--self-draft-tokens", type=int, default=None,
+                    help="draft tokens per round for the self-speculative runs (search.ssr.draft_tokens; "
+                         "default: the whole step)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -147,7 +150,8 @@ def main(argv=None):
     selfs = []
     for k in args.self_draft_layers:  # self-speculative: the target cut to its first k layers drafts
         drafter = Engine(self_draft(tm, k), tt, ecfg, "draft")
-        selfs.append(run_ssr(f"self[:{k}] {args.criteria[0]}", configs[0], drafter, policy_shape(drafter.model)))
+        scfg = replace(configs[0], draft_tokens=args.self_draft_tokens)
+        selfs.append(run_ssr(f"self[:{k}] {args.criteria[0]}", scfg, drafter, policy_shape(drafter.model)))
         selfs[-1]["layers"] = k
     head = runs[0]
     records = [{"question": p["question"], "answer": p["answer"], "ssr": r.chosen.text, "target_only": b.chosen.text,

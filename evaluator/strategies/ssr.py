@@ -357,7 +357,7 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
         # 4. the draft proposes the next step (or the rest of the open one) of every active path; the target
         # verifies all of them in one pass
         befores = [_handed(draft, flat[j].cand, share) for j in active]
-        proposals = draft.extend(rows, befores, stop_at_step=True, greedy=cfg.greedy)
+        proposals = draft.extend(rows, befores, max_tokens=cfg.draft_tokens, stop_at_step=True, greedy=cfg.greedy)
         steps = [new.text[len(old.text):] for old, new in zip(befores, proposals)]
         verdicts = _score(scorer, target, [rows[j]["prompt"] for j in active], befores, steps, cfg,
                           [_drafted(draft, b, c) if share else None for b, c in zip(befores, proposals)])
