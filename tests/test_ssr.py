@@ -176,6 +176,35 @@ def test_config_validation():
         SSRConfig(score="max")
     with pytest.raises(ValueError, match="ssr.regen_tokens"):
         SSRConfig(regen_tokens=0)
+    with pytest.raises(ValueError, match="ssr.draft_tokens"):
+        SSRConfig(draft_tokens=0)
+    with pytest.raises(ValueError, match="ssr.draft_layers"):
+        SSRConfig(draft_layers=-1)
+
+
+def test_self_draft_is_the_targets_first_layers_sharing_its_weights():
+    from conftest import tiny_lora
+
+    from frugal.evaluator.flops import policy_shape
+    from frugal.evaluator.strategies.ssr import self_draft
+
+    model, _ = tiny_lora(1.0)
+    draft = self_draft(model, 1)
+    assert draft.config.num_hidden_layers == 1 and model.config.num_hidden_layers == 2
+    second = sum(p.numel() for p in model.get_base_model().model.layers[1].parameters())
+    assert policy_shape(draft).layers == 1 and policy_shape(draft).params == policy_shape(model).params - second
+    target_weights = {p.data_ptr() for p in model.parameters()}
+    assert all(p.data_ptr() in target_weights for p in draft.parameters())  # a view: no second model
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        body = model.get_base_model().model
+        hidden = body.embed_tokens(ids)
+        hidden = body.layers[0](hidden, position_embeddings=body.rotary_emb(hidden, torch.arange(3)[None]))
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        expect = model.get_base_model().lm_head(body.norm(hidden))
+        assert torch.allclose(draft(input_ids=ids).logits, expect, atol=1e-5)
+    with pytest.raises(ValueError, match="draft_layers=2"):
+        self_draft(model, 2)
 
 
 def test_rejected_step_keeps_its_accepted_prefix_and_the_target_writes_the_rest():
