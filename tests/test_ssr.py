@@ -390,3 +390,23 @@ def test_draft_identical_to_target_is_accepted_whole_and_verification_runs_only_
     assert verified.decode == 0 and drafted.decode > 0 and rounds > 0
     assert verified.prefill == drafted.decode + rounds  # hand count: drafted tokens + one per verified step
     assert verified.scored == drafted.decode
+
+
+def test_spm_hints_share_their_problems_prompt_prefill():
+    """The selective parallel module scores one problem's hints in one target pass: the prompt they share
+    (system prompt + question) is prefilled once, each hint's own tokens over it."""
+    from frugal.evaluator.engine import Engine, EngineConfig
+    from frugal.train.models import ModelConfig, load_model
+
+    model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
+    ecfg = EngineConfig(max_step_tokens=3, max_new_tokens=6)
+    draft, target = Engine(model, tok, ecfg, "draft"), Engine(model, tok, ecfg, "target")
+    q = problem("A farmer has 12 cows and buys 7 more, then sells 4 of them at the market. How many cows now?")
+    hints = ["Think step by step.", "Work backwards.", "Use small numbers."]
+    firsts = select_strategies([q], 2, draft, target, SSRConfig(hints=hints, greedy=False))  # (greedy: "\n\n")
+    assert all(path.cand.text.strip() for path in firsts[0])
+    heads = [target._prompt_ids(target.prompt_text(with_hint(q, h)["prompt"]))[:-1] for h in hints]
+    shared = next(i for i, col in enumerate(zip(*heads)) if len(set(col)) > 1)
+    assert shared >= 32
+    prompt_prefill = shared + sum(len(h) - shared for h in heads)
+    assert target.counts.prefill - target.counts.scored - len(hints) == prompt_prefill  # + each row: last prompt token
