@@ -1,6 +1,6 @@
 """Benchmark: SSR speculative step decoding (evaluator/strategies/ssr.py) against target-only decoding.
 
-Default run (≈ 10–12 min on a quiet 2-core machine): draft = the
+Default run (≈ 10–15 min on a quiet 2-core machine; not timed since the self-speculative run was added): draft = the
 embedded SmolLM2-135M-Instruct, target = the same model + the newest LoRA adapter under outputs/train/*/*/final (``frugal train recipe=demo``; pass
 ``--adapter``). Held-out generated arithmetic (single-digit + and −, the demo's task family; the reply's
 last number is the answer), 40 problems, the default pool of 6 hints, k = 2 paths, fast=1, greedy steps.
@@ -26,7 +26,16 @@ the headline criterion: target generated tokens, target FLOPs and target + draft
 target-only decoding of the same problems, and SSR accuracy − target-only accuracy. With today's offline
 pairing the draft is as large as the target (SmolLM2-135M both), so ``total_flops_ratio`` cannot fall
 below 1 however many tokens are accepted: the draft runs every drafted token through a model as costly as
-the target. The self-speculative draft is the smaller offline draft.
+the target. The self-speculative draft is the smaller offline draft; it picks its own SPM hints, so its
+accuracy delta also reflects a different choice of paths.
+
+Quick check (6 problems, ``--adapter none --hints 3``, so draft = target = the base SmolLM2; a loaded
+machine, whole-step draft blocks): headline ``target_token_ratio=0.000 target_flops_ratio=1.069
+total_flops_ratio=2.564 acc_delta=0.00`` (every step accepted: the target's FLOPs are what writing the
+text itself costs, plus the SPM's extra hints); the untrained self-speculative draft accepted almost
+nothing — first 10 layers: acceptance 0.000, 0.5 % of drafted tokens kept, total 14.5×; first 20 layers:
+acceptance 0.033, 2.4 % kept, total 6.8× — so early exits need LayerSkip's training (or short blocks,
+``--self-draft-tokens``) before they save anything.
 """
 
 from __future__ import annotations
@@ -70,12 +79,12 @@ def main(argv=None):
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--ops", nargs="+", default=["+", "-"])
-    ap.add_argument("--self-draft-layers", type=int, nargs="*", default=[10],
+    ap.add_argument("--self-draft-layers", type=int, nargs="*", default=[20],
                     help="also run the headline criterion with the target cut to its first k layers as the draft "
                          "(self-speculative, LayerSkip); none: skip")
-    ap.add_argument("--self-draft-tokens", type=int, default=None,
-                    help="draft tokens per round for the self-speculative runs (search.ssr.draft_tokens; "
-                         "default: the whole step)")
+    ap.add_argument("--self-draft-tokens", type=int, default=4,
+                    help="draft tokens per round for the self-speculative runs (search.ssr.draft_tokens; 0: the "
+                         "whole step). An untrained early exit is a weak draft: short blocks waste less verification")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -150,7 +159,7 @@ def main(argv=None):
     selfs = []
     for k in args.self_draft_layers:  # self-speculative: the target cut to its first k layers drafts
         drafter = Engine(self_draft(tm, k), tt, ecfg, "draft")
-        scfg = replace(configs[0], draft_tokens=args.self_draft_tokens)
+        scfg = replace(configs[0], draft_tokens=args.self_draft_tokens or None)
         selfs.append(run_ssr(f"self[:{k}] {args.criteria[0]}", scfg, drafter, policy_shape(drafter.model)))
         selfs[-1]["layers"] = k
     head = runs[0]
