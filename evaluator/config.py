@@ -33,6 +33,13 @@ DEFAULT_HINTS = (
 class SSRConfig:
     draft_model: str = "builtin:smollm2-135m-instruct"  # the draft (`run` loads it; the target is the policy)
     draft_adapter: Optional[str] = None
+    # > 0: self-speculative draft, the target cut to its first k decoder layers (LayerSkip; ssr.self_draft),
+    # sharing its weights and tokenizer; draft_model / draft_adapter are then not loaded.
+    draft_layers: int = 0
+    # Tokens the draft proposes per round (null: up to the end of the step, SSR's step-level blocks). A
+    # weak draft (few tokens accepted) wastes less target verification with short blocks (γ of token-level
+    # speculative decoding).
+    draft_tokens: Optional[int] = None
     hints: list[str] = field(default_factory=lambda: list(DEFAULT_HINTS))  # the strategy pool
     # How the target verifies a drafted step (ssr.py `Scored.judge`): mean (step mean log-prob >= threshold) |
     # min (every token's log-prob >= threshold) | margin (every token within `threshold` nats of the target's
@@ -57,6 +64,10 @@ class SSRConfig:
             raise ValueError(f"search.ssr.regen_tokens must be >= 1 or null, got {self.regen_tokens}")
         if self.score_batch_size < 1:
             raise ValueError(f"search.ssr.score_batch_size must be >= 1, got {self.score_batch_size}")
+        if self.draft_tokens is not None and self.draft_tokens < 1:
+            raise ValueError(f"search.ssr.draft_tokens must be >= 1 or null, got {self.draft_tokens}")
+        if self.draft_layers < 0:
+            raise ValueError(f"search.ssr.draft_layers must be >= 0 (0 = load draft_model), got {self.draft_layers}")
 
 
 # ---------------------------------------------------------------------- search=<strategy>

@@ -25,7 +25,8 @@ differences are paired and not blurred by independent sampling luck).
 Token accounting (:class:`Counts`, one per model; :mod:`frugal.evaluator.flops` turns them into FLOPs):
 
 * ``prefill`` — tokens encoded before generating: each distinct prompt once (shared by all candidates
-  of that problem, across calls), plus each row's last prompt token and partial solution per call;
+  of that problem, across calls), plus what each row runs per call (the part of [last prompt token +
+  partial solution] not in the per-candidate KV store);
 * ``decode`` — tokens generated and kept, per row (a row that has stopped leaves the batch, so nothing
   is decoded, or charged, after its end);
 * ``attention`` — Σ over processed tokens of the number of keys each one attends to (itself and every
@@ -37,13 +38,21 @@ into a KV cache and kept (per prompt, until :meth:`Engine.clear_prompt_cache`; t
 between chunks of problems). Prompts that begin with the same tokens (the chat template's system prompt,
 few-shot worked examples: often most of a short question's prompt) prefill that shared prefix once and
 only their own rest over it — the automatic prefix caching of serving engines (vLLM, SGLang) — and are
-charged so (``shared_prefix_min_tokens``). Each call gathers those KV rows for its candidates
-(``frugal.train.decoding.PromptKV``) and the core continues every row from [last prompt token + partial
-solution] with the usual KV cache, so every generated token costs one forward position. The partial
-solutions' KV is not cached across calls (candidates are copied, resampled and cut at step ends), so each
-call encodes each candidate's partial solution again, and the counts say so — step-wise strategies (beam,
-particle filtering) pay that per step. It encodes the token ids this engine sampled for the candidate
-(``Candidate.ids``), not its text re-tokenised, which would not round-trip (:meth:`Engine._partial_ids`).
+charged so (``shared_prefix_min_tokens``).
+
+Per-candidate KV reuse (``kv_cache_tokens`` > 0, the default): a candidate's KV (its prompt's last token and
+everything it generated or accepted) is kept across calls in a radix tree of token segments per prompt
+(:mod:`frugal.evaluator.kv_cache`), keyed by the exact ids the engine continues it from: ``Candidate.ids``
+(the ids this engine sampled for its text, :meth:`Engine._partial_ids`), not its text re-tokenised, which
+would not round-trip. Forks share their parent's segments. Each row's cache is [its prompt's KV | the
+longest stored prefix of its tail], stacked per row. The rest — the token it ended on last call (generated,
+never fed) and anything appended since (text another model wrote) — runs once per distinct tail before
+decoding (:meth:`Engine._run_tails`: the children of one beam or the duplicates of one particle share it),
+and every row then decodes from its whole tail in the store. When a row leaves the decoding batch, the
+decoding core hands its KV back (``decode``'s ``on_leave``) and the store keeps it; over
+``kv_cache_tokens`` the least recently used segments are dropped, and tokens prefilled again because of
+that are counted (``Counts.reprefill``). With the store off every call encodes each candidate's partial
+solution again. ``cached`` counts the context tokens rows read from a cache (prompt and store).
 ``summary.json`` reports prefill and generated tokens separately.
 
 :class:`CountingPRM` wraps a PRM (``frugal.train.prm.PRM`` or anything with the same ``score`` /
@@ -62,8 +71,9 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
+from frugal.evaluator.kv_cache import KVTree
 from frugal.train import decoding
-from frugal.train.decoding import (PromptKV, StreamSampling, eos_token_ids, left_pad, lora_merged, mix,
+from frugal.train.decoding import (PromptKV, StreamSampling, cache_kw, eos_token_ids, left_pad, lora_merged, mix,
                                    sampling_warpers, stop_criteria)
 from frugal.train.prm_steps import split_steps
 
@@ -82,6 +92,10 @@ class EngineConfig:
     # Prompts whose token prefix of at least this many tokens is the same (a system prompt, few-shot
     # examples) prefill that prefix once and their own rest over it (0 = off; see `Engine._prefill`).
     shared_prefix_min_tokens: int = 32
+    # Per-candidate KV kept across calls (evaluator/kv_cache.py): at most this many tokens over all
+    # candidates, least recently used dropped first (their tokens are prefilled again, and counted as
+    # `reprefill`). 0 = off: each call encodes each candidate's partial solution again.
+    kv_cache_tokens: int = 100_000
 
     def __post_init__(self):
         if not self.step_delimiter:
@@ -89,6 +103,8 @@ class EngineConfig:
         for key in ("max_steps", "max_step_tokens", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"engine.{key} must be >= 1, got {getattr(self, key)}")
+        if self.kv_cache_tokens < 0:
+            raise ValueError(f"engine.kv_cache_tokens must be >= 0 (0 = off), got {self.kv_cache_tokens}")
         if self.shared_prefix_min_tokens < 0:
             raise ValueError(f"engine.shared_prefix_min_tokens must be >= 0, got {self.shared_prefix_min_tokens}")
         if self.temperature <= 0:
@@ -107,6 +123,7 @@ class Counts:
     calls: int = 0
     scored: int = 0  # prefill tokens whose logits were computed too (SSR verification), for the LM-head FLOPs
     cached: int = 0  # prompt tokens served from a prefix / KV cache instead of being prefilled (not charged)
+    reprefill: int = 0  # prefill tokens processed before and again because their KV was evicted (in prefill)
 
     @property
     def tokens(self) -> int:
@@ -174,6 +191,8 @@ class Engine:
         self._prompt_keys: dict[str, int] = {}
         self._kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prompt -> per-layer (K, V)
         self._shared: Optional[tuple[list[int], list]] = None  # (ids, per-layer (K, V)) of a shared prefix
+        # the candidates' KV across calls, keyed by (prompt, last prompt token + Candidate ids)
+        self._store = KVTree(cfg.kv_cache_tokens) if cfg.kv_cache_tokens else None
 
     @property
     def device(self) -> torch.device:
@@ -252,6 +271,8 @@ class Engine:
         problems clear it between chunks (the harness does, per strategy, budget and chunk)."""
         self._kv.clear()
         self._shared = None
+        if self._store is not None:
+            self._store.clear()
 
     def _prompt_kv(self, prompts: list[str], heads: list[list[int]]) -> PromptKV:
         """Each prompt's KV (all but its last token) from the store, left-padded into one
@@ -298,42 +319,192 @@ class Engine:
 
     def _generate(self, items: list[tuple[str, list[int]]], max_new: int, stop_at_step: bool, greedy: bool,
                   streams: Sequence[tuple[int, int]], limits: Optional[Sequence[int]] = None):
-        """One batched call of the decoding core (``frugal.train.decoding.decode``) with prompt-prefix reuse:
-        each distinct prompt's KV (all but its last token) comes from :meth:`_prompt_kv`, its rows are
-        gathered for the candidates, and decoding continues from [last prompt token + partial solution] per
-        row. Sampled rows draw from their ``streams`` ((key, tokens generated before),
-        :class:`~frugal.train.decoding.StreamSampling`); row r stops at EOS, a stop string, or after
-        ``limits[r]`` tokens (default ``max_new``) and then leaves the batch. Returns, per row, its generated
-        ids and the context length before them."""
-        tok, dev = self.tokenizer, self.device
+        """One batched call of the decoding core (``frugal.train.decoding.decode``) with prompt-prefix reuse
+        and, when ``engine.kv_cache_tokens`` > 0, per-candidate KV reuse (:meth:`_layout`): each row
+        starts from the KV of its prompt (all but its last token) and of the longest stored prefix of its
+        tail, and runs only the rest of its tail. Sampled rows draw from their ``streams`` ((key, tokens
+        generated before), :class:`~frugal.train.decoding.StreamSampling`); row r stops at EOS, a stop
+        string, or after ``limits[r]`` tokens (default ``max_new``) and then leaves the batch, handing its
+        KV (every token it fed: all but its last generated one) to the store. Returns, per row, its
+        generated ids and the context length before them."""
+        tok = self.tokenizer
         pad = tok.pad_token_id
         was_training = self.model.training
         self.model.eval()  # before the prompt prefill too (no dropout in evaluation)
-        prompts = list(dict.fromkeys(p for p, _ in items))
-        heads = [self._prompt_ids(p)[:-1] for p in prompts]
-        which = torch.tensor([prompts.index(p) for p, _ in items], device=dev)
-        head_ids, head_mask = left_pad(heads, pad, dev)
-        tail_ids, tail_mask = left_pad([t for _, t in items], pad, dev)
-        # Middle padding [pad prompt | pad tail] is fine: positions come from the attention mask.
-        ids = torch.cat([head_ids[which], tail_ids], dim=1)
-        mask = torch.cat([head_mask[which], tail_mask], dim=1)
         sampler = None if greedy else StreamSampling([k for k, _ in streams], [t for _, t in streams],
                                                      warpers=sampling_warpers(self.cfg))
         stops = list(self.cfg.stop_strings) + ([self.cfg.step_delimiter] if stop_at_step else [])
+        left: dict[int, tuple[int, list]] = {}  # row -> (tokens it generated and fed, KV of what it fed)
+        first = None
         try:
             with lora_merged(self.model):
-                cache = self._prompt_kv(prompts, heads).rows(which) if head_ids.shape[1] > 0 else None
+                if self._store is None:
+                    cache, ids, mask, rows = self._layout(items, [len(t) - 1 for _, t in items])
+                else:  # each distinct tail's new tokens run once (forks share them), then all rows decode
+                    first = self._run_tails(items)
+                    cache, ids, mask, rows = self._layout(items, [len(t) for _, t in items])
+
+                def keep(which, cache, mask, index):  # decode hands each row's KV back as it leaves
+                    for r, i in zip(which.tolist(), index.tolist()):
+                        head, matched, fed = rows[r]
+                        cols = mask[i].nonzero().squeeze(1)[head + matched:]
+                        left[r] = (len(cols) - fed, [(layer.keys[i:i + 1, :, cols], layer.values[i:i + 1, :, cols])
+                                                     for layer in cache.layers])
+
                 out, lengths = decoding.decode(self.model, ids, mask, cache, max_new, self.eos_ids, pad, sampler,
-                                               stop_criteria(tok, stops), limits)
+                                               stop_criteria(tok, stops), limits,
+                                               on_leave=keep if self._store is not None else None,
+                                               first_logits=first)
         finally:
             self.model.train(was_training)
         self.counts.calls += 1
-        rows = []
+        result = []
         for r, ((prompt, tail), n) in enumerate(zip(items, lengths.tolist())):
-            context = len(heads[int(which[r])])
-            self.counts.add(len(tail), context=context)
-            rows.append((out[r, :n].tolist(), context + len(tail)))
-        return rows
+            head, matched, fed = rows[r]
+            if r in left:
+                generated, kv = left[r]
+                self._store.insert(prompt, list(tail) + out[r, :generated].tolist(), matched, kv)
+            result.append((out[r, :n].tolist(), head + len(tail)))
+        if self._store is not None:
+            self._store.evict()
+        return result
+
+    def _run_tails(self, items: Sequence[tuple[str, list[int]]]) -> torch.Tensor:
+        """Store on: run the not-yet-stored tokens of each distinct (prompt, tail) once — forks of one
+        parent share it, so the token their parent ended on runs once, not once per fork — store their KV,
+        and return each row's logits for its next token ([rows, vocab]). Every tail then lies whole in
+        the store."""
+        distinct = list(dict.fromkeys((p, tuple(t)) for p, t in items))
+        where = {key: i for i, key in enumerate(distinct)}
+        runs = [(p, list(t)) for p, t in distinct]
+        cache, ids, mask, rows = self._layout(runs, [len(t) - 1 for _, t in runs], count_cached=False)
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        width = cache.get_seq_length()
+        logits = self.model(input_ids=ids[:, width:], attention_mask=mask, use_cache=True, **{cache_kw(): cache},
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, width:], logits_to_keep=1).logits[:, -1]
+        for r, ((prompt, tail), (head, matched, _)) in enumerate(zip(runs, rows)):
+            cols = mask[r].nonzero().squeeze(1)[head + matched:]
+            self._store.insert(prompt, tail, matched,
+                               [(layer.keys[r:r + 1, :, cols], layer.values[r:r + 1, :, cols]) for layer in cache.layers])
+        return logits[torch.tensor([where[(p, tuple(t))] for p, t in items], device=logits.device)]
+
+    def _layout(self, items: Sequence[tuple[str, list[int]]], limits: Sequence[int], count_cached: bool = True):
+        """The batch for rows ``items`` ((templated prompt, tail ids)): a ``DynamicCache`` holding each
+        row's cached context, and ``ids`` / ``mask`` whose columns past the cache are the tokens each row
+        still has to run (left-padded; middle padding is fine: positions come from the mask). Returns
+        (cache or None, ids, mask, per row (prompt tokens cached, tail tokens cached, tail tokens run)) and
+        charges what runs (``Counts.add``: prefill after the cached context) and what is read from a
+        cache (``cached``). Row r's tail may be served from the store up to ``limits[r]`` tokens (a row
+        must run at least one token: the logits come from it).
+
+        Store off: the prompts' KV gathered per row (:meth:`_prompt_kv`) and every tail run whole. Store
+        on: each row's KV is [its prompt's | its tail's longest stored prefix] stacked per row
+        (:meth:`PromptKV.stack`); the tokens of that prefix cost nothing, and those the store held once
+        and evicted are counted as ``reprefill``."""
+        dev, pad = self.device, self.tokenizer.pad_token_id
+        prompts = list(dict.fromkeys(p for p, _ in items))
+        heads = [self._prompt_ids(p)[:-1] for p in prompts]
+        which = [prompts.index(p) for p, _ in items]
+        rows = []
+        if self._store is None:
+            head_ids, head_mask = left_pad(heads, pad, dev)
+            tail_ids, tail_mask = left_pad([t for _, t in items], pad, dev)
+            index = torch.tensor(which, device=dev)
+            ids = torch.cat([head_ids[index], tail_ids], dim=1)
+            mask = torch.cat([head_mask[index], tail_mask], dim=1)
+            cache = self._prompt_kv(prompts, heads).rows(index) if head_ids.shape[1] > 0 else None
+            for w, (_, tail) in zip(which, items):
+                rows.append((len(heads[w]), 0, len(tail)))
+        else:
+            new = [(p, h) for p, h in zip(prompts, heads) if p not in self._kv and h]
+            if new:
+                self._prefill(new)
+            parts, fed = [], []
+            for w, (prompt, tail), limit in zip(which, items, limits):
+                matched, kv, lost = self._store.match(prompt, tail, limit)
+                head = self._kv[prompt] if heads[w] else None
+                if head is not None and kv is not None:
+                    kv = [(torch.cat([hk, k], dim=2), torch.cat([hv, v], dim=2)) for (hk, hv), (k, v) in zip(head, kv)]
+                parts.append(kv if kv is not None else head)
+                fed.append(tail[matched:])
+                rows.append((len(heads[w]), matched, len(tail) - matched))
+                self.counts.reprefill += lost
+            tail_ids, tail_mask = left_pad(fed, pad, dev)
+            if all(p is None for p in parts):
+                cache, ids, mask = None, tail_ids, tail_mask
+            else:
+                stacked = PromptKV.stack(parts, self.model.config)
+                width = stacked.mask.shape[1]
+                cache = stacked.cache
+                ids = torch.cat([torch.full((len(items), width), pad, dtype=torch.long, device=dev), tail_ids], dim=1)
+                mask = torch.cat([stacked.mask, tail_mask], dim=1)
+        for head, matched, run in rows:
+            self.counts.add(run, context=head + matched)
+            self.counts.cached += (head + matched) if count_cached else 0
+        return cache, ids, mask, rows
+
+    @torch.inference_mode()
+    def score(self, problems: Sequence[dict], cands: Sequence[Candidate], conts: Sequence[Sequence[int]],
+              batch_size: Optional[int] = None) -> list[tuple[list[float], list[float], int]]:
+        """The model's reading of token ids ``conts[i]`` (this engine's tokenizer) written after candidate
+        ``cands[i]``: per token its log-prob and the log-prob of the model's own greedy token there
+        (speculative verification: SSR's target checks drafted tokens), and the tokens the pass ran for
+        the row. Nothing is generated.
+
+        One forward pass per batch over only what is not cached: with the store on, a candidate's prompt
+        and partial solution come from the KV cache (as in :meth:`extend`) and the pass runs the rest of
+        its tail and ``conts[i]``, the LM head at ``len(conts[i])`` positions (charged as ``scored``). The
+        KV of every token run is stored under the candidate's ids + ``conts[i]``, so a candidate that
+        accepts a prefix of ``conts[i]`` continues from the cache there and the rejected tokens are never
+        attended to (they sit in a leaf of their own until evicted). This is the HF backend's; a backend
+        that runs the model elsewhere overrides it (e.g. vLLM's ``prompt_logprobs`` over its prefix cache)
+        and charges the same ``Counts`` fields."""
+        out: list[tuple[list[float], list[float], int]] = [([], [], 0) for _ in cands]
+        rows = []
+        for cand, cont in zip(cands, conts):
+            prompt = self.prompt_text(problems[cand.problem]["prompt"])
+            rows.append((prompt, self._prompt_ids(prompt)[-1:] + self._partial_ids(cand), list(cont)))
+        todo = [i for i, r in enumerate(rows) if r[2]]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with lora_merged(self.model):
+                for b in range(0, len(todo), batch_size or self.cfg.batch_size):
+                    batch = todo[b:b + (batch_size or self.cfg.batch_size)]
+                    items = [(rows[i][0], rows[i][1] + rows[i][2]) for i in batch]
+                    cache, ids, mask, layout = self._layout(items, [len(rows[i][1]) - 1 for i in batch])
+                    if cache is None:
+                        from transformers import DynamicCache
+
+                        cache = DynamicCache(config=self.model.config)
+                    width = cache.get_seq_length()
+                    keep = max(len(rows[i][2]) for i in batch) + 1
+                    logits = self.model(input_ids=ids[:, width:], attention_mask=mask, use_cache=True, **{cache_kw(): cache},
+                                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, width:],
+                                        logits_to_keep=keep).logits.float()
+                    logp_all = torch.log_softmax(logits[:, :-1], dim=-1)  # column c predicts column c + 1
+                    top = logp_all.max(-1).values
+                    for r, i in enumerate(batch):
+                        n = len(rows[i][2])
+                        target = torch.tensor(rows[i][2], device=logits.device)
+                        picked = logp_all[r, keep - 1 - n:].gather(-1, target[:, None]).squeeze(-1)
+                        out[i] = (picked.tolist(), top[r, keep - 1 - n:].tolist(), layout[r][2])
+                        self.counts.scored += n
+                        if self._store is not None:
+                            head, matched, _ = layout[r]
+                            cols = mask[r].nonzero().squeeze(1)[head + matched:]
+                            self._store.insert(items[r][0], items[r][1], matched,
+                                               [(layer.keys[r:r + 1, :, cols], layer.values[r:r + 1, :, cols])
+                                                for layer in cache.layers])
+                    self.counts.calls += 1
+        finally:
+            self.model.train(was_training)
+        if self._store is not None:
+            self._store.evict()
+        return out
 
     def _apply(self, cand: Candidate, partial: list[int], ids: list[int], context: int, stop_at_step: bool) -> None:
         """Cut one row's new tokens at its first stop (step delimiter, stop string, EOS) and charge it;

@@ -22,8 +22,9 @@ reads hidden states: N = its decoder blocks, LoRA and scoring head, and N_head =
 ignored (< 1% at these sizes). Counted, not counted: a row that stops early leaves the batch (nothing
 runs for it after its end, as in a serving engine with continuous batching), so it is charged for no
 padding steps; every generated token is charged one pass of the decoder body, though the last one of a call
-only runs through it if a later call re-encodes the partial solution (charged there as prefill): one
-token per row and call too many, so the counts are a slight upper bound.
+only runs through it if a later call continues the candidate (charged there as prefill, once per distinct
+candidate with per-candidate KV reuse): one token per row and call too many, so the counts are a slight
+upper bound.
 """
 
 from __future__ import annotations

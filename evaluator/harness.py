@@ -8,6 +8,11 @@ every strategy draws the same first samples of a problem (common random numbers)
 solution with ``frugal.rewards.verify.is_correct`` (the training reward's verifier), and records the tokens
 each model processed and their FLOPs (:mod:`frugal.evaluator.flops`).
 
+Every model a strategy runs is counted (``strategies.prepare`` names them: policy, or SSR's target and
+draft, and the PRM): ``flops_total`` sums all of them, and ``summary.json`` lists each model's tokens and
+FLOPs under ``models`` (:class:`ModelUse`). Counts are differences of snapshots taken around each budget,
+and extra models (SSR's draft) are built per ``run_strategy``, so nothing carries over between runs.
+
 Outputs in the run dir: ``results.jsonl`` (one row per problem, strategy and budget: chosen solution,
 predicted answer, correct, every candidate with its step scores and tokens), ``summary.json`` (one row per
 strategy and budget: accuracy, policy tokens (prefill / generated), PRM tokens, FLOPs per model, wall
@@ -19,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,6 +38,24 @@ from frugal.rewards.verify import is_correct
 from frugal.train.checkpoint import atomic_write_text
 
 log = logging.getLogger("frugal.eval")
+
+
+@dataclass
+class ModelUse:
+    """What one model of a row processed (``frugal.evaluator.engine.Counts``) and its FLOPs."""
+
+    prefill: int
+    cached: int
+    generated: int
+    scored: int
+    reprefill: int
+    calls: int
+    flops: float
+
+    @classmethod
+    def of(cls, counts: Counts, shape: ModelShape) -> "ModelUse":
+        return cls(counts.prefill, counts.cached, counts.decode, counts.scored, counts.reprefill, counts.calls,
+                   shape.flops(counts))
 
 
 @dataclass
@@ -52,6 +75,7 @@ class Row:
     wall_s: float
     policy_calls: int
     prm_calls: int
+    models: dict = field(default_factory=dict)  # role -> ModelUse as a dict (policy / target, draft, prm)
 
 
 def run_strategy(name: str, problems: Sequence[dict], budgets: Sequence[int], engine: Engine,
@@ -66,21 +90,24 @@ def run_strategy(name: str, problems: Sequence[dict], budgets: Sequence[int], en
     label = label or name
     # a PRM-guided strategy's aggregation scores the chosen solution in results.jsonl (others have no PRM scores)
     how = search_cfg.aggregation if isinstance(search_cfg, PRMSearchConfig) else None
-    run = strategies.get(name)
-    pshape = policy_shape(engine.model)
-    rshape = prm_shape(prm.prm) if prm is not None and hasattr(prm.prm, "model") else ModelShape(0, 0, 0)
-    engine.seed = seed  # keys the candidates' random streams (engine.StreamSampling)
+    run, models = strategies.prepare(name, engine, prm, search_cfg)
+    shapes = {role: shape_of(m) for role, m in models.items()}
+    policy_role = "target" if "target" in models else "policy"
+    for m in models.values():
+        if isinstance(m, Engine):
+            m.seed = seed  # keys the candidates' random streams (engine.StreamSampling)
     rows, records = [], []
     bar = tqdm(total=len(budgets) * len(problems), desc=f"eval {label}", disable=None if progress else True,
                dynamic_ncols=True)
     for budget in budgets:
-        before_policy = engine.counts.snapshot()
-        before_prm = prm.counts.snapshot() if prm is not None else Counts()
+        before = {role: m.counts.snapshot() for role, m in models.items()}
         started, correct = time.time(), 0
         for start in range(0, len(problems), problems_per_call):
             chunk = list(problems[start:start + problems_per_call])
             torch.manual_seed(seed * 1_000_003 + budget * 1_009 + start)
-            engine.clear_prompt_cache()  # every (strategy, budget, chunk) pays its own prompt prefills
+            for m in models.values():  # every (strategy, budget, chunk) pays its own prompt prefills
+                if isinstance(m, Engine):
+                    m.clear_prompt_cache()
             results = run(chunk, budget, engine, prm, search_cfg)
             for row, res in zip(chunk, results):
                 ok = is_correct(res.chosen.text, str(row["answer"]), row.get("answer_format", "boxed"))
@@ -88,15 +115,25 @@ def run_strategy(name: str, problems: Sequence[dict], budgets: Sequence[int], en
                 records.append(_record(label, budget, row, res, ok, chunk, how))
             bar.update(len(chunk))
             bar.set_postfix(budget=budget, acc=round(correct / min(start + len(chunk), len(problems)), 3))
-        policy = engine.counts.since(before_policy)
-        scored = prm.counts.since(before_prm) if prm is not None else Counts()
-        fp, fr = pshape.flops(policy), rshape.flops(scored)
-        rows.append(Row(label, budget, len(problems), correct / len(problems), policy.prefill, policy.decode,
-                        scored.tokens, fp, fr, fp + fr, time.time() - started, policy.calls, scored.calls))
-        log.info("%s N=%d: accuracy %.3f, policy %d+%d tokens, PRM %d tokens, %.3g FLOPs", label, budget,
-                 rows[-1].accuracy, policy.prefill, policy.decode, scored.tokens, fp + fr)
+        use = {role: ModelUse.of(m.counts.since(before[role]), shapes[role]) for role, m in models.items()}
+        policy, scored = use[policy_role], use.get("prm")
+        fr = scored.flops if scored is not None else 0.0
+        total = sum(u.flops for u in use.values())
+        rows.append(Row(label, budget, len(problems), correct / len(problems), policy.prefill, policy.generated,
+                        scored.prefill if scored is not None else 0, policy.flops, fr, total, time.time() - started,
+                        policy.calls, scored.calls if scored is not None else 0,
+                        {role: asdict(u) for role, u in use.items()}))
+        log.info("%s N=%d: accuracy %.3f, %s, %.3g FLOPs", label, budget, rows[-1].accuracy,
+                 ", ".join(f"{role} {u.prefill}+{u.generated} tokens" for role, u in use.items()), total)
     bar.close()
     return rows, records
+
+
+def shape_of(model) -> ModelShape:
+    """The FLOPs shape of an engine's model or a counted PRM's (zero for a PRM without a model)."""
+    if isinstance(model, CountingPRM):
+        return prm_shape(model.prm) if hasattr(model.prm, "model") else ModelShape(0, 0, 0)
+    return policy_shape(model.model)
 
 
 def _record(label, budget, row, res, ok, chunk, how) -> dict:
@@ -120,7 +157,7 @@ def write_outputs(run_dir: Path, rows: Sequence[Row], records: Sequence[dict], p
 
 
 def plot(rows: Sequence[Row], run_dir: Path) -> list[Path]:
-    """accuracy_vs_flops.png (log x, total FLOPs policy + PRM) and accuracy_vs_budget.png, one line per
+    """accuracy_vs_flops.png (log x, total FLOPs of every model) and accuracy_vs_budget.png, one line per
     strategy. Written to a temporary name and renamed (atomic)."""
     import os
 
@@ -135,7 +172,7 @@ def plot(rows: Sequence[Row], run_dir: Path) -> list[Path]:
     for r in rows:
         by_strategy.setdefault(r.strategy, []).append(r)
     paths = []
-    for x_key, name, xlabel, logx in (("flops_total", "accuracy_vs_flops.png", "FLOPs (policy + PRM)", True),
+    for x_key, name, xlabel, logx in (("flops_total", "accuracy_vs_flops.png", "FLOPs (all models)", True),
                                       ("budget", "accuracy_vs_budget.png", "budget N", True)):
         fig, ax = plt.subplots(figsize=(6, 4))
         for strategy, points in by_strategy.items():
@@ -214,7 +251,9 @@ def evaluate(cfg, run_dir: Path) -> dict:
     summary = write_outputs(run_dir, rows, records, cfg.plots)
     tracker = Tracker(run_dir, cfg.logger, config_dict)
     for i, r in enumerate(rows):
-        tracker.log({f"eval/{k}": v for k, v in asdict(r).items() if k != "strategy"}, step=i)
+        metrics = {f"eval/{k}": v for k, v in asdict(r).items() if k not in ("strategy", "models")}
+        metrics.update({f"eval/{role}/{k}": v for role, use in r.models.items() for k, v in use.items()})
+        tracker.log(metrics, step=i)
     tracker.summary({f"accuracy_N{r.budget}": r.accuracy for r in rows})
     tracker.finish()
     summary["run_dir"] = str(run_dir)

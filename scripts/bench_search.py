@@ -34,12 +34,20 @@ early rejection's survivors are best-of-N's own candidates and particle filterin
 theirs. With 12 problems one problem is ~8 accuracy points, so the accuracy deltas are noisy: scale up
 with --problems (and --budgets, --max-new-tokens) on a bigger machine.
 
+Before / after per-candidate KV reuse (``--before``, default on): every strategy runs twice on the same
+problems with the same seed, once with ``engine.kv_cache_tokens=0`` (each engine call re-encodes each
+candidate's partial solution: the engine before the store) and once with the store; the lines print
+prefill tokens per generated token before → after per strategy and N, the early-rejection / best-of-N
+FLOPs ratio per N both ways, and how many chosen solutions differ (expected 0: the same seed writes the
+same text). The headline numbers (BENCH) are those of the run with the store.
+
 Prints one line per strategy and budget, the ratios, and last:
 
     BENCH search er_flops_ratio=<ER FLOPs ÷ BoN FLOPs> er_acc_delta=<ER − BoN, points>
                  pf_minus_bon=<PF − BoN, points> pf_minus_beam=<PF − beam, points>
+                 er_flops_ratio_mean=<mean over N of the per-N ER ÷ BoN FLOPs ratios>
 
-FLOPs are policy + PRM (``frugal.evaluator.flops``), summed over the budgets; accuracy deltas are means over
+FLOPs are policy + PRM (``frugal.evaluator.flops``), ``er_flops_ratio`` of the sums over the budgets; accuracy deltas are means over
 the budgets (same N, so about equal policy tokens for BoN, beam and PF — the generated-token ratios are
 printed next to them). Outputs (summary.json, results.jsonl, accuracy_vs_flops.png) go to --out.
 
@@ -87,6 +95,12 @@ def parse_args(argv=None):
     ap.add_argument("--pf-ess", type=float, default=None, help="particle filtering ESS threshold (default: the config's)")
     ap.add_argument("--pf-final", default=None, help="particle filtering final pick: best|weighted_majority")
     ap.add_argument("--strategies", nargs="+", default=["best_of_n", "early_rejection", "particle_filter", "beam", "greedy"])
+    ap.add_argument("--kv-cache-tokens", type=int, default=None,
+                    help="engine.kv_cache_tokens of the measured run (default: the EngineConfig default)")
+    ap.add_argument("--before", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run every strategy with engine.kv_cache_tokens=0 (every call re-encodes each "
+                         "candidate's partial solution: the engine before per-candidate KV reuse) and print "
+                         "prefill tokens per generated token before / after, same problems and seed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 is fastest on a shared, busy machine; raise it on a free one)")
@@ -149,8 +163,12 @@ def main(argv=None) -> None:
         sys.exit(f"bench_search: --first {args.first} --problems {args.problems} selects no held-out problem "
                  f"(the test split has {len(load_task(task).test)})")
     model, tok = load_model(ModelConfig(name_or_path=args.model, adapter=args.adapter), device)
-    engine = Engine(model, tok, EngineConfig(max_new_tokens=args.max_new_tokens, max_steps=args.max_steps,
-                                             max_step_tokens=args.max_step_tokens, temperature=args.temperature))
+    ecfg = dict(max_new_tokens=args.max_new_tokens, max_steps=args.max_steps, max_step_tokens=args.max_step_tokens,
+                temperature=args.temperature)
+    if args.kv_cache_tokens is not None:
+        ecfg["kv_cache_tokens"] = args.kv_cache_tokens
+    engine = Engine(model, tok, EngineConfig(**ecfg))
+    before_engine = Engine(model, tok, EngineConfig(**{**ecfg, "kv_cache_tokens": 0})) if args.before else None
     prm = CountingPRM(load_prm(prm_path, device))
     print(f"policy={args.model} prm={prm_path} problems={len(problems)} budgets={args.budgets} "
           f"max_new_tokens={args.max_new_tokens} tau={args.tau} beam_width={args.beam_width} "
@@ -161,7 +179,11 @@ def main(argv=None) -> None:
     pf = search_config("particle_filter", **pf_overrides)
     print(f"task=arith problems {args.first}-{args.first + len(problems) - 1} of the test split, operands={args.operands} ops={args.ops} (one digit) fewshot={args.fewshot} answer_format={args.answer_format} particle_filter: T={pf.weight_temperature} "
           f"ess_threshold={pf.ess_threshold} resampling={pf.resampling} final={pf.final}", flush=True)
-    rows, records = [], []
+    rows, records, before_rows, changed = [], [], [], {}
+
+    def per_token(row):
+        return row.policy_prefill_tokens / max(1, row.policy_generated_tokens)
+
     knobs = {"budgets": list(args.budgets), "aggregation": args.aggregation, "tau": args.tau,
              "beam_width": args.beam_width, "rejection_rate": args.rejection_rate if args.rejection_rate >= 0 else None,
              **pf_overrides}
@@ -172,10 +194,23 @@ def main(argv=None) -> None:
                               seed=args.seed, progress=False)
         rows += r
         records += rec
+        old_rows = {}
+        if before_engine is not None:
+            b_rows, b_rec = run_strategy(name, problems, budgets, before_engine, prm if name != "greedy" else None,
+                                         cfg, seed=args.seed, progress=False)
+            old_rows = {x.budget: x for x in b_rows}
+            before_rows.extend(b_rows)
+            changed[name] = sum(a["chosen"] != b["chosen"] for a, b in zip(rec, b_rec))
         for x in r:
             print(f"{name:16s} N={x.budget:<3d} acc={100 * x.accuracy:5.1f}  generated={x.policy_generated_tokens:7d} "
                   f"prefill={x.policy_prefill_tokens:7d} prm_tokens={x.prm_tokens:7d} "
                   f"flops_policy={x.flops_policy:.3g} flops_prm={x.flops_prm:.3g} wall={x.wall_s:.0f}s", flush=True)
+            if x.budget in old_rows:
+                o = old_rows[x.budget]
+                print(f"{'':16s}       prefill per generated token: before {per_token(o):.3f} -> after {per_token(x):.3f} "
+                      f"(re-prefilled after eviction: {x.models['policy']['reprefill']}; policy FLOPs "
+                      f"{x.flops_policy / max(1.0, o.flops_policy):.3f}x; wall {o.wall_s:.0f}s -> {x.wall_s:.0f}s)",
+                      flush=True)
     write_outputs(out, rows, records)
 
     def at(name, budget):
@@ -192,6 +227,15 @@ def main(argv=None) -> None:
                                       for b in budgets) / len(budgets)
         print(f"early rejection vs best-of-N: FLOPs ratio {er / bon:.3f} ({bon / er:.2f}x fewer), "
               f"accuracy delta {metrics['er_acc_delta']:+.1f} points (mean over N={budgets})")
+        ratios = [at("early_rejection", b).flops_total / at("best_of_n", b).flops_total for b in budgets]
+        metrics["er_flops_ratio_mean"] = sum(ratios) / len(ratios)
+        print("early rejection / best-of-N FLOPs per N: " + " ".join(f"N={b}: {x:.3f}" for b, x in zip(budgets, ratios))
+              + f"  (mean of the per-N ratios {metrics['er_flops_ratio_mean']:.3f})")
+        if before_rows:
+            old = {(x.strategy, x.budget): x for x in before_rows}
+            olds = [old[("early_rejection", b)].flops_total / old[("best_of_n", b)].flops_total for b in budgets]
+            print("  the same without per-candidate KV (kv_cache_tokens=0): "
+                  + " ".join(f"N={b}: {x:.3f}" for b, x in zip(budgets, olds)))
     for peer, key in (("best_of_n", "pf_minus_bon"), ("beam", "pf_minus_beam")):
         if {"particle_filter", peer} <= have:
             deltas = [100 * (at("particle_filter", b).accuracy - at(peer, b).accuracy) for b in budgets]
@@ -213,10 +257,19 @@ def main(argv=None) -> None:
         toks = " ".join(f"{at('particle_filter', b).policy_generated_tokens / max(1, at(p, b).policy_generated_tokens):.2f}"
                         for p in ("best_of_n", "beam") if {"particle_filter", p} <= have)
         print(f"  N={b:<3d} | {accs} | {er} | {toks or '-'}")
+    if before_rows:
+        old = {(x.strategy, x.budget): x for x in before_rows}
+        print("prefill tokens per generated token, before (kv_cache_tokens=0) -> after, per strategy and N:")
+        for x in rows:
+            o = old[(x.strategy, x.budget)]
+            print(f"  {x.strategy:16s} N={x.budget:<3d} {per_token(o):7.3f} -> {per_token(x):7.3f}")
+        print("chosen solutions that differ between before and after (same seed; expected 0): "
+              + " ".join(f"{k}={v}" for k, v in changed.items()))
     print(f"outputs in {out} (accuracy_vs_flops.png, summary.json, results.jsonl)")
     fmt = lambda k: f"{round(metrics[k], 3) + 0.0:.3f}" if k in metrics else "nan"  # noqa: E731 (+0.0: no "-0.000")
     print(f"BENCH search er_flops_ratio={fmt('er_flops_ratio')} er_acc_delta={fmt('er_acc_delta')} "
-          f"pf_minus_bon={fmt('pf_minus_bon')} pf_minus_beam={fmt('pf_minus_beam')}")
+          f"pf_minus_bon={fmt('pf_minus_bon')} pf_minus_beam={fmt('pf_minus_beam')} "
+          f"er_flops_ratio_mean={fmt('er_flops_ratio_mean')}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: SSR speculative step decoding (evaluator/strategies/ssr.py) against target-only decoding.
 
-Default run (≈ 10 min on a quiet 2-core machine, ≈ 30 min with the cores shared at load ≈ 8): draft = the
+Default run (≈ 10–15 min on a quiet 2-core machine; not timed since the self-speculative run was added): draft = the
 embedded SmolLM2-135M-Instruct, target = the same model + the newest LoRA adapter under outputs/train/*/*/final (``frugal train recipe=demo``; pass
 ``--adapter``). Held-out generated arithmetic (single-digit + and −, the demo's task family; the reply's
 last number is the answer), 40 problems, the default pool of 6 hints, k = 2 paths, fast=1, greedy steps.
@@ -11,16 +11,31 @@ decoding with step-sized draft blocks. The other default criteria print the trad
 target writes the rest of a rejected step), ``mean:-0.3`` (the issue's step-level mean log-prob test)
 and ``min:-2:regen=1`` (a looser token-level test).
 
-1. SPM once (the draft writes a first step per hint, the target scores it, top-k hints kept).
-2. The same paths decoded target-only (the target writes every step) and with SSR under each criterion
-   of ``--criteria`` (the first one is the headline; the rest print the trade-off curve).
-3. Report per mode: draft / target tokens (generated and processed), acceptance, FLOPs per model,
-   accuracy. Verification is a target forward pass over prompt + path + drafted step: it is charged as
-   target *prefill* tokens and FLOPs (the target-only baseline's prompt and partial-solution re-encoding
-   is prefill too); SPM's cost is charged to SSR only.
+1. SPM once for the target-only baseline's paths: the same paths decoded by the target alone (the target
+   writes every step; SPM not charged to it).
+2. Each criterion of ``--criteria`` (the first is the headline) runs SPM + SSD with fresh caches, every
+   token of both engines charged. Verification is one target pass over the drafted tokens on the target's
+   cached prefix (``Engine.score``; persistent per-candidate KV, ``engine.kv_cache_tokens``), so the
+   target's prefill is about the drafted tokens, not the whole path again.
+3. ``--self-draft-layers k``: the headline criterion again with the self-speculative draft, the target cut
+   to its first k decoder layers (LayerSkip; ``ssr.self_draft``): acceptance and FLOPs ratios.
 
-Last line: ``BENCH ssr target_token_ratio=<SSR target generated tokens ÷ target-only target generated
-tokens> acc_delta=<SSR accuracy − target-only accuracy, points>`` for the headline criterion.
+Printed last: ``SELF ssr draft_layers=<k> acceptance_rate=<r> ... total_flops_ratio=<r>`` per k, then
+``BENCH ssr target_token_ratio=<r> target_flops_ratio=<r> total_flops_ratio=<r> acc_delta=<points>`` for
+the headline criterion: target generated tokens, target FLOPs and target + draft FLOPs of SSR ÷ those of
+target-only decoding of the same problems, and SSR accuracy − target-only accuracy. With today's offline
+pairing the draft is as large as the target (SmolLM2-135M both), so ``total_flops_ratio`` cannot fall
+below 1 however many tokens are accepted: the draft runs every drafted token through a model as costly as
+the target. The self-speculative draft is the smaller offline draft; it picks its own SPM hints, so its
+accuracy delta also reflects a different choice of paths.
+
+Quick check (6 problems, ``--adapter none --hints 3``, so draft = target = the base SmolLM2; a loaded
+machine, whole-step draft blocks): headline ``target_token_ratio=0.000 target_flops_ratio=1.069
+total_flops_ratio=2.564 acc_delta=0.00`` (every step accepted: the target's FLOPs are what writing the
+text itself costs, plus the SPM's extra hints); the untrained self-speculative draft accepted almost
+nothing — first 10 layers: acceptance 0.000, 0.5 % of drafted tokens kept, total 14.5×; first 20 layers:
+acceptance 0.033, 2.4 % kept, total 6.8× — so early exits need LayerSkip's training (or short blocks,
+``--self-draft-tokens``) before they save anything.
 """
 
 from __future__ import annotations
@@ -30,11 +45,12 @@ import glob
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from frugal.evaluator.strategies.ssr import DEFAULT_HINTS, SSRConfig, decode, report, select_strategies  # noqa: E402
+from frugal.evaluator.strategies.ssr import (DEFAULT_HINTS, SSRConfig, decode, report, select_strategies,  # noqa: E402
+                                            self_draft)
 from frugal.train.checkpoint import atomic_write_text  # noqa: E402
 
 
@@ -49,7 +65,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--draft", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--target", default="builtin:smollm2-135m-instruct")
-    ap.add_argument("--adapter", default=None, help="target adapter (default: newest outputs/train/*/*/final)")
+    ap.add_argument("--adapter", default=None,
+                    help="target adapter (default: newest outputs/train/*/*/final; 'none': the target without one)")
     ap.add_argument("--problems", type=int, default=40)
     ap.add_argument("--k", type=int, default=2, help="parallel paths kept by SPM")
     ap.add_argument("--hints", type=int, default=6, help="first N hints of the default pool")
@@ -62,6 +79,12 @@ def main(argv=None):
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--ops", nargs="+", default=["+", "-"])
+    ap.add_argument("--self-draft-layers", type=int, nargs="*", default=[20],
+                    help="also run the headline criterion with the target cut to its first k layers as the draft "
+                         "(self-speculative, LayerSkip); none: skip")
+    ap.add_argument("--self-draft-tokens", type=int, default=4,
+                    help="draft tokens per round for the self-speculative runs (search.ssr.draft_tokens; 0: the "
+                         "whole step). An untrained early exit is a weak draft: short blocks waste less verification")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -76,7 +99,7 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    adapter = args.adapter or newest_adapter()
+    adapter = None if args.adapter == "none" else (args.adapter or newest_adapter())
     out = Path(args.out or ROOT / "outputs/bench_ssr" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
     task = TaskConfig(name="arith", ops=list(args.ops), digits=1, test_fraction=0.3,
@@ -98,14 +121,14 @@ def main(argv=None):
 
     configs = [parse(c) for c in args.criteria]
     t0 = time.time()
-    d0, g0 = draft.counts.snapshot(), target.counts.snapshot()
-    paths = select_strategies(problems, args.k, draft, target, configs[0])  # SPM ranks by mean log-prob
-    spm_draft, spm_target = draft.counts.since(d0), target.counts.since(g0)
-    def fresh_caches():  # every run pays its own prompt prefills (the engines cache prompt KV across calls)
-        draft.clear_prompt_cache()
-        target.clear_prompt_cache()
 
-    fresh_caches()
+    def fresh_caches(*engines):  # every run pays its own prompt prefills and candidate KV
+        for e in engines:
+            e.clear_prompt_cache()
+
+    # SPM once for the paths that the target-only baseline decodes (not charged to it)
+    paths = select_strategies(problems, args.k, draft, target, configs[0])  # SPM ranks by mean log-prob
+    fresh_caches(draft, target)
     g1 = target.counts.snapshot()
     base_cfg = SSRConfig(hints=configs[0].hints, fast=args.fast, speculative=False)
     base_results = decode(problems, paths, None, target, base_cfg)
@@ -113,35 +136,53 @@ def main(argv=None):
     print(f"problems={len(problems)} k={args.k} hints={len(configs[0].hints)} fast={args.fast} adapter={adapter}")
     print(f"{'target-only':>22}: accuracy {100 * base.accuracy:.1f}%  target gen {base.target_generated} / processed "
           f"{base.target_generated + base.target_prefill}  FLOPs target {base.flops_target:.3g}  wall {time.time() - t0:.0f}s")
-    runs = []
-    for spec, cfg in zip(args.criteria, configs):
+
+    def run_ssr(spec, cfg, drafter, dshape_):
+        """SPM + SSD with fresh caches; every token either engine runs (SPM included) is charged."""
         t1 = time.time()
-        fresh_caches()
-        d1, g1 = draft.counts.snapshot(), target.counts.snapshot()
-        res = decode(problems, paths, draft, target, cfg)
-        dc, gc = draft.counts.since(d1), target.counts.since(g1)
-        for c, spm in ((dc, spm_draft), (gc, spm_target)):  # SPM's drafting and scoring belong to every SSR run
-            c.prefill, c.decode, c.attention = c.prefill + spm.prefill, c.decode + spm.decode, c.attention + spm.attention
-        r = report(problems, res, dc, gc, dshape, tshape)
+        fresh_caches(drafter, target)
+        d1, g1 = drafter.counts.snapshot(), target.counts.snapshot()
+        res = decode(problems, select_strategies(problems, args.k, drafter, target, cfg), drafter, target, cfg)
+        r = report(problems, res, drafter.counts.since(d1), target.counts.since(g1), dshape_, tshape)
         kept = sum(x.info["accepted_tokens"] for x in res) / max(1, r.draft_generated)
         ratio = r.target_generated / max(1, base.target_generated)
-        runs.append((spec, r, res, ratio))
+        tflops, total = r.flops_target / max(1.0, base.flops_target), (r.flops_target + r.flops_draft) / max(1.0, base.flops_target)
         print(f"{'ssr ' + spec:>22}: accuracy {100 * r.accuracy:.1f}% (delta {100 * (r.accuracy - base.accuracy):+.1f})  "
               f"target gen ratio {ratio:.3f}  steps accepted whole {r.acceptance_rate:.2f} "
               f"({r.steps_accepted}/{r.steps_proposed}), drafted tokens kept {kept:.2f}  draft gen {r.draft_generated}  "
-              f"target gen {r.target_generated} / processed {r.target_generated + r.target_prefill} (verification "
-              f"{r.target_scored})  FLOPs target {r.flops_target / max(1.0, base.flops_target):.2f}x, target+draft "
-              f"{(r.flops_target + r.flops_draft) / max(1.0, base.flops_target):.2f}x  wall {time.time() - t1:.0f}s")
-    spec, ssr, ssr_results, ratio = runs[0]
+              f"target gen {r.target_generated} / prefill {r.target_prefill}  FLOPs target {tflops:.3f}x, "
+              f"target+draft {total:.3f}x  wall {time.time() - t1:.0f}s", flush=True)
+        return {"spec": spec, "report": r, "results": res, "token_ratio": ratio, "target_flops_ratio": tflops,
+                "total_flops_ratio": total, "drafted_tokens_kept": kept}
+
+    runs = [run_ssr(spec, cfg, draft, dshape) for spec, cfg in zip(args.criteria, configs)]
+    selfs = []
+    for k in args.self_draft_layers:  # self-speculative: the target cut to its first k layers drafts
+        drafter = Engine(self_draft(tm, k), tt, ecfg, "draft")
+        scfg = replace(configs[0], draft_tokens=args.self_draft_tokens or None)
+        selfs.append(run_ssr(f"self[:{k}] {args.criteria[0]}", scfg, drafter, policy_shape(drafter.model)))
+        selfs[-1]["layers"] = k
+    head = runs[0]
     records = [{"question": p["question"], "answer": p["answer"], "ssr": r.chosen.text, "target_only": b.chosen.text,
-                "ssr_info": r.info, "target_only_info": b.info} for p, r, b in zip(problems, ssr_results, base_results)]
+                "ssr_info": r.info, "target_only_info": b.info}
+               for p, r, b in zip(problems, head["results"], base_results)]
     atomic_write_text(out / "results.jsonl", "".join(json.dumps(x) + "\n" for x in records))
-    atomic_write_text(out / "summary.json", json.dumps({"ssr": {s_: asdict(r_) for s_, r_, _, _ in runs},
+    strip = lambda x: {k: (asdict(v) if k == "report" else v) for k, v in x.items() if k != "results"}  # noqa: E731
+    atomic_write_text(out / "summary.json", json.dumps({"ssr": [strip(x) for x in runs],
+                                                        "self_draft": [strip(x) for x in selfs],
                                                         "target_only": asdict(base), "args": vars(args),
                                                         "adapter": adapter}, indent=2))
     print(f"results in {out}")
-    print(f"headline criterion: {spec}")
-    print(f"BENCH ssr target_token_ratio={ratio:.3f} acc_delta={100 * (ssr.accuracy - base.accuracy):.2f}")
+    print(f"headline criterion: {head['spec']} (draft {args.draft}: as large as the target, so target + draft "
+          f"FLOPs cannot fall below the target-only baseline's)")
+    for x in selfs:
+        r = x["report"]
+        print(f"SELF ssr draft_layers={x['layers']} acceptance_rate={r.acceptance_rate:.3f} "
+              f"drafted_tokens_kept={x['drafted_tokens_kept']:.3f} target_flops_ratio={x['target_flops_ratio']:.3f} "
+              f"total_flops_ratio={x['total_flops_ratio']:.3f} acc_delta={100 * (r.accuracy - base.accuracy):.2f}")
+    r = head["report"]
+    print(f"BENCH ssr target_token_ratio={head['token_ratio']:.3f} target_flops_ratio={head['target_flops_ratio']:.3f} "
+          f"total_flops_ratio={head['total_flops_ratio']:.3f} acc_delta={100 * (r.accuracy - base.accuracy):.2f}")
 
 
 if __name__ == "__main__":

@@ -358,9 +358,11 @@ def test_policy_shape_counts_tied_head_once(tiny):
     assert (shape.layers, shape.d_attn) == (2, 64)
 
 
-def test_engine_counts_tokens_and_shares_prompt_prefill(tiny):
+@pytest.mark.parametrize("kv_cache_tokens", [0, 100_000])
+def test_engine_counts_tokens_and_shares_prompt_prefill(tiny, kv_cache_tokens):
     model, tok = tiny
-    engine = Engine(model, tok, EngineConfig(max_new_tokens=6, max_step_tokens=4, batch_size=64))
+    engine = Engine(model, tok, EngineConfig(max_new_tokens=6, max_step_tokens=4, batch_size=64,
+                                             kv_cache_tokens=kv_cache_tokens))
     cands = [Candidate(0), Candidate(0, "So"), Candidate(1)]
     torch.manual_seed(0)
     out = engine.extend(PROBLEMS, cands)
@@ -374,8 +376,9 @@ def test_engine_counts_tokens_and_shares_prompt_prefill(tiny):
     before = engine.counts.prefill
     again = engine.extend(PROBLEMS, out, stop_at_step=False)
     assert all(c.finished and c.tokens <= 6 for c in again)
-    # the prompts' KV is reused across calls: only [last prompt token + partial solution] is encoded
-    tails = [1 + len(tok(c.text, add_special_tokens=False)["input_ids"]) for c in out if not c.finished]
+    # the prompts' KV is reused across calls: only [last prompt token + partial solution] is encoded, and
+    # with the per-candidate store only the token each row ended on (its KV was never computed)
+    tails = [1 + len(c.ids[2]) if kv_cache_tokens == 0 else 1 for c in out if not c.finished]
     assert engine.counts.prefill - before == sum(tails)
 
 
@@ -410,7 +413,7 @@ def test_engine_shared_prefix_prefilled_once_same_output(tiny):
     for with_sharing, without in zip(kv[32], kv[0]):  # each prompt's stored KV, every layer
         for (k1, v1), (k0, v0) in zip(with_sharing, without):
             assert k1.shape == k0.shape and torch.allclose(k1, k0, atol=1e-5) and torch.allclose(v1, v0, atol=1e-5)
-    tails = 3  # each row: its prompt's last token
+    tails = 2  # each distinct row: its prompt's last token (the two candidates of problem 0 run it once)
     assert prefill[0] == len(heads[0]) + len(heads[1]) + tails
     assert prefill[32] == shared + (len(heads[0]) - shared) + (len(heads[1]) - shared) + tails
 

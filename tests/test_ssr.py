@@ -176,6 +176,35 @@ def test_config_validation():
         SSRConfig(score="max")
     with pytest.raises(ValueError, match="ssr.regen_tokens"):
         SSRConfig(regen_tokens=0)
+    with pytest.raises(ValueError, match="ssr.draft_tokens"):
+        SSRConfig(draft_tokens=0)
+    with pytest.raises(ValueError, match="ssr.draft_layers"):
+        SSRConfig(draft_layers=-1)
+
+
+def test_self_draft_is_the_targets_first_layers_sharing_its_weights():
+    from conftest import tiny_lora
+
+    from frugal.evaluator.flops import policy_shape
+    from frugal.evaluator.strategies.ssr import self_draft
+
+    model, _ = tiny_lora(1.0)
+    draft = self_draft(model, 1)
+    assert draft.config.num_hidden_layers == 1 and model.config.num_hidden_layers == 2
+    second = sum(p.numel() for p in model.get_base_model().model.layers[1].parameters())
+    assert policy_shape(draft).layers == 1 and policy_shape(draft).params == policy_shape(model).params - second
+    target_weights = {p.data_ptr() for p in model.parameters()}
+    assert all(p.data_ptr() in target_weights for p in draft.parameters())  # a view: no second model
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        body = model.get_base_model().model
+        hidden = body.embed_tokens(ids)
+        hidden = body.layers[0](hidden, position_embeddings=body.rotary_emb(hidden, torch.arange(3)[None]))
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        expect = model.get_base_model().lm_head(body.norm(hidden))
+        assert torch.allclose(draft(input_ids=ids).logits, expect, atol=1e-5)
+    with pytest.raises(ValueError, match="draft_layers=2"):
+        self_draft(model, 2)
 
 
 def test_rejected_step_keeps_its_accepted_prefix_and_the_target_writes_the_rest():
@@ -226,15 +255,15 @@ def test_rejected_step_keeps_its_accepted_prefix_and_the_target_writes_the_rest(
     assert res.chosen.text.startswith("draft says 2 plus and")
 
 
-def _reference_logps(model, tok, engine, prompt, prefix, step):
-    head = tok(engine.prompt_text(prompt) + prefix, add_special_tokens=False)["input_ids"]
-    full = tok(engine.prompt_text(prompt) + prefix + step.rstrip(), add_special_tokens=False)["input_ids"]
-    assert full[:len(head)] == head
+def _reference_logps(model, engine, prompt, ids, step_ids):
+    """Log-probs of ``step_ids`` after the templated prompt and ``ids`` by one full forward pass."""
+    full = engine._prompt_ids(engine.prompt_text(prompt)) + list(ids) + list(step_ids)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
-    lp = torch.stack([logp[t - 1, full[t]] for t in range(len(head), len(full))])
-    top = torch.stack([logp[t - 1].max() for t in range(len(head), len(full))])
-    return lp, top, full, head
+    at = len(full) - len(step_ids)
+    lp = torch.stack([logp[t - 1, full[t]] for t in range(at, len(full))])
+    top = torch.stack([logp[t - 1].max() for t in range(at, len(full))])
+    return lp, top
 
 
 def test_judge_criteria_by_hand():
@@ -253,32 +282,50 @@ def test_judge_criteria_by_hand():
 
 
 def test_score_steps_matches_full_logits_on_tiny_model():
-    from frugal.evaluator.engine import Engine, EngineConfig
+    """Verification is one pass over the drafted tokens on the target's cached prefix: hand-counted tokens
+    run, and the log-probs of a full forward pass over prompt + path + step."""
+    from frugal.evaluator.engine import Candidate, Engine, EngineConfig
     from frugal.train.models import ModelConfig, load_model
 
-    model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random"), torch.device("cpu"))
-    engine = Engine(model, tok, EngineConfig())
+    model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
+    engine = Engine(model, tok, EngineConfig(max_step_tokens=5))
     prompts = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Hi"}]]
-    prefixes, steps = ["First,", ""], [" add them: 5\n\n", "Hello there, friend"]
-    scored = score_steps(engine, prompts, prefixes, steps)
-    for prompt, prefix, step, sc in zip(prompts, prefixes, steps, scored):
-        lp, top, full, head = _reference_logps(model, tok, engine, prompt, prefix, step)
-        np.testing.assert_allclose(sc.logp, lp.numpy(), atol=1e-4)
-        np.testing.assert_allclose(sc.top, top.numpy(), atol=1e-4)
-        assert sc.processed == len(full) and len(sc.starts) == len(full) - len(head)
-        # each token's start, in characters of the step, is where its decoded text begins
-        text = engine.prompt_text(prompt) + prefix
+    problems = [{"prompt": p} for p in prompts]
+    # path 0: five tokens the target wrote itself (their KV is cached); path 1: text it never saw
+    written = engine.extend(problems, [Candidate(0, stream=0)])[0]
+    prefixes = [written, "First,"]
+    steps = [" add them: 5\n\n", "Hello there, friend"]
+    step_ids = [tok(x, add_special_tokens=False)["input_ids"] for x in steps]
+    first = len(tok("First,", add_special_tokens=False)["input_ids"])
+    before = engine.counts.snapshot()
+    scored = score_steps(engine, prompts, prefixes, steps, step_ids=[step_ids[0], None])
+    spent = engine.counts.since(before)
+    # hand count: path 0 runs its last token (its logits judge the first drafted token) + the drafted ones;
+    # path 1 runs the prompt's last token, the text "First," and the step
+    assert [sc.processed for sc in scored] == [1 + len(step_ids[0]), 1 + first + len(step_ids[1])]
+    new_prompt = len(engine._prompt_ids(engine.prompt_text(prompts[1]))) - 1  # "Hi" is prefilled once, first
+    assert spent.prefill == sum(sc.processed for sc in scored) + new_prompt
+    # the trailing delimiter token is run (its KV is the path's, if accepted) but not judged
+    assert len(scored[0].logp) == len(step_ids[0]) - 1 and spent.scored == len(step_ids[0]) + len(step_ids[1])
+    for prompt, prefix, ids, sc in zip(prompts, prefixes, step_ids, scored):
+        prefix_ids = prefix.ids[2] if isinstance(prefix, Candidate) else tok(prefix, add_special_tokens=False)["input_ids"]
+        lp, top = _reference_logps(model, engine, prompt, prefix_ids, ids)
+        np.testing.assert_allclose(sc.logp, lp[:len(sc.logp)].numpy(), atol=1e-5)
+        np.testing.assert_allclose(sc.top, top[:len(sc.top)].numpy(), atol=1e-5)
+    for step, ids, sc in zip(steps, step_ids, scored):  # each token's start, in characters of the step
         for t, start in enumerate(sc.starts):
-            assert text + step[:start] == tok.decode(full[:len(head) + t])
-    assert engine.counts.prefill == sum(sc.processed for sc in scored)
+            assert step[:start] == tok.decode(ids[:t])
+    # the same path verified again with another step: only its last token and the new step run now
+    again = score_steps(engine, prompts[1:], ["First,"], [" bye"])[0]
+    assert again.processed == 1 + len(tok(" bye", add_special_tokens=False)["input_ids"])
     [empty] = score_steps(engine, prompts[:1], [""], ["  \n\n"])  # nothing to accept
     assert empty.mean == float("-inf") and not empty.judge("  \n\n", "margin", -100.0).accepted("  \n\n")
     # margin 0 on the tiny model: the accepted prefix ends at the first non-greedy token
     step, sc = steps[1], scored[1]
     gaps = np.array(sc.logp) - np.array(sc.top)
-    first = int(np.argmax(gaps < 0)) if (gaps < 0).any() else len(gaps)
+    first_bad = int(np.argmax(gaps < 0)) if (gaps < 0).any() else len(gaps)
     v = sc.judge(step, "margin", 0.0)
-    assert v.kept_tokens == first and (v.accepted(step) == (first == len(gaps)))
+    assert v.kept_tokens == first_bad and (v.accepted(step) == (first_bad == len(gaps)))
 
 
 def test_fast_mode_reads_answers_only_at_step_ends():
@@ -290,3 +337,76 @@ def test_fast_mode_reads_answers_only_at_step_ends():
     done = Path(0, "", Candidate(0, "so it is 12\n\n"))
     assert _stop([cut, done], problem("q", "12"), fast=1) == "first_answer"
     assert _stop([Path(0, "", Candidate(0, "so it is 1", finished=True))], problem("q"), fast=1) == "first_answer"
+
+
+def test_frugal_eval_ssr_counts_the_draft_in_summary(tmp_path, monkeypatch):
+    """`frugal eval search=ssr`: the draft (here the self-speculative one, the target's first layer) is
+    listed in summary.json with its tokens and FLOPs and summed into flops_total; a second run in the same
+    process counts the same (no engine or count survives a run)."""
+    import json
+    import sys
+
+    from frugal.recipes.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["frugal"])
+    rows = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        rc = main(["eval", "model=tiny_random", "search=ssr", "search.budgets=[2]", "search.ssr.draft_layers=1",
+                   "search.ssr.hints=['','Think.','Be brief.']", "limit=2", "engine.max_new_tokens=10",
+                   "engine.max_step_tokens=4", "plots=false", f"output_dir={out}",
+                   f"hydra.run.dir={tmp_path / 'hydra' / run}"])
+        assert rc == 0
+        rows.append(json.loads((out / "summary.json").read_text())["rows"][0])
+    row = rows[0]
+    assert set(row["models"]) == {"target", "draft"}
+    draft, target = row["models"]["draft"], row["models"]["target"]
+    assert draft["generated"] > 0 and draft["flops"] > 0 and target["prefill"] > 0
+    assert row["flops_total"] == pytest.approx(draft["flops"] + target["flops"])
+    assert row["flops_policy"] == target["flops"]
+    assert rows[1]["models"] == rows[0]["models"] and rows[1]["flops_total"] == row["flops_total"]
+
+
+def test_draft_identical_to_target_is_accepted_whole_and_verification_runs_only_drafted_tokens():
+    """With the target itself as the draft (greedy, margin 0) every drafted step is the target's own greedy
+    text: all accepted, the target writes nothing, and each verification pass runs the drafted tokens plus
+    the one token before them (the accepted path is in the target's KV store), never the path again."""
+    from conftest import tiny_lora
+
+    from frugal.evaluator.engine import Engine, EngineConfig
+
+    model, tok = tiny_lora(1.0)
+    problems = [{"prompt": [{"role": "user", "content": f"What is {a} + 3?"}], "answer": "5",
+                 "answer_format": "number"} for a in range(3)]
+    cfg = SSRConfig(hints=["", "Think."])
+    ecfg = EngineConfig(max_step_tokens=4, max_new_tokens=16)
+    draft, target = Engine(model, tok, ecfg, "draft"), Engine(model, tok, ecfg, "target")
+    paths = select_strategies(problems, 2, draft, target, cfg)
+    d0, t0 = draft.counts.snapshot(), target.counts.snapshot()
+    res = decode(problems, paths, draft, target, cfg)
+    drafted, verified = draft.counts.since(d0), target.counts.since(t0)
+    rounds = sum(r.info["proposed"] for r in res) - sum(len(g) for g in paths)  # the SPM's first steps are not here
+    assert all(r.info["accepted"] == r.info["proposed"] and r.info["target_tokens"] == 0 for r in res)
+    assert verified.decode == 0 and drafted.decode > 0 and rounds > 0
+    assert verified.prefill == drafted.decode + rounds  # hand count: drafted tokens + one per verified step
+    assert verified.scored == drafted.decode
+
+
+def test_spm_hints_share_their_problems_prompt_prefill():
+    """The selective parallel module scores one problem's hints in one target pass: the prompt they share
+    (system prompt + question) is prefilled once, each hint's own tokens over it."""
+    from frugal.evaluator.engine import Engine, EngineConfig
+    from frugal.train.models import ModelConfig, load_model
+
+    model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
+    ecfg = EngineConfig(max_step_tokens=3, max_new_tokens=6)
+    draft, target = Engine(model, tok, ecfg, "draft"), Engine(model, tok, ecfg, "target")
+    q = problem("A farmer has 12 cows and buys 7 more, then sells 4 of them at the market. How many cows now?")
+    hints = ["Think step by step.", "Work backwards.", "Use small numbers."]
+    firsts = select_strategies([q], 2, draft, target, SSRConfig(hints=hints, greedy=False))  # (greedy: "\n\n")
+    assert all(path.cand.text.strip() for path in firsts[0])
+    heads = [target._prompt_ids(target.prompt_text(with_hint(q, h)["prompt"]))[:-1] for h in hints]
+    shared = next(i for i, col in enumerate(zip(*heads)) if len(set(col)) > 1)
+    assert shared >= 32
+    prompt_prefill = shared + sum(len(h) - shared for h in heads)
+    assert target.counts.prefill - target.counts.scored - len(hints) == prompt_prefill  # + each row: last prompt token

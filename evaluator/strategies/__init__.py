@@ -1,5 +1,10 @@
 """Search strategies, one module each, all with ``run(problems, budget, engine, prm, cfg) -> list[Result]``.
 
+Every model a strategy runs is reported (:func:`prepare`): the harness sums all of them into
+``flops_total`` and lists each in ``summary.json``. A strategy that needs a model of its own (SSR's draft)
+gets it from :func:`prepare`, built fresh for each ``run_strategy`` (no module-level engine holds counts
+from one run to the next).
+
 ``problems`` are task rows (``prompt``, ``answer_format``…), ``budget`` is N (samples, beams or
 particles), ``engine`` an :class:`frugal.evaluator.engine.Engine`, ``prm`` an
 :class:`frugal.evaluator.engine.CountingPRM` (None for greedy and majority), ``cfg`` the ``search``
@@ -25,6 +30,24 @@ RUNNERS = {
     "particle_gibbs": particle_gibbs.run,
     "ssr": ssr.run,
 }
+
+
+def prepare(name: str, engine, prm, cfg) -> tuple:
+    """``(run, models)`` for strategy ``name``: its run function (extra models bound) and every model it
+    runs, by role — ``policy`` (``target`` for SSR, whose draft writes and the evaluated policy checks),
+    ``draft`` (SSR) and ``prm`` when given — each with ``counts`` (an ``Engine`` or a ``CountingPRM``)."""
+    import functools
+
+    run = get(name)
+    if name == "ssr":
+        draft = ssr.draft_engine(cfg.ssr, engine)
+        models = {"target": engine, "draft": draft}
+        run = functools.partial(ssr.run, draft=draft)
+    else:
+        models = {"policy": engine}
+    if prm is not None:
+        models["prm"] = prm
+    return run, models
 
 
 def get(name: str):

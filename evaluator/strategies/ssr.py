@@ -13,7 +13,7 @@ are kept: they are the paths' first proposals (already scored).
 
 Step-level speculative decoding (SSD). Each round, every unfinished path gets one step (text up to the
 step delimiter) from the draft, and the target verifies all drafted steps in one batched forward pass over
-prompt + path + step (:func:`score_steps`; it generates nothing). Criteria (``score``, ``threshold`` τ):
+the drafted tokens only, on its cached KV of prompt + path (:func:`score_steps`; it generates nothing). Criteria (``score``, ``threshold`` τ):
 
     mean     accept the whole step iff (1/T) Σ_t log p_T(d_t | ·) ≥ τ        (the issue's step-level test)
     min      token t passes iff log p_T(d_t | ·) ≥ τ
@@ -31,15 +31,17 @@ tokens depends on the draft. τ < 0 trades accuracy for fewer target tokens.
 
 Refinement over the SSR paper (``keep_prefix``, default on): a rejected step is not thrown away whole —
 as in token-level speculative decoding, the drafted tokens before the first failing token are kept (cut
-at that token's first character via the tokenizer's offsets) and the target writes from there to the end
+at that token's first character, from the tokens' decoded pieces) and the target writes from there to the end
 of the step (``regen_tokens=None``), or only ``regen_tokens`` tokens, after which the draft continues the
 open step (``regen_tokens=1``, the default, is token-level speculative decoding with step-sized draft
 blocks: on the demo pairing the base draft's first token is usually rejected — the adapter answers
 tersely — but once steered by the target's token the draft writes the rest as the target would). The
 target's generated tokens then count only what it wrote after a rejection. Fast-mode answers are read
 only at step ends, so a number cut mid-step is never taken for an answer. Steps travel as text, so draft
-and target may use different tokenizers. Verification is a prefill: it counts as target prefill tokens
-and FLOPs, not as generated tokens.
+and target may use different tokenizers; with the same tokenizer the draft's ids are handed to the target
+(and the target's back to the draft), so nothing is re-encoded. Verification is one target pass over the
+drafted tokens only, on the target's cached prefix (:func:`score_steps`): it counts as target prefill
+tokens and FLOPs, not as generated tokens.
 
 Fast modes (per problem, checked after every round; a path "has an answer" once ``extract_answer`` finds
 one in its text — for ``answer_format=number`` that is the first step containing a number):
@@ -50,11 +52,11 @@ one in its text — for ``answer_format=number`` that is the first step containi
 
 Accounting: one :class:`frugal.evaluator.engine.Engine` per model. The draft engine counts draft tokens, the
 target engine counts target tokens — its generated tokens (what it wrote after rejections) and, as
-prefill, every token it processed while verifying (the prompt is re-encoded by every verification pass:
-no KV reuse there yet, so SSR's target FLOPs exceed target-only decoding on this CPU demo even though
-its generated tokens fall). :func:`report` turns both into FLOPs (:mod:`frugal.evaluator.flops`).
+prefill, every token it ran while verifying (the drafted tokens and the one before them: the prompt and
+the accepted path come from its KV store). The harness builds the draft per run (``strategies.prepare``)
+and sums both into ``flops_total``; :func:`report` turns both into FLOPs (:mod:`frugal.evaluator.flops`).
 
-Measured (``scripts/bench_ssr.py``, 40 held-out ± problems, k = 2, fast=1, target = SmolLM2-135M + a
+Measured before per-candidate KV reuse (``scripts/bench_ssr.py``, 40 held-out ± problems, k = 2, fast=1, target = SmolLM2-135M + a
 10-step demo adapter at 75 % greedy accuracy, draft = the base model): target generated tokens ÷
 target-only and accuracy change — ``margin:0:regen=1`` 0.131 / +0.0; ``margin:0`` (target writes the rest
 of a rejected step) 0.744 / +0.0; ``mean:-0.3`` 0.793 / −2.5; ``min:-2:regen=1`` 0.076 / −30.0.
@@ -146,15 +148,23 @@ def token_scores(logp: torch.Tensor, top: torch.Tensor, how: str) -> torch.Tenso
     return logp if how == "min" else logp - top
 
 
-@torch.inference_mode()
-def score_steps(engine: Engine, prompts: Sequence[list[dict]], prefixes: Sequence[str], steps: Sequence[str],
-                batch_size: int = 32) -> list[Scored]:
-    """Score each drafted ``steps[i]`` under ``engine.model`` given the templated prompt and ``prefixes[i]``;
-    ``Scored.judge`` then applies a criterion.
+def score_steps(engine: Engine, prompts: Sequence[list[dict]], prefixes: Sequence, steps: Sequence[str],
+                batch_size: int = 32, step_ids: Optional[Sequence[Optional[list[int]]]] = None) -> list[Scored]:
+    """Score each drafted ``steps[i]`` under the target ``engine`` after the templated prompt and
+    ``prefixes[i]`` (a :class:`Candidate`, whose ids the engine continues from when they are its own or
+    were handed to it, or a text); ``Scored.judge`` then applies a criterion.
 
-    One forward pass per batch (rows laid out as [left-padded prompt + prefix | right-padded step], the
-    LM head only at the step's positions via ``logits_to_keep``); every processed token is charged to
-    ``engine.counts`` as prefill (verification generates nothing). Criteria (:meth:`Scored.judge`, ``how``):
+    Standard speculative verification: one forward pass (:meth:`Engine.score`) over the drafted tokens
+    only, on the target's cached prefix. The target's KV of the prompt and of the path so far comes from
+    the engine's stores (kept across calls: the path's accepted text is the prefix the target verified or
+    wrote before), so the pass runs the drafted tokens plus the one token before them whose logits judge
+    the first (its KV is stored, its logits are not); every token it runs is charged to ``engine.counts``
+    as prefill, the LM head at the scored positions as ``scored``. A rejected suffix is rolled back by
+    key: the path continues from its accepted ids, a prefix of what was stored, so the rejected tokens'
+    KV is never attended to again (it sits in a leaf of its own until evicted).
+
+    The drafted tokens are ``step_ids[i]`` when given (the draft's own ids: same tokenizer), else the
+    step encoded by the target's tokenizer (steps travel as text). Criteria (:meth:`Scored.judge`, ``how``):
 
         mean     s = (1/T) Σ_t log p(d_t)          the whole step is accepted iff s ≥ threshold, else none of it
         min      s_t = log p(d_t)                  token t passes iff s_t ≥ threshold
@@ -162,51 +172,33 @@ def score_steps(engine: Engine, prompts: Sequence[list[dict]], prefixes: Sequenc
                                                      target's greedy token — lossless for a greedy target)
 
     For the token-level criteria the step's score is min_t s_t and the accepted prefix ends where the first
-    failing token starts (``Verdict.keep``, in characters, via the tokenizer's offsets). An empty step is
-    rejected (there is nothing to accept); trailing whitespace (the step delimiter) is not scored, so a
-    target that would have ended the solution there does not reject an otherwise identical step."""
-    tok, model = engine.tokenizer, engine.model
-    rows = []  # (ids, index where the step's tokens start, char offsets of the ids, len(context))
-    for prompt, prefix, step in zip(prompts, prefixes, steps):
-        context = engine.prompt_text(prompt) + prefix
-        head = tok(context, add_special_tokens=False)["input_ids"]
-        enc = tok(context + step.rstrip(), add_special_tokens=False, return_offsets_mapping=True)
-        full = enc["input_ids"]
-        common = 0  # the step's tokens start where the two tokenisations part (boundary merges)
-        while common < min(len(head), len(full)) and head[common] == full[common]:
-            common += 1
-        rows.append((full, max(common, 1), enc["offset_mapping"], len(context)))
-    out = [Scored([], [], [], 0) for _ in rows]
-    todo = [i for i, (full, start, _, _) in enumerate(rows) if len(full) > start and steps[i].strip()]
-    was_training = model.training
-    model.eval()
-    pad, dev = tok.pad_token_id, engine.device
-    for b in range(0, len(todo), batch_size):
-        batch = todo[b:b + batch_size]
-        width = max(rows[i][1] for i in batch)
-        tail_width = max(len(rows[i][0]) - rows[i][1] for i in batch)
-        ids, mask = [], []
-        for i in batch:
-            full, start = rows[i][0], rows[i][1]
-            left, right = width - start, tail_width - (len(full) - start)
-            ids.append([pad] * left + full + [pad] * right)
-            mask.append([0] * left + [1] * len(full) + [0] * right)
-        ids_t, mask_t = torch.tensor(ids, device=dev), torch.tensor(mask, device=dev)
-        keep_cols = torch.arange(width - 1, width - 1 + tail_width, device=dev)  # column c predicts c + 1
-        logits = model(input_ids=ids_t, attention_mask=mask_t, position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=keep_cols).logits.float()
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, ids_t[:, width:width + tail_width].unsqueeze(-1)).squeeze(-1)  # [B, T]
-        top = logp_all.max(-1).values
-        for r, i in enumerate(batch):
-            full, start, offsets, ctx_len = rows[i]
-            n = len(full) - start
-            # a token that straddles the prefix/step boundary starts at the step's first character
-            starts = [max(0, offsets[start + t][0] - ctx_len) for t in range(n)]
-            out[i] = Scored(logp[r, :n].tolist(), top[r, :n].tolist(), starts, len(full))
-            engine.counts.add(len(full), scored=n)  # the LM head ran at the step's n positions
-        engine.counts.calls += 1
-    model.train(was_training)
+    failing token starts (``Verdict.keep``, in characters of the step, from the tokens' decoded pieces). An
+    empty step is rejected (there is nothing to accept); trailing whitespace-only tokens (the step
+    delimiter) are run but not scored, so a target that would have ended the solution there does not
+    reject an otherwise identical step."""
+    tok = engine.tokenizer
+    problems = [{"prompt": p} for p in prompts]
+    cands, conts, starts, scored_n = [], [], [], []
+    for i, (prefix, step) in enumerate(zip(prefixes, steps)):
+        cand = Candidate(i, prefix.text, ids=prefix.ids) if isinstance(prefix, Candidate) else Candidate(i, prefix)
+        ids = list(step_ids[i]) if step_ids is not None and step_ids[i] is not None else (
+            tok(step, add_special_tokens=False)["input_ids"] if step else [])
+        pieces = [tok.decode([t]) for t in ids]
+        at, offsets = 0, []
+        for piece in pieces:
+            offsets.append(min(at, len(step)))
+            at += len(piece)
+        n = len(ids)
+        while n and not pieces[n - 1].strip():
+            n -= 1
+        cands.append(cand)
+        conts.append(ids if step.strip() else [])
+        starts.append(offsets[:n])
+        scored_n.append(n if step.strip() else 0)
+    read = engine.score(problems, cands, conts, batch_size)
+    out = []
+    for (logp, top, ran), n, st in zip(read, scored_n, starts):
+        out.append(Scored(logp[:n], top[:n], st, ran))
     return out
 
 
@@ -221,8 +213,38 @@ def with_hint(problem: dict, hint: str) -> dict:
     return {**problem, "prompt": prompt}
 
 
-def _score(scorer, target: Engine, prompts, prefixes, steps, cfg: SSRConfig) -> list[Scored]:
-    return (scorer or score_steps)(target, prompts, prefixes, steps, cfg.score_batch_size)
+def _score(scorer, target: Engine, prompts, prefixes, steps, cfg: SSRConfig, step_ids=None) -> list[Scored]:
+    if scorer is not None:  # tests: a scripted scorer reads texts
+        return scorer(target, prompts, [c.text for c in prefixes], steps, cfg.score_batch_size)
+    return score_steps(target, prompts, [_handed(target, c, True) for c in prefixes], steps, cfg.score_batch_size,
+                       step_ids)
+
+
+def same_tokenizer(a: Engine, b: Engine) -> bool:
+    """Whether two engines' tokenizers give the same ids (then token ids travel between them; else text)."""
+    ta, tb = getattr(a, "tokenizer", None), getattr(b, "tokenizer", None)
+    if ta is None or tb is None:
+        return False
+    return ta is tb or (type(ta) is type(tb) and len(ta) == len(tb) and ta.get_vocab() == tb.get_vocab())
+
+
+def _handed(engine: Engine, cand: Candidate, share: bool) -> Candidate:
+    """``cand`` with its token ids made ``engine``'s (same tokenizer: the engine continues from them and
+    finds their KV, instead of re-encoding the text); unchanged when the ids do not spell its text."""
+    if not share or cand.ids is None or cand.ids[1] != cand.text or cand.ids[0] is engine:
+        return cand
+    out = cand.copy()
+    out.ids = (engine, cand.text, cand.ids[2])
+    return out
+
+
+def _drafted(draft: Engine, before: Candidate, proposal: Candidate) -> Optional[list[int]]:
+    """The ids the draft wrote for ``proposal``'s new text (None when its ids do not spell it)."""
+    if proposal.ids is None or proposal.ids[0] is not draft or proposal.ids[1] != proposal.text:
+        return None
+    old = draft._partial_ids(before) if before.text else []
+    new = list(proposal.ids[2])
+    return new[len(old):] if new[:len(old)] == old else None
 
 
 def select_strategies(problems: Sequence[dict], k: int, draft: Engine, target: Engine, cfg: SSRConfig,
@@ -234,7 +256,13 @@ def select_strategies(problems: Sequence[dict], k: int, draft: Engine, target: E
     rows = [with_hint(p, h) for p in problems for h in hints]
     starts = [Candidate(i) for i in range(len(rows))]
     firsts = draft.extend(rows, starts, stop_at_step=True, greedy=cfg.greedy)
-    verdicts = _score(scorer, target, [r["prompt"] for r in rows], [""] * len(rows), [c.text for c in firsts], cfg)
+    share = same_tokenizer(draft, target)
+    verdicts = []
+    for p in range(len(problems)):  # one pass per problem: its hints share its prompt's prefill (Engine._prefill)
+        block = range(p * len(hints), (p + 1) * len(hints))
+        verdicts += _score(scorer, target, [rows[j]["prompt"] for j in block], [Candidate(j) for j in block],
+                           [firsts[j].text for j in block], cfg,
+                           [_drafted(draft, Candidate(j), firsts[j]) if share else None for j in block])
     chosen = []
     for p in range(len(problems)):
         block = range(p * len(hints), (p + 1) * len(hints))
@@ -270,6 +298,7 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
              for group in paths]
     flat = [path for group in paths for path in group]
     rows = [with_hint(problems[path.problem], path.hint) for path in flat]
+    share = draft is not None and same_tokenizer(draft, target)
     for j, path in enumerate(flat):
         path.cand.problem = j
     pending: dict[int, tuple[Candidate, Candidate, Scored]] = {}  # path -> (before, proposal, target scores)
@@ -293,7 +322,14 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
                 flat[j].accepted_tokens += verdict.kept_tokens
                 continue
             if cfg.keep_prefix and verdict.keep > 0:
-                before = Candidate(j, before.text + step[:verdict.keep], before.tokens + verdict.kept_tokens)
+                kept = Candidate(j, before.text + step[:verdict.keep], before.tokens + verdict.kept_tokens)
+                drafted = _drafted(draft, before, proposal) if share else None
+                start = ([] if not before.text else
+                         list(before.ids[2]) if before.ids is not None and before.ids[1] == before.text else None)
+                if drafted is not None and start is not None:
+                    # the draft's ids up to the first rejected token spell the kept text (same tokenizer)
+                    kept.ids = (target, kept.text, start + drafted[:verdict.kept_tokens])
+                before = kept
                 flat[j].accepted_tokens += verdict.kept_tokens
             redo.append((j, before))
         if not cfg.speculative:
@@ -301,7 +337,8 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
                     if not path.cand.finished and not stopped[path.problem]]
         if redo:
             cap = cfg.regen_tokens if cfg.speculative else None
-            regen = target.extend(rows, [c for _, c in redo], max_tokens=cap, stop_at_step=True, greedy=cfg.greedy)
+            regen = target.extend(rows, [_handed(target, c, share) for _, c in redo], max_tokens=cap,
+                                  stop_at_step=True, greedy=cfg.greedy)
             for (j, before), new in zip(redo, regen):
                 flat[j].target_tokens += new.tokens - before.tokens
                 flat[j].cand = new
@@ -319,10 +356,11 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
             continue
         # 4. the draft proposes the next step (or the rest of the open one) of every active path; the target
         # verifies all of them in one pass
-        befores = [flat[j].cand for j in active]
-        proposals = draft.extend(rows, befores, stop_at_step=True, greedy=cfg.greedy)
+        befores = [_handed(draft, flat[j].cand, share) for j in active]
+        proposals = draft.extend(rows, befores, max_tokens=cfg.draft_tokens, stop_at_step=True, greedy=cfg.greedy)
         steps = [new.text[len(old.text):] for old, new in zip(befores, proposals)]
-        verdicts = _score(scorer, target, [rows[j]["prompt"] for j in active], [c.text for c in befores], steps, cfg)
+        verdicts = _score(scorer, target, [rows[j]["prompt"] for j in active], befores, steps, cfg,
+                          [_drafted(draft, b, c) if share else None for b, c in zip(befores, proposals)])
         for j, old, new, v in zip(active, befores, proposals, verdicts):
             flat[j].draft_tokens += new.tokens - old.tokens
             flat[j].scored_tokens += v.processed
@@ -389,25 +427,66 @@ def ssr(problems: Sequence[dict], k: int, draft: Engine, target: Engine, cfg: SS
     return decode(problems, paths, draft, target, cfg)
 
 
-_DRAFTS: dict[tuple, Engine] = {}
-
-
-def run(problems, budget, engine, prm, cfg) -> list[Result]:
-    """``search=ssr`` in the harness: ``engine`` is the target (the evaluated policy), the draft is loaded
-    once from ``cfg.ssr.draft_model`` / ``draft_adapter`` (``cfg``: an SSRSearchConfig); ``budget`` = k
-    parallel paths. The harness counts the target's tokens; the draft's are in each result's ``info`` (and
-    ``draft_engine().counts``)."""
-    return ssr(problems, budget, draft_engine(cfg.ssr, engine), engine, cfg.ssr)
+def run(problems, budget, engine, prm, cfg, draft: Optional[Engine] = None) -> list[Result]:
+    """``search=ssr`` in the harness: ``engine`` is the target (the evaluated policy); ``draft`` the draft
+    engine (the harness builds it once per run with :func:`draft_engine` and counts it: see
+    ``strategies.prepare``; built here, uncounted, when not given); ``budget`` = k parallel paths."""
+    return ssr(problems, budget, draft if draft is not None else draft_engine(cfg.ssr, engine), engine, cfg.ssr)
 
 
 def draft_engine(scfg: SSRConfig, target: Engine) -> Engine:
+    """A new draft engine (with its own counts) for one run: ``draft_layers`` > 0 cuts the target to its
+    first k decoder layers (:func:`self_draft`, sharing the target's weights and tokenizer); else
+    ``draft_model`` / ``draft_adapter`` is loaded."""
+    if scfg.draft_layers:
+        return Engine(self_draft(target.model, scfg.draft_layers), target.tokenizer, target.cfg, name="draft",
+                      seed=target.seed)
     from frugal.train.models import ModelConfig, load_model
 
-    key = (scfg.draft_model, scfg.draft_adapter, str(target.device))
-    if key not in _DRAFTS:
-        model, tok = load_model(ModelConfig(name_or_path=scfg.draft_model, adapter=scfg.draft_adapter), target.device)
-        _DRAFTS[key] = Engine(model, tok, target.cfg, name="draft")
-    return _DRAFTS[key]
+    model, tok = load_model(ModelConfig(name_or_path=scfg.draft_model, adapter=scfg.draft_adapter), target.device)
+    return Engine(model, tok, target.cfg, name="draft", seed=target.seed)
+
+
+def self_draft(model, keep: int):
+    """Self-speculative draft (LayerSkip: Elhoushi et al. 2024, "LayerSkip: Enabling Early Exit Inference
+    and Self-Speculative Decoding"): the target model cut to its first ``keep`` decoder layers, reading
+    the last kept layer's hidden state through the target's final norm and LM head.
+
+    A view, not a copy: the modules on the path to the layer list are copied shallowly (the weights,
+    the LoRA adapter included, are the target's own tensors) and the copy's config says ``keep`` layers
+    (``frugal.train.prm.truncate_layers`` cuts the copy, the target keeps all its layers). Its FLOPs per
+    token are about keep / n_layers of the target's body plus the full LM head
+    (:func:`frugal.evaluator.flops.policy_shape` counts the copy's own parameters). LayerSkip trains the
+    model with layer dropout and an early-exit loss so that early layers predict well; an untrained
+    model's early exits are weaker drafts, so fewer drafted tokens are accepted."""
+    import copy
+
+    from transformers import PretrainedConfig
+
+    from frugal.train.prm import truncate_layers
+
+    path = next((name for name, m in model.named_modules() if name.endswith("layers")
+                 and isinstance(m, torch.nn.ModuleList)), None)
+    if path is None:
+        raise ValueError("search.ssr.draft_layers: this model has no `.layers` ModuleList to cut; set draft_layers=0")
+    total = len(model.get_submodule(path))
+    if not 0 < keep < total:
+        raise ValueError(f"search.ssr.draft_layers={keep}: the target has {total} decoder layers; keep 1..{total - 1}")
+    config = None
+    top = copy.copy(model)
+    top._modules = dict(model._modules)
+    node = top
+    for part in path.split(".")[:-1]:  # shallow copies down to the module that holds the layer list
+        child = copy.copy(node._modules[part])
+        child._modules = dict(child._modules)
+        node._modules[part] = child
+        node = child
+    for m in [top] + [top.get_submodule(".".join(path.split(".")[:i])) for i in range(1, len(path.split(".")))]:
+        if isinstance(m.__dict__.get("config"), PretrainedConfig):  # one config of its own for the copy
+            config = config or copy.deepcopy(m.config)
+            m.config = config
+    truncate_layers(top, keep)
+    return top
 
 
 @dataclass
