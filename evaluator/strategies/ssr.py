@@ -150,7 +150,8 @@ def token_scores(logp: torch.Tensor, top: torch.Tensor, how: str) -> torch.Tenso
 def score_steps(engine: Engine, prompts: Sequence[list[dict]], prefixes: Sequence[str], steps: Sequence[str],
                 batch_size: int = 32) -> list[Scored]:
     """Score each drafted ``steps[i]`` under ``engine.model`` given the templated prompt and ``prefixes[i]``;
-    ``Scored.judge`` then applies a criterion.
+    ``Scored.judge`` then applies a criterion. A served policy (``engine.backend=vllm|openai``) computes
+    the same log-probs itself (``ServedEngine.score_tokens``: its prompt log-probs, one request per row).
 
     One forward pass per batch (rows laid out as [left-padded prompt + prefix | right-padded step], the
     LM head only at the step's positions via ``logits_to_keep``); every processed token is charged to
@@ -178,6 +179,17 @@ def score_steps(engine: Engine, prompts: Sequence[list[dict]], prefixes: Sequenc
         rows.append((full, max(common, 1), enc["offset_mapping"], len(context)))
     out = [Scored([], [], [], 0) for _ in rows]
     todo = [i for i, (full, start, _, _) in enumerate(rows) if len(full) > start and steps[i].strip()]
+    if hasattr(engine, "score_tokens"):  # a served policy (engine.backend=vllm|openai): its prompt log-probs
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b:b + batch_size]
+            scored = engine.score_tokens([rows[i][0] for i in batch], [rows[i][1] for i in batch])
+            for i, (logp, top) in zip(batch, scored):
+                full, start, offsets, ctx_len = rows[i]
+                starts = [max(0, offsets[start + t][0] - ctx_len) for t in range(len(full) - start)]
+                out[i] = Scored(logp, top, starts, len(full))
+                engine.counts.add(len(full), scored=len(full) - start)
+            engine.counts.calls += 1
+        return out
     was_training = model.training
     model.eval()
     pad, dev = tok.pad_token_id, engine.device
@@ -406,7 +418,9 @@ def draft_engine(scfg: SSRConfig, target: Engine) -> Engine:
     key = (scfg.draft_model, scfg.draft_adapter, str(target.device))
     if key not in _DRAFTS:
         model, tok = load_model(ModelConfig(name_or_path=scfg.draft_model, adapter=scfg.draft_adapter), target.device)
-        _DRAFTS[key] = Engine(model, tok, target.cfg, name="draft")
+        from frugal.evaluator.backends import hf_config
+
+        _DRAFTS[key] = Engine(model, tok, hf_config(target.cfg), name="draft")  # the draft runs here (HF)
     return _DRAFTS[key]
 
 
