@@ -126,8 +126,13 @@ class OpenAIEngine(ServedEngine):
                  "stop_token_ids": list(self.eos_ids)}
         if "top_k" in sampling:
             extra["top_k"] = sampling.pop("top_k")
-        response = self._call(prompt=ids, max_tokens=self.token_budget(len(ids), limit), seed=seed,
-                              stop=self.stops(stop_at_step) or None, extra_body=extra, **sampling)
+        stops = self.stops(stop_at_step)
+        if stops:
+            sampling["stop"] = stops
+        if seed is not None:
+            sampling["seed"] = seed
+        response = self._call(prompt=ids, max_tokens=self.token_budget(len(ids), limit), extra_body=extra,
+                              **sampling)
         with self._format_lock:
             if self.format == "auto":
                 self.format = "ids"
@@ -142,7 +147,9 @@ class OpenAIEngine(ServedEngine):
         sampling = self.sampling(greedy)
         sampling.pop("top_k", None)  # not an OpenAI parameter
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        response = self._call(prompt=text, max_tokens=self.token_budget(len(ids), limit), seed=seed, **sampling)
+        if seed is not None:
+            sampling["seed"] = seed
+        response = self._call(prompt=text, max_tokens=self.token_budget(len(ids), limit), **sampling)
         prompt_tokens, cached = _usage(response, len(ids))
         return ids, self._retokenize(response.choices[0]), prompt_tokens, cached
 
