@@ -11,6 +11,9 @@ import os
 from typing import Optional
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+
+
 def make_llm(model: str, *, dtype: str = "auto", max_model_len: int = 2048, seed: int = 0, enable_lora: bool = False,
              max_lora_rank: int = 16, gpu_memory_utilization: float = 0.9, kv_cache_gib: Optional[float] = None):
     """A ``vllm.LLM`` for ``model`` (a local folder or a Hub id) with automatic prefix caching.
@@ -36,6 +39,8 @@ def make_llm(model: str, *, dtype: str = "auto", max_model_len: int = 2048, seed
         raise ImportError('engine.backend=vllm needs vLLM: pip install "frugal-rl[vllm]" (or use the '
                           f'.venv-vllm environment, `make test-vllm`): {err}') from err
     if enable_lora:
-        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        # vLLM sizes its LoRA slots from a fixed set of ranks: the smallest that holds the adapter's
+        rank = next((r for r in LORA_RANKS if r >= max_lora_rank), max_lora_rank)
+        kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
     return LLM(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed, enable_prefix_caching=True,
                gpu_memory_utilization=gpu_memory_utilization, **kwargs)
