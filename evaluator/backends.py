@@ -62,6 +62,18 @@ def make_engine(model_cfg, cfg: EngineConfig, device: Optional[torch.device] = N
     raise ValueError(f"engine.backend must be hf|vllm|openai, got {cfg.backend!r}")
 
 
+def hf_kv_supported() -> bool:
+    """Whether this environment's transformers takes the ``cache=`` keyword that Frugal's KV-cached HF paths
+    pass (the hf engine, PRM scoring with a shared prompt, SSR's draft). An older one — e.g. the version a
+    vLLM wheel pins — silently ignores the keyword and those paths fail; the served backends themselves do
+    not need it."""
+    import inspect
+
+    from transformers import LlamaModel
+
+    return "cache" in inspect.signature(LlamaModel.forward).parameters
+
+
 def hf_config(cfg: EngineConfig) -> EngineConfig:
     """``cfg`` for an HF engine beside a served one (SSR's draft model): the same generation keys, the
     backend keys at their defaults."""

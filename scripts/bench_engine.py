@@ -21,8 +21,11 @@ Last line:
 
     python scripts/bench_engine.py                         # the full run (after `frugal train-prm`)
     python scripts/bench_engine.py --quick --prm random    # a smoke test: 4 problems, N = 2, a random tiny PRM
+    .venv-vllm/bin/python scripts/bench_engine.py --python-hf .venv/bin/python   # hf in another environment
 
-Needs vLLM in the environment (``.venv-vllm``). Outputs (summary.json, results.jsonl per backend) go to --out.
+Each backend runs in a fresh process of its own, one after the other (``--python-hf`` / ``--python-vllm``
+choose their environments: vLLM's wheel may pin a transformers older than the one Frugal's HF paths need).
+Outputs (summary.json and results.jsonl per backend, <backend>.json) go to --out.
 """
 
 from __future__ import annotations
@@ -58,6 +61,12 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for both backends")
     ap.add_argument("--quick", action="store_true", help="4 problems at N = 2: checks the script end to end")
     ap.add_argument("--out", default=None, help="output folder (default outputs/bench/engine/<time>)")
+    ap.add_argument("--python-hf", default=sys.executable,
+                    help="the Python that runs the hf backend (an environment whose transformers Frugal's HF "
+                         "paths support; default: this one)")
+    ap.add_argument("--python-vllm", default=sys.executable, help="the Python that runs the vllm backend (with vLLM)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one backend, write --result
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
         args.problems, args.budget = min(args.problems, 4), min(args.budget, 2)
@@ -76,9 +85,36 @@ def paired_bootstrap(a: list[bool], b: list[bool], draws: int = 2000, seed: int 
 
 
 def main(argv=None) -> None:
+    """Each backend runs in a process of its own (``--python-hf`` / ``--python-vllm``: the two may be
+    different environments), one after the other, so neither's threads, memory or caches touch the other's
+    timing; this process then compares them."""
+    import json
+    import subprocess
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    out = Path(args.out or ROOT / "outputs/bench/engine" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for backend in args.backends:
+        python = args.python_vllm if backend == "vllm" else args.python_hf
+        path = out / f"{backend}.json"
+        subprocess.run([python, str(Path(__file__).resolve()), *argv, "--out", str(out), "--worker", backend,
+                        "--result", str(path)], check=True)
+        results[backend] = json.loads(path.read_text())
+    if {"hf", "vllm"} <= set(results):
+        compare(results["hf"], results["vllm"], args)
+
+
+def worker(args) -> None:
+    """One backend: every strategy at N = ``--budget``; writes rows and per-problem correctness to ``--result``."""
+    import json
+    from dataclasses import asdict
+
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # vLLM's CPU workers: OMP_NUM_THREADS threads
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # vLLM's CPU worker: OMP_NUM_THREADS threads
     import torch
 
     from frugal.evaluator.backends import make_engine
@@ -89,9 +125,9 @@ def main(argv=None) -> None:
     from frugal.tasks.config import PromptConfig, TaskConfig
     from frugal.train.models import ModelConfig
 
+    backend = args.worker
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out or ROOT / "outputs/bench/engine" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     task = TaskConfig(name="arith", ops=["+", "-"], num_operands=3, digits=1,
                       prompt=PromptConfig(num_fewshot=args.fewshot))
     problems = load_task(task).test[args.first:args.first + args.problems]
@@ -100,55 +136,57 @@ def main(argv=None) -> None:
     prm = CountingPRM(load_prm(args.prm, device, task.prompt.step_separator))
     common = dict(max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
                   temperature=args.temperature)
-    backend_keys = {"hf": {}, "vllm": dict(dtype=args.dtype, max_model_len=args.max_model_len)}
-    print(f"policy={args.model} prm={args.prm or 'newest outputs/train_prm'} problems={len(problems)} "
+    if backend == "vllm":
+        common.update(dtype=args.dtype, max_model_len=args.max_model_len)
+    print(f"[{backend}] policy={args.model} prm={args.prm or 'newest outputs/train_prm'} problems={len(problems)} "
           f"(held-out {args.first}-{args.first + len(problems) - 1}) N={args.budget} strategies={args.strategies} "
           f"threads={args.threads} device={device}", flush=True)
-
-    results = {}  # (backend, strategy) -> (Row, [correct per problem], cached tokens)
-    for backend in args.backends:
-        started = time.time()
-        engine = make_engine(ModelConfig(name_or_path=args.model), EngineConfig(backend=backend, **common,
-                                                                               **backend_keys[backend]),
-                             device, seed=args.seed)
-        torch.set_num_threads(args.threads)  # vLLM's start-up may have changed it
-        print(f"[{backend}] engine start-up {time.time() - started:.1f}s (torch threads {torch.get_num_threads()})",
-              flush=True)
-        rows, records = [], []
-        for name in args.strategies:
-            cfg = search_config(name, budgets=[args.budget])
-            before = engine.counts.snapshot()
-            r, rec = run_strategy(name, problems, [args.budget], engine, prm, cfg, seed=args.seed,
-                                  label=f"{name}@{backend}", progress=False)
-            cached = engine.counts.since(before).cached
-            results[backend, name] = (r[0], [x["correct"] for x in rec], cached)
-            rows += r
-            records += rec
-            x = r[0]
-            print(f"[{backend}] {name:16s} N={args.budget} acc={100 * x.accuracy:5.1f}  generated={x.policy_generated_tokens:7d} "
-                  f"prefill={x.policy_prefill_tokens:7d} cached={cached:7d} prm_tokens={x.prm_tokens:7d} "
-                  f"flops={x.flops_total:.3g} wall={x.wall_s:.1f}s", flush=True)
-        write_outputs(out / backend, rows, records, plots=False)
-        del engine
-
-    if not {"hf", "vllm"} <= set(args.backends):
-        return
-    n = len(problems)
-    walls, deltas, tokens = {"hf": 0.0, "vllm": 0.0}, [], {"hf": 0, "vllm": 0}
+    started = time.time()
+    engine = make_engine(ModelConfig(name_or_path=args.model), EngineConfig(backend=backend, **common), device,
+                         seed=args.seed)
+    startup = time.time() - started
+    torch.set_num_threads(args.threads)  # vLLM's start-up may have changed it
+    print(f"[{backend}] engine start-up {startup:.1f}s (torch threads {torch.get_num_threads()})", flush=True)
+    rows, records, result = [], [], {"startup_s": startup, "strategies": {}}
     for name in args.strategies:
-        (h, hc, _), (v, vc, _) = results["hf", name], results["vllm", name]
-        for backend, row in (("hf", h), ("vllm", v)):
-            walls[backend] += row.wall_s
-            tokens[backend] += row.policy_prefill_tokens + row.policy_generated_tokens
-        p = (h.accuracy + v.accuracy) / 2
+        before = engine.counts.snapshot()
+        r, rec = run_strategy(name, problems, [args.budget], engine, prm, search_config(name, budgets=[args.budget]),
+                              seed=args.seed, label=name, progress=False)
+        cached = engine.counts.since(before).cached
+        rows += r
+        records += rec
+        x = r[0]
+        result["strategies"][name] = {"row": asdict(x), "correct": [bool(y["correct"]) for y in rec], "cached": cached}
+        print(f"[{backend}] {name:16s} N={args.budget} acc={100 * x.accuracy:5.1f}  generated={x.policy_generated_tokens:7d} "
+              f"prefill={x.policy_prefill_tokens:7d} cached={cached:7d} prm_tokens={x.prm_tokens:7d} "
+              f"flops={x.flops_total:.3g} wall={x.wall_s:.1f}s", flush=True)
+    write_outputs(Path(args.out) / backend, rows, records, plots=False)
+    Path(args.result).write_text(json.dumps(result))
+
+
+def compare(hf: dict, vllm: dict, args) -> None:
+    """Per strategy: accuracies, their noise, wall and token ratios; then the BENCH line."""
+    walls, deltas, tokens = {"hf": 0.0, "vllm": 0.0}, [], {"hf": 0, "vllm": 0}
+    print(f"engine start-up: hf {hf['startup_s']:.1f}s, vllm {vllm['startup_s']:.1f}s (once per process; not in the "
+          "wall times below)")
+    for name in args.strategies:
+        h, v = hf["strategies"][name], vllm["strategies"][name]
+        hr, vr = h["row"], v["row"]
+        n = len(h["correct"])
+        for backend, row in (("hf", hr), ("vllm", vr)):
+            walls[backend] += row["wall_s"]
+            tokens[backend] += row["policy_prefill_tokens"] + row["policy_generated_tokens"]
+        p = (hr["accuracy"] + vr["accuracy"]) / 2
         se = (p * (1 - p) / n) ** 0.5
-        lo, hi = paired_bootstrap(hc, vc, seed=args.seed)
-        deltas.append(100 * (v.accuracy - h.accuracy))
-        print(f"{name}: accuracy hf {100 * h.accuracy:.1f} vllm {100 * v.accuracy:.1f} (delta {deltas[-1]:+.1f} points; "
-              f"one accuracy's binomial SE at {n} problems {100 * se:.1f} points; paired bootstrap 95% interval of the "
-              f"delta [{100 * lo:+.1f}, {100 * hi:+.1f}]); wall hf {h.wall_s:.1f}s vllm {v.wall_s:.1f}s; generated "
-              f"{v.policy_generated_tokens / max(1, h.policy_generated_tokens):.2f}x, prefill "
-              f"{v.policy_prefill_tokens / max(1, h.policy_prefill_tokens):.2f}x", flush=True)
+        lo, hi = paired_bootstrap(h["correct"], v["correct"], seed=args.seed)
+        deltas.append(100 * (vr["accuracy"] - hr["accuracy"]))
+        print(f"{name}: accuracy hf {100 * hr['accuracy']:.1f} vllm {100 * vr['accuracy']:.1f} (delta "
+              f"{deltas[-1]:+.1f} points; one accuracy's binomial SE at {n} problems {100 * se:.1f} points; paired "
+              f"bootstrap 95% interval of the delta [{100 * lo:+.1f}, {100 * hi:+.1f}]); wall hf {hr['wall_s']:.1f}s "
+              f"vllm {vr['wall_s']:.1f}s ({vr['wall_s'] / hr['wall_s']:.2f}x); generated "
+              f"{vr['policy_generated_tokens'] / max(1, hr['policy_generated_tokens']):.2f}x, prefill "
+              f"{vr['policy_prefill_tokens'] / max(1, hr['policy_prefill_tokens']):.2f}x (vllm: {v['cached']} prompt "
+              "tokens from its prefix cache)", flush=True)
     print(f"BENCH engine vllm_vs_hf_wall={walls['vllm'] / walls['hf']:.3f} acc_delta={sum(deltas) / len(deltas):+.1f} "
           f"tokens_ratio={tokens['vllm'] / max(1, tokens['hf']):.3f}")
 
@@ -162,13 +200,31 @@ def load_prm(path, device, separator):
         from frugal.train.prm import PRMConfig, build_prm
 
         torch.manual_seed(0)
-        return build_prm(ModelConfig(name_or_path="builtin:tiny-random"), LoraConfig(r=4, alpha=8),
-                         PRMConfig(separator=separator))
-    from bench_search import find_prm
+        prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random"), LoraConfig(r=4, alpha=8),
+                        PRMConfig(separator=separator))
+    else:
+        from bench_search import find_prm
 
-    from frugal.evaluator.hub_prm import load_any_prm
+        from frugal.evaluator.hub_prm import load_any_prm
 
-    return load_any_prm(find_prm(path), None, device, separator=separator)
+        prm = load_any_prm(find_prm(path), None, device, separator=separator)
+    return full_sequence_fallback(prm)
+
+
+def full_sequence_fallback(prm):
+    """In an environment whose transformers predates the ``cache=`` keyword (``backends.hf_kv_supported``:
+    e.g. a vLLM wheel's pin), a Frugal PRM scores every full sequence (``share_prompt=False``: the same
+    scores up to float round-off, more PRM tokens) instead of failing; the policy's numbers are unaffected."""
+    import functools
+
+    from frugal.evaluator.backends import hf_kv_supported
+    from frugal.train.prm import PRM
+
+    if isinstance(prm, PRM) and not hf_kv_supported():
+        print("note: this environment's transformers predates `cache=`: the PRM scores full sequences "
+              "(share_prompt=False); its token counts are not comparable across environments", flush=True)
+        prm.score = functools.partial(prm.score, share_prompt=False)
+    return prm
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 
 from frugal.evaluator.backends import make_engine, model_location  # noqa: E402
 from frugal.evaluator.engine import Candidate, CountingPRM, EngineConfig  # noqa: E402
-from frugal.train.models import LoraConfig, ModelConfig  # noqa: E402
+from frugal.train.models import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)
 SMOL = ModelConfig()
@@ -97,10 +97,10 @@ def test_openai_best_of_n_and_ssr_verification(server):
     from frugal.evaluator.config import search_config
     from frugal.evaluator.harness import run_strategy
     from frugal.evaluator.strategies.ssr import score_steps
-    from frugal.train.prm import PRMConfig, build_prm
 
-    torch.manual_seed(0)
-    prm = CountingPRM(build_prm(ModelConfig(name_or_path="builtin:tiny-random"), LoraConfig(r=4, alpha=8), PRMConfig()))
+    from test_backends_vllm import TextPRM
+
+    prm = CountingPRM(TextPRM())
     engine = engine_for(server)
     rows, records = run_strategy("particle_filter", arith(2), [2], engine, prm,
                                  search_config("particle_filter", budgets=[2]), progress=False)
