@@ -181,7 +181,8 @@ def compare(hf: dict, vllm: dict, args) -> None:
         lo, hi = paired_bootstrap(h["correct"], v["correct"], seed=args.seed)
         deltas.append(100 * (vr["accuracy"] - hr["accuracy"]))
         print(f"{name}: accuracy hf {100 * hr['accuracy']:.1f} vllm {100 * vr['accuracy']:.1f} (delta "
-              f"{deltas[-1]:+.1f} points; one accuracy's binomial SE at {n} problems {100 * se:.1f} points; paired "
+              f"{deltas[-1]:+.1f} points; one accuracy's binomial SE at {n} problems {100 * se:.1f} points, at most "
+              f"{100 * (0.25 / n) ** 0.5:.1f} (p = 0.5); paired "
               f"bootstrap 95% interval of the delta [{100 * lo:+.1f}, {100 * hi:+.1f}]); wall hf {hr['wall_s']:.1f}s "
               f"vllm {vr['wall_s']:.1f}s ({vr['wall_s'] / hr['wall_s']:.2f}x); generated "
               f"{vr['policy_generated_tokens'] / max(1, hr['policy_generated_tokens']):.2f}x, prefill "
