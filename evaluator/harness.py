@@ -192,7 +192,7 @@ def prepare(cfg, run_dir: Path):
     config_dict = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
     problems = load_problems(cfg)
-    return run_dir, device, config_dict, problems, make_engine(cfg.model, cfg.engine, device, seed=cfg.seed)
+    return run_dir, device, config_dict, problems, make_engine(cfg.model, cfg.engine, device)
 
 
 def evaluate(cfg, run_dir: Path) -> dict:
