@@ -133,13 +133,18 @@ class OpenAIEngine(ServedEngine):
             sampling["seed"] = seed
         response = self._call(prompt=ids, max_tokens=self.token_budget(len(ids), limit), extra_body=extra,
                               **sampling)
+        choice = response.choices[0]
         with self._format_lock:
             if self.format == "auto":
                 self.format = "ids"
-        choice = response.choices[0]
         new_ids = _extra(choice, "token_ids")
-        if new_ids is None:  # the server took the ids but does not return token ids: tokenise its text
-            new_ids = self._retokenize(choice)
+        if new_ids is None:  # the server took the ids but returns no token ids: tokenise its text, and (auto)
+            new_ids = self._retokenize(choice, stops)  # send text from now on: it may drop matched stop strings
+            with self._format_lock:
+                if self.format != "text" and self.cfg.prompt_format == "auto":
+                    log.warning("engine.base_url=%s returns no token ids (vLLM's return_token_ids): using text "
+                                "prompts from now on (engine.prompt_format=text)", self.base_url)
+                    self.format = "text"
         prompt_tokens, cached = _usage(response, len(ids))
         return ids, list(new_ids), prompt_tokens, cached
 
@@ -153,10 +158,12 @@ class OpenAIEngine(ServedEngine):
         prompt_tokens, cached = _usage(response, len(ids))
         return ids, self._retokenize(response.choices[0]), prompt_tokens, cached
 
-    def _retokenize(self, choice) -> list[int]:
+    def _retokenize(self, choice, stops: Sequence[str] = ()) -> list[int]:
+        """The completion's text tokenised; a "stop" finish that no sent stop string explains is the EOS."""
         new_ids = self.tokenizer(choice.text, add_special_tokens=False)["input_ids"]
-        if choice.finish_reason == "stop" and self.eos_ids and not any(t in self.eos_ids for t in new_ids):
-            new_ids = new_ids + [self.eos_ids[0]]  # no stop strings were sent: "stop" means EOS
+        by_string = any(choice.text.endswith(s) for s in stops)
+        if choice.finish_reason == "stop" and not by_string and self.eos_ids and not any(t in self.eos_ids for t in new_ids):
+            new_ids = new_ids + [self.eos_ids[0]]
         return new_ids
 
     def _call(self, **kwargs):

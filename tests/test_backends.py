@@ -29,8 +29,9 @@ class Stub:
     string or at ``max_tokens``. ``fail_first`` requests get HTTP 500 first (retries); ``reject_ids`` answers
     a token-id prompt with HTTP 400 (a text-only server); ``cached`` prompt tokens are reported as cached."""
 
-    def __init__(self, tok, fail_first=0, reject_ids=False, cached=5, delay=0.0):
+    def __init__(self, tok, fail_first=0, reject_ids=False, cached=5, delay=0.0, token_ids=True):
         self.tok, self.fail_first, self.reject_ids, self.cached, self.delay = tok, fail_first, reject_ids, cached, delay
+        self.token_ids = token_ids  # False: a server that takes token-id prompts but returns text only
         self.requests, self.headers, self.in_flight, self.max_in_flight = [], [], 0, 0
         self.lock = threading.Lock()
         stub = self
@@ -89,7 +90,7 @@ class Stub:
         n_prompt = len(prompt) if isinstance(prompt, list) else len(tok(prompt, add_special_tokens=False)["input_ids"])
         text = tok.decode([t for t in ids if t != tok.eos_token_id])
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        if body.get("return_token_ids") and isinstance(prompt, list):
+        if body.get("return_token_ids") and isinstance(prompt, list) and self.token_ids:
             choice["token_ids"] = ids
         return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": body["model"],
                 "choices": [choice],
@@ -251,6 +252,20 @@ def test_openai_text_only_server_falls_back_to_text(tok, caplog):
         assert all(c.text.endswith("\n\n") and "\n\n" not in c.text[:-2] for c in out)
         with pytest.raises(RuntimeError, match="prompt_format=text"):
             openai_engine(server.url, prompt_format="ids").extend(PROBLEMS, [Candidate(0, stream=0)])
+    finally:
+        server.close()
+
+
+def test_openai_server_without_token_ids_switches_to_text(tok, caplog):
+    server = Stub(tok, token_ids=False)
+    try:
+        engine = openai_engine(server.url)
+        with caplog.at_level("WARNING", logger="frugal.eval"):
+            first = engine.extend(PROBLEMS, [Candidate(0, stream=0)])
+        assert "returns no token ids" in caplog.text and engine.format == "text"
+        assert first[0].text.endswith("\n\n") and not first[0].finished  # the kept delimiter is a step end, not EOS
+        engine.extend(PROBLEMS, first, stop_at_step=False)
+        assert isinstance(server.requests[-1]["prompt"], str) and "stop" not in server.requests[-1]
     finally:
         server.close()
 
