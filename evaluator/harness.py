@@ -177,7 +177,8 @@ def load_problems(cfg) -> list[dict]:
 
 def prepare(cfg, run_dir: Path):
     """What ``frugal eval`` and ``frugal plan`` share: the run dir, threads, device, a ``config.yaml`` with
-    secrets removed, the problems and the policy's engine (``engine.backend``: :func:`make_engine`). Returns (run_dir, device, config, problems, engine)."""
+    secrets removed, the problems and the policy's engine (``engine.backend``:
+    :func:`frugal.evaluator.backends.make_engine`). Returns (run_dir, device, config, problems, engine)."""
     from omegaconf import OmegaConf
 
     from frugal.evaluator.backends import make_engine
