@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Optional, Protocol, Sequence
 
 import torch
@@ -96,8 +96,40 @@ class EngineConfig:
     # candidates, least recently used dropped first (their tokens are prefilled again, and counted as
     # `reprefill`). 0 = off: each call encodes each candidate's partial solution again.
     kv_cache_tokens: int = 100_000
+    # ---- which backend runs the policy (evaluator/backends.py; docs/evaluator.md "Engine backends").
+    # hf: this class (Frugal's decoding core) | vllm: an in-process vLLM `LLM` | openai: any
+    # OpenAI-compatible completions server. A key of another backend is refused (BACKEND_KEYS).
+    backend: str = "hf"
+    # vllm
+    dtype: str = "auto"  # vLLM's dtype (auto | float32 | bfloat16 | float16)
+    max_model_len: int = 2048  # prompt + solution tokens vLLM reserves KV for
+    gpu_memory_utilization: float = 0.9  # share of the GPU vLLM may use (GPU only)
+    kv_cache_gib: Optional[float] = None  # KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE; default 1 on CPU)
+    # openai
+    base_url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
+    served_model: Optional[str] = None  # the server's model name (default: model.name_or_path)
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (the key is never written)
+    max_concurrency: int = 8  # requests in flight at once
+    timeout_s: float = 120.0  # per request
+    max_retries: int = 3  # retries of a failed request, with exponential backoff
+    prompt_format: str = "auto"  # auto (token ids, text if the server refuses them) | ids | text
 
     def __post_init__(self):
+        if self.backend not in BACKEND_KEYS:
+            raise ValueError(f"engine.backend must be one of {'|'.join(BACKEND_KEYS)}, got {self.backend!r}")
+        foreign = [f"engine.{k} belongs to engine.backend={b}" for b, keys in BACKEND_KEYS.items()
+                   if b != self.backend for k in keys if getattr(self, k) != _ENGINE_DEFAULTS[k]]
+        if foreign:
+            raise ValueError(f"{'; '.join(foreign)}, not engine.backend={self.backend}")
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("engine.backend=openai needs engine.base_url (e.g. http://127.0.0.1:8000/v1)")
+        for key in ("max_model_len", "max_concurrency", "timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"engine.{key} must be > 0, got {getattr(self, key)}")
+        if self.max_retries < 0 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("engine.max_retries must be >= 0 and engine.gpu_memory_utilization in (0, 1]")
+        if self.prompt_format not in ("auto", "ids", "text"):
+            raise ValueError(f"engine.prompt_format must be auto|ids|text, got {self.prompt_format!r}")
         if not self.step_delimiter:
             raise ValueError("engine.step_delimiter must be a non-empty string")
         for key in ("max_steps", "max_step_tokens", "max_new_tokens", "batch_size"):
@@ -111,6 +143,18 @@ class EngineConfig:
             raise ValueError(f"engine.temperature must be > 0 (greedy is a strategy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"engine.top_p must be in (0, 1], got {self.top_p}")
+
+
+# The keys only one backend reads (the rest are every backend's): set away from its default under another
+# backend, a key is refused with the backend it belongs to (as `search.*` keys of another strategy are).
+BACKEND_KEYS = {
+    "hf": ("batch_size", "shared_prefix_min_tokens"),  # vLLM and servers batch and cache prefixes themselves
+    "vllm": ("dtype", "max_model_len", "gpu_memory_utilization", "kv_cache_gib"),
+    "openai": ("base_url", "served_model", "api_key_env", "max_concurrency", "timeout_s", "max_retries",
+               "prompt_format"),
+}
+_ENGINE_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)
+                    for f in fields(EngineConfig)}
 
 
 @dataclass

@@ -214,11 +214,12 @@ def load_problems(cfg) -> list[dict]:
 
 def prepare(cfg, run_dir: Path):
     """What ``frugal eval`` and ``frugal plan`` share: the run dir, threads, device, a ``config.yaml`` with
-    secrets removed, the problems and the policy's engine. Returns (run_dir, device, config, problems, engine)."""
+    secrets removed, the problems and the policy's engine (``engine.backend``:
+    :func:`frugal.evaluator.backends.make_engine`). Returns (run_dir, device, config, problems, engine)."""
     from omegaconf import OmegaConf
 
+    from frugal.evaluator.backends import make_engine
     from frugal.train.config import scrub_secrets
-    from frugal.train.models import load_model
     from frugal.train.runtime import device_from
 
     run_dir = Path(run_dir)
@@ -229,8 +230,7 @@ def prepare(cfg, run_dir: Path):
     config_dict = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
     problems = load_problems(cfg)
-    model, tok = load_model(cfg.model, device)
-    return run_dir, device, config_dict, problems, Engine(model, tok, cfg.engine)
+    return run_dir, device, config_dict, problems, make_engine(cfg.model, cfg.engine, device)
 
 
 def evaluate(cfg, run_dir: Path) -> dict:

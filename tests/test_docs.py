@@ -304,6 +304,7 @@ DEFAULT_TABLES = {
     ("algorithms.md", "### T-SPMO (`algo=tspmo`)"): ("train", ["algo=tspmo"], "algo."),
     ("evaluator.md", "## Other `frugal eval` keys"): ("eval", ["search=majority"], ""),
     ("evaluator.md", "## The engine"): ("eval", ["search=majority"], "engine."),
+    ("evaluator.md", "### Engine backends: `engine.backend=hf|vllm|openai`"): ("eval", ["search=majority"], "engine."),
     ("evaluator.md", "## Budget planning: `frugal plan`"): ("plan", [], ""),
     ("export.md", "## Keys"): ("export", ["source=runs/demo"], ""),
     ("training.md", "## `frugal train`"): ("train", [], ""),

@@ -438,13 +438,18 @@ def draft_engine(scfg: SSRConfig, target: Engine) -> Engine:
     """A new draft engine (with its own counts) for one run: ``draft_layers`` > 0 cuts the target to its
     first k decoder layers (:func:`self_draft`, sharing the target's weights and tokenizer); else
     ``draft_model`` / ``draft_adapter`` is loaded."""
+    from frugal.evaluator.backends import hf_config
+
     if scfg.draft_layers:
+        if target.cfg.backend != "hf":  # the cut target is a view of weights in this process
+            raise ValueError(f"search.ssr.draft_layers needs engine.backend=hf (the target's own weights), not "
+                             f"engine.backend={target.cfg.backend}; name a draft_model instead")
         return Engine(self_draft(target.model, scfg.draft_layers), target.tokenizer, target.cfg, name="draft",
                       seed=target.seed)
     from frugal.train.models import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name_or_path=scfg.draft_model, adapter=scfg.draft_adapter), target.device)
-    return Engine(model, tok, target.cfg, name="draft", seed=target.seed)
+    return Engine(model, tok, hf_config(target.cfg), name="draft", seed=target.seed)  # the draft runs here (HF)
 
 
 def self_draft(model, keep: int):
