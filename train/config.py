@@ -392,14 +392,14 @@ def scrub_text(text: str, key: str = "") -> str:
     OPENAI_API_KEY wherever it appears, and token-shaped substrings (:data:`TOKEN_SHAPES`). The whole value
     is masked when ``key`` names a secret (``hf_token``, ``logger.api_key``); an override string
     ``key=value`` is judged by its own key the same way."""
+    if key and SECRET_KEY.search(key.split(".")[-1]) and text:
+        return MASK
     match = OVERRIDE.match(text)
-    if match and not key:
+    if match:
         name = match.group("key").split(".")[-1]
         if SECRET_KEY.search(name) and match.group("value"):
             return f"{match.group('prefix')}{match.group('key')}={MASK}"
         return f"{match.group('prefix')}{match.group('key')}={scrub_text(match.group('value'), match.group('key'))}"
-    if key and SECRET_KEY.search(key.split(".")[-1]) and text:
-        return MASK
     for secret in env_secrets():
         text = text.replace(secret, MASK)
     shapes = NOT_HEX_SHAPES if key and REVISION_KEY.search(key) else TOKEN_SHAPES
