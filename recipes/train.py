@@ -71,6 +71,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     model, tokenizer = load_model(*dist.load_args(cfg.model, device, accelerator))
     # A prompt longer than the model can read is a bad row (found now, not as a giant attention mask later).
     check_prompt_lengths(data, tokenizer, _prompt_token_limit(model, cfg), cfg.task)
+    require_train(data, cfg.task, "frugal train")
     model = apply_lora(model, cfg.lora)
     # The module the loss runs: `model` itself, or under FSDP a wrapper whose forward gathers the sharded base.
     policy = dist.shard_policy(model, accelerator, cfg.generation.backend)
