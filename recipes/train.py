@@ -209,7 +209,8 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     summary = {
-        "steps": step, "max_steps": cfg.max_steps, "stopped_early": stopped_early, "accuracy_before": best.get("accuracy_before"), "accuracy_after": acc_after,
+        "steps": step, "max_steps": cfg.max_steps, "stopped_early": stopped_early, "skipped_rows": data.skipped,
+        "accuracy_before": best.get("accuracy_before"), "accuracy_after": acc_after,
         "minutes": (time.time() - started) / 60, "adapter": str(final_dir), "run_dir": str(run_dir),
         "algo": cfg.algo.name, "model": cfg.model.name_or_path, "task": cfg.task.name,
     }
