@@ -48,6 +48,20 @@ TINY = ["model=tiny_random", "logger=none", "task.n_train=32", "task.n_test=8", 
 HF = "hf_" + "Q7x" * 10
 WANDB_KEY = "0123456789abcdef" * 2 + "01234567"
 ENV_SECRET = "env-secret-value-987"
+# Two processes import, wait for each other, then start Hydra at the same whole second.
+BARRIER = ("import datetime, math, os, pathlib, sys, time; import frugal.recipes.train; import hydra.core.utils as hu\n"
+           "from frugal.recipes.cli import main\n"
+           "d = pathlib.Path(sys.argv[1]); (d / f'ready-{os.getpid()}').touch()\n"
+           "while len(list(d.glob('ready-*'))) < 2: time.sleep(0.005)\n"
+           "target = math.ceil(max(p.stat().st_mtime for p in d.glob('ready-*'))) + 0.02  # the same for both\n"
+           "time.sleep(max(0.0, target - time.time()))\n"
+           # On a loaded machine one process may reach Hydra's clock a second later; reading the shared
+           # start time instead makes the same second certain (what `now` returns is all that differs).
+           "class Clock(datetime.datetime):\n"
+           "    @classmethod\n"
+           "    def now(cls, tz=None): return datetime.datetime.fromtimestamp(target)\n"
+           "hu.datetime = Clock\n"
+           "sys.exit(main(['train', *sys.argv[2:]]))")
 
 
 def env(**extra) -> dict:
@@ -151,15 +165,14 @@ def drill_resume_named(tmp: Path) -> tuple[bool, int, int]:
 def drill_same_second(tmp: Path) -> tuple[bool, int, int]:
     cwd = tmp / "same_second"
     cwd.mkdir()
-    start = time.time() + 25
-    code = ("import sys, time; import frugal.recipes.train; from frugal.recipes.cli import main; "
-            f"time.sleep(max(0.0, {start} - time.time())); sys.exit(main(['train', *sys.argv[1:]]))")
-    procs = [subprocess.Popen([sys.executable, "-c", code, *TINY, "max_steps=2"], cwd=cwd, env=env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    (cwd / "barrier").mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", BARRIER, str(cwd / "barrier"), *TINY, "max_steps=2"], cwd=cwd,
+                              env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     rcs = [p.wait(timeout=600) for p in procs]
     dirs = sorted(p.parent for p in cwd.glob("outputs/train/*/*/metrics.jsonl"))
     same = len({(d.parent.name, d.name.rsplit("-", 1)[0]) for d in dirs}) == 1
-    ok = rcs == [0, 0] and len(dirs) == 2 and all(sorted(metrics(d)) == [1, 2] for d in dirs)
+    ok = same and rcs == [0, 0] and len(dirs) == 2 and all(sorted(metrics(d)) == [1, 2] for d in dirs)
     print(f"  same_second: dirs={[str(d.relative_to(cwd)) for d in dirs]} same_second={same}")
     return ok, 0, 0
 

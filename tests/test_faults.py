@@ -20,6 +20,19 @@ from conftest import ROOT, TINY, compose_train
 from frugal.train.tracking import read_jsonl
 
 FAST = TINY + ["eval_before=false", "eval_limit=2"]
+BARRIER = ("import datetime, math, os, pathlib, sys, time; import frugal.recipes.train; import hydra.core.utils as hu\n"
+           "from frugal.recipes.cli import main\n"
+           "d = pathlib.Path(sys.argv[1]); (d / f'ready-{os.getpid()}').touch()\n"
+           "while len(list(d.glob('ready-*'))) < 2: time.sleep(0.005)\n"
+           "target = math.ceil(max(p.stat().st_mtime for p in d.glob('ready-*'))) + 0.02  # the same for both\n"
+           "time.sleep(max(0.0, target - time.time()))\n"
+           # On a loaded machine one process may reach Hydra's clock a second later; reading the shared
+           # start time instead makes the same second certain (what `now` returns is all that differs).
+           "class Clock(datetime.datetime):\n"
+           "    @classmethod\n"
+           "    def now(cls, tz=None): return datetime.datetime.fromtimestamp(target)\n"
+           "hu.datetime = Clock\n"
+           "sys.exit(main(['train', *sys.argv[2:]]))")
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -96,12 +109,12 @@ def test_resume_true_continues_the_run_named_by_output_dir(finished_run, tmp_pat
 
 def test_two_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
     # Before: both runs wrote outputs/train/<date>/<time>: every step twice in one metrics.jsonl.
-    start = time.time() + 25  # both processes import first, then start Hydra at the same instant
-    code = ("import sys, time; import frugal.recipes.train; from frugal.recipes.cli import main; "
-            f"time.sleep(max(0.0, {start} - time.time())); sys.exit(main(['train', *sys.argv[1:]]))")
+    # Both processes import first, wait for each other, then start Hydra at the same whole second.
+    (tmp_path / "barrier").mkdir()
     args = FAST + ["max_steps=2"]
-    procs = [subprocess.Popen([sys.executable, "-c", code, *args], cwd=tmp_path, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", BARRIER, str(tmp_path / "barrier"), *args], cwd=tmp_path,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     dirs = sorted(p.parent for p in tmp_path.glob("outputs/train/*/*/metrics.jsonl"))
