@@ -276,3 +276,19 @@ def test_export_refuses_an_incomplete_final_naming_what_is_missing(finished_run,
                            f"output_dir={tmp_path / 'out2'}"], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "tokenizer_config.json" in proc.stderr
+
+
+def test_train_prm_sigint_saves_the_last_finished_step(tmp_path):
+    # frugal train-prm shares the run-dir, lock and signal helpers (train/runtime.py).
+    run_dir = tmp_path / "prm"
+    proc = subprocess.Popen([sys.executable, "-m", "frugal.recipes.train_prm", "model=tiny_random", "prm.num_layers=0",
+                             "lora.r=4", "max_minutes=null", "task.n_train=24", "task.n_test=6", "batch_size=4",
+                             "data.drills_per_step=0", "max_steps=200", "eval_every=0", "save_every=0",
+                             f"output_dir={run_dir}"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _interrupt_after(proc, run_dir, 2, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    last = _steps(run_dir)[-1]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [f"step_{last}"]
+    assert f"frugal train-prm resume={run_dir}" in err and not (run_dir / ".lock").exists()
