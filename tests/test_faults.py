@@ -174,6 +174,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_cleans_temp_folde
         run(compose_train(FAST + ["max_steps=4", "save_every=0", f"resume={run_dir}"]))
     assert str(bad) in caplog.text and "damaged" in caplog.text
     assert not leftover.exists()
+    assert (run_dir / "checkpoints" / "damaged_step_3" / "optimizer.pt").exists()  # set aside, not deleted
     assert _steps(run_dir) == [1, 2, 3, 4]  # step 3 redone from step 2, logged once
     assert _losses(run_dir)[3] == pytest.approx(_losses(finished_run)[3], abs=1e-6)
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -35,7 +36,7 @@ import torch
 
 from frugal.conf import launch_id
 from frugal.train.checkpoint import (_intact_or_raise, clean_temporary, find_resume_checkpoint,
-                                     list_checkpoints)
+                                     list_checkpoints, verify_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,23 @@ def resolve_run_dir(cfg: Any, run_dir, recipe: str) -> tuple[Path, Optional[Path
             raise FileExistsError(f"{target} already holds a run ({', '.join(earlier)}): continue it with "
                                   f"resume={target}, or choose a new output_dir")
     clean_temporary(target)
+    if resume_from is not None:
+        set_aside_newer(target, resume_from)
     return target, resume_from
+
+
+def set_aside_newer(run_dir: Path, resume_from: Path) -> None:
+    """Rename the damaged checkpoints newer than ``resume_from`` (the ones the resume skipped) to
+    ``damaged_step_<n>``: kept for inspection, but no longer what pruning keeps, export picks or the next
+    resume tries."""
+    step = int(resume_from.name.split("_")[1])
+    for ckpt in list_checkpoints(run_dir):
+        if int(ckpt.name.split("_")[1]) > step and verify_checkpoint(ckpt):
+            aside = ckpt.with_name(f"damaged_{ckpt.name}")
+            if aside.exists():
+                shutil.rmtree(aside)
+            ckpt.rename(aside)
+            log.warning("set aside %s as %s (resuming from the older %s)", ckpt, aside.name, resume_from.name)
 
 
 # ---------------------------------------------------------------------- the run lock
