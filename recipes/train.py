@@ -192,8 +192,6 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
                             {"data_position": step * cfg.prompts_per_step, "best": best}, cfg.keep_checkpoints)
         _stop_if_signalled(step, run_dir, model, optimizer, scheduler, best, tracker, cfg, accelerator)
     progress.close()
-    if step > start_step:  # a signal during the last step or before the loop: keep the step, skip the rest
-        _stop_if_signalled(step, run_dir, model, optimizer, scheduler, best, tracker, cfg, accelerator)
 
     # ------------------------------------------------------------------ evaluate and save (main process)
     with dist.full_parameters(policy):  # entered on every rank (FSDP gathers); the main process evaluates
@@ -235,17 +233,16 @@ def _prompt_token_limit(model, cfg: TrainConfig) -> int:
 
 def _stop_if_signalled(step, run_dir, model, optimizer, scheduler, best, tracker, cfg, accelerator) -> None:
     """After a finished step: on SIGINT/SIGTERM save a checkpoint of it (unless save_every just did) and
-    raise :class:`Interrupted`, which names the checkpoint and how to continue."""
+    raise :class:`Interrupted`, which names the checkpoint and how to continue. A signal during the final
+    evaluation and save is not acted on: the run finishes them (the newest checkpoint is kept as well)."""
     signum = dist.broadcast(stop_signal(), accelerator)  # the main process decides for every rank
     if signum is None:
         return
-    checkpoint = None
-    if step > 0 and accelerator.is_main_process:
-        checkpoint = run_dir / "checkpoints" / f"step_{step}"
-        if not checkpoint.exists():
-            checkpoint = save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                                         {"data_position": step * cfg.prompts_per_step, "best": best},
-                                         cfg.keep_checkpoints)
+    checkpoint = run_dir / "checkpoints" / f"step_{step}"
+    just_saved = bool(cfg.save_every) and step % cfg.save_every == 0
+    if accelerator.is_main_process and not just_saved:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                        {"data_position": step * cfg.prompts_per_step, "best": best}, cfg.keep_checkpoints)
     tracker.finish()
     release_lock(run_dir)
     raise interrupted(signum, step, checkpoint, run_dir, "train")

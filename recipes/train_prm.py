@@ -204,7 +204,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
                             cfg.keep_checkpoints)
         if stop_signal() is not None:  # SIGINT / SIGTERM: keep this step, then stop (train/runtime.py)
             checkpoint = run_dir / "checkpoints" / f"step_{step}"
-            if not checkpoint.exists():
+            if not (cfg.save_every and step % cfg.save_every == 0):  # not just saved above
                 save_checkpoint(run_dir, step, prm, optimizer, scheduler, {"data_position": step * cfg.batch_size},
                                 cfg.keep_checkpoints)
             tracker.finish()
