@@ -2,7 +2,7 @@
 ``frugal train`` / ``train-prm`` / ``export`` processes, injects one fault each, and checks what a careful
 user would check afterwards.
 
-    python scripts/bench_faults.py            # all drills, ~4-6 minutes on 2 CPU cores
+    python scripts/bench_faults.py            # all drills, ~3 minutes on a quiet 2-core machine (~8 loaded)
     python scripts/bench_faults.py --only sigint,secrets
 
 Drills (each: survived yes/no, lost steps, leaked files):
