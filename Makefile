@@ -17,7 +17,7 @@ $(BIN)/frugal: pyproject.toml
 install: $(BIN)/frugal
 
 demo: $(BIN)/frugal
-	$(BIN)/frugal train recipe=demo
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/frugal train recipe=demo
 
 test: $(BIN)/frugal
 	$(BIN)/python -m pytest -q

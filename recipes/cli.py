@@ -6,7 +6,13 @@ Each recipe is also runnable as ``python -m frugal.recipes.<module>``; this file
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# OpenMP threads that wait for work by spinning (libgomp's default) collapse when other jobs share the
+# cores: a spinning thread holds a core that the thread it waits for needs. PASSIVE makes them sleep.
+# It must be set before torch initialises OpenMP, i.e. here, before any recipe imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 RECIPES = {
     "train": ("frugal.recipes.train", "RL fine-tuning of a LoRA adapter (S-GRPO, T-SPMO, GRPO)"),

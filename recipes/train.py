@@ -28,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from frugal.conf import CONF_DIR
 from frugal.rewards.combine import Rewards, build_reward_model
 from frugal.rewards.verify import validate_gold_answers
-from frugal.tasks import load_task, require_train
+from frugal.tasks import check_prompt_lengths, load_task, require_train
 from frugal.train.advantages import group_advantages
-from frugal.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from frugal.train.checkpoint import atomic_dir, atomic_write_text, load_checkpoint, save_checkpoint
 from frugal.train.config import (GroupAdvantageConfig, GRPOConfig, SGRPOConfig, TrainConfig, TSPMOConfig,
                                  register_configs, scrub_secrets, to_config)
 from frugal.train import distributed as dist
@@ -38,7 +38,8 @@ from frugal.train.evaluation import greedy_accuracy
 from frugal.train.models import apply_lora, load_model
 from frugal.train.policy_loss import clipped_pg_loss, reference_logprobs, selected_logprobs
 from frugal.train.rollout import generate
-from frugal.train.runtime import batch_for_step, device_from, make_scheduler, resolve_run_dir, seed_everything
+from frugal.train.runtime import (Interrupted, batch_for_step, device_from, interrupted, make_scheduler, on_signals,
+                                   release_lock, resolve_run_dir, seed_everything, set_cpu_threads, stop_signal)
 from frugal.train.token_selection import Selection, select_all, select_stochastic
 from frugal.train.tspmo import replay_rollout, select_prefix_matching
 from frugal.train.tracking import Tracker
@@ -47,6 +48,7 @@ log = logging.getLogger("frugal.train")
 register_configs()
 
 
+@on_signals  # SIGINT / SIGTERM: finish the step, save it, raise Interrupted (train/runtime.py)
 def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     # ------------------------------------------------------------------ setup
     cfg: TrainConfig = to_config(raw_cfg)  # validates every key and range before anything heavy
@@ -56,8 +58,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     main = accelerator.is_main_process
     run_dir, resume_from = dist.broadcast(resolve_run_dir(cfg, run_dir, recipe="train") if main else None, accelerator)
     device = device_from(cfg.device) if accelerator.num_processes == 1 else accelerator.device
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_cpu_threads(cfg.num_threads, device)
     seed_everything(cfg.seed)
     started = time.time()
 
@@ -68,6 +69,9 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     answer_format = cfg.task.prompt.answer_format
 
     model, tokenizer = load_model(*dist.load_args(cfg.model, device, accelerator))
+    # A prompt longer than the model can read is a bad row (found now, not as a giant attention mask later).
+    check_prompt_lengths(data, tokenizer, _prompt_token_limit(model, cfg), cfg.task)
+    require_train(data, cfg.task, "frugal train")
     model = apply_lora(model, cfg.lora)
     # The module the loss runs: `model` itself, or under FSDP a wrapper whose forward gathers the sharded base.
     policy = dist.shard_policy(model, accelerator, cfg.generation.backend)
@@ -109,15 +113,15 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
     # ------------------------------------------------------------------ loop
     progress = _progress(cfg.max_steps, start_step, disable=not main)
-    step, step_time = start_step, 0.0
+    step, step_time, stopped_early = start_step, 0.0, False
     for step in range(start_step + 1, cfg.max_steps + 1):
         # max_minutes bounds the whole run: stop when another step plus the final evaluation would pass it.
         projected = time.time() - started + eval_seconds + step_time
         # (The main process decides for all ranks: their clocks differ and they must stop at the same step.)
         if cfg.max_minutes and dist.broadcast(projected / 60 > cfg.max_minutes, accelerator):
-            log.info("max_minutes=%s: stopping the loop after step %d to leave time for the final evaluation",
-                     cfg.max_minutes, step - 1)
-            step -= 1
+            log.warning("max_minutes=%s: stopping EARLY after step %d of max_steps=%d, to leave time for the final "
+                        "evaluation", cfg.max_minutes, step - 1, cfg.max_steps)
+            step, stopped_early = step - 1, True
             break
         t0 = time.time()
         # Per-step seed: a resumed run draws exactly the samples the uninterrupted run would have drawn.
@@ -187,6 +191,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 and main:
             save_checkpoint(run_dir, step, model, optimizer, scheduler,
                             {"data_position": step * cfg.prompts_per_step, "best": best}, cfg.keep_checkpoints)
+        _stop_if_signalled(step, run_dir, model, optimizer, scheduler, best, tracker, cfg, accelerator)
     progress.close()
     if sampler is not None:
         sampler.close()  # vLLM: unload this run's last adapter (a shared server keeps serving others)
@@ -201,10 +206,12 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     _write_jsonl(run_dir / "eval_after.jsonl", records)
     tracker.log({"eval/accuracy": acc_after}, step=step)
     final_dir = run_dir / "final"
-    model.save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
+    with atomic_dir(final_dir) as tmp:  # whole or absent: a kill mid-save leaves no half final/
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     summary = {
-        "steps": step, "accuracy_before": best.get("accuracy_before"), "accuracy_after": acc_after,
+        "steps": step, "max_steps": cfg.max_steps, "stopped_early": stopped_early, "skipped_rows": data.skipped,
+        "accuracy_before": best.get("accuracy_before"), "accuracy_after": acc_after,
         "minutes": (time.time() - started) / 60, "adapter": str(final_dir), "run_dir": str(run_dir),
         "algo": cfg.algo.name, "model": cfg.model.name_or_path, "task": cfg.task.name,
     }
@@ -213,10 +220,36 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     tracker.log_artifact(final_dir, f"adapter-{cfg.algo.name}-{cfg.task.name}", "model", metadata=summary)
     tracker.finish()
     log.info("held-out greedy accuracy after training: %.3f; adapter saved to %s", acc_after, final_dir)
+    release_lock(run_dir)
     return dist.broadcast(summary, accelerator)
 
 
 # ---------------------------------------------------------------------- pieces of the loop
+
+def _prompt_token_limit(model, cfg: TrainConfig) -> int:
+    """The longest prompt a row may have: the model's context less the completion's room, and at most
+    ``task.max_prompt_tokens`` when set."""
+    context = getattr(model.config, "max_position_embeddings", None) or 10**9
+    limit = context - cfg.generation.max_new_tokens
+    return min(limit, cfg.task.max_prompt_tokens) if cfg.task.max_prompt_tokens else limit
+
+
+def _stop_if_signalled(step, run_dir, model, optimizer, scheduler, best, tracker, cfg, accelerator) -> None:
+    """After a finished step: on SIGINT/SIGTERM save a checkpoint of it (unless save_every just did) and
+    raise :class:`Interrupted`, which names the checkpoint and how to continue. A signal during the final
+    evaluation and save is not acted on: the run finishes them (the newest checkpoint is kept as well)."""
+    signum = dist.broadcast(stop_signal(), accelerator)  # the main process decides for every rank
+    if signum is None:
+        return
+    checkpoint = run_dir / "checkpoints" / f"step_{step}"
+    just_saved = bool(cfg.save_every) and step % cfg.save_every == 0
+    if accelerator.is_main_process and not just_saved:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                        {"data_position": step * cfg.prompts_per_step, "best": best}, cfg.keep_checkpoints)
+    tracker.finish()
+    release_lock(run_dir)
+    raise interrupted(signum, step, checkpoint, run_dir, "train")
+
 
 def _score(reward_model, batch: list[dict], rollout) -> tuple[list[dict], Rewards]:
     """Reward every completion: TRL-style chat completions plus the task's columns, one row per sample."""
@@ -325,7 +358,11 @@ class _progress:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # every rank returns the summary; one prints it
@@ -333,8 +370,16 @@ def main(cfg: DictConfig) -> None:
     before = summary["accuracy_before"]
     print(f"held-out greedy accuracy: before={before} after={summary['accuracy_after']:.4f}")
     print(f"adapter saved to {summary['adapter']}")
+    if summary["stopped_early"]:
+        print(f"max_minutes={cfg.max_minutes} stopped training EARLY: {summary['steps']} of {summary['max_steps']} "
+              "steps ran (the machine was slower than planned: other jobs on its cores?)")
     print(f"DEMO accuracy_before={'nan' if before is None else f'{before:.4f}'} "
-          f"accuracy_after={summary['accuracy_after']:.4f} minutes={summary['minutes']:.2f} adapter={summary['adapter']}")
+          f"accuracy_after={summary['accuracy_after']:.4f} steps={summary['steps']} minutes={summary['minutes']:.2f} "
+          f"adapter={summary['adapter']}")
+    if cfg.require_improvement and (before is None or summary["accuracy_after"] <= before):
+        print(f"require_improvement: held-out accuracy did not rise ({before} -> {summary['accuracy_after']:.4f}); "
+              "exiting with status 1", file=sys.stderr)
+        sys.exit(1)
 
 if __name__ == "__main__":
     sys.exit(main())

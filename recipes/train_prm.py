@@ -30,7 +30,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from frugal.conf import CONF_DIR
-from frugal.train.runtime import batch_for_step, device_from, make_scheduler, resolve_run_dir, seed_everything
+from frugal.train.runtime import (Interrupted, batch_for_step, device_from, interrupted, make_scheduler, on_signals,
+                                   release_lock, resolve_run_dir, seed_everything, set_cpu_threads, stop_signal)
 from frugal.tasks import load_task
 from frugal.tasks.config import TaskConfig
 from frugal.tasks.rows import in_test_split
@@ -125,23 +126,26 @@ def register_configs() -> None:
 register_configs()
 
 
+@on_signals  # SIGINT / SIGTERM: finish the step, save it, raise Interrupted (train/runtime.py)
 def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     # ------------------------------------------------------------------ setup
     cfg: TrainPRMConfig = to_config(raw_cfg, TrainPRMConfig)
+    train_examples, eval_examples, data_info = load_examples(cfg)  # bad data stops here, before a run dir exists
     run_dir, resume_from = resolve_run_dir(cfg, run_dir, recipe="train_prm")
     device = device_from(cfg.device)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_cpu_threads(cfg.num_threads, device)
     seed_everything(cfg.seed)
     started = time.time()
-
-    train_examples, eval_examples, data_info = load_examples(cfg)
     log.info("PRM data: %d training and %d held-out solutions (%s)", len(train_examples), len(eval_examples), data_info)
 
     prm = build_prm(cfg.model, cfg.lora, cfg.prm, device)
     encoded = [prm.encode(e["prompt"], e["completions"], cfg.prm.max_length) for e in train_examples]
     labels = [e["labels"][:len(x.positions)] for e, x in zip(train_examples, encoded)]
     keep = [i for i, x in enumerate(encoded) if x.positions]  # a prompt longer than max_length leaves nothing
+    data_info["fit"] = fit_report(train_examples, encoded, cfg.prm.max_length)
+    if not keep:
+        raise ValueError(f"train-prm: no training solution fits prm.max_length={cfg.prm.max_length} tokens "
+                         f"({data_info['fit']['dropped']} dropped)")
     rows = [(encoded[i], labels[i], lm_targets(prm.tokenizer, train_examples[i]["prompt"], encoded[i], labels[i]))
             for i in keep]
     train_groups = group_rows([train_examples[i]["prompt"] for i in keep], rows, cfg.data.group_by_problem)
@@ -198,6 +202,14 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(run_dir, step, prm, optimizer, scheduler, {"data_position": step * cfg.batch_size},
                             cfg.keep_checkpoints)
+        if stop_signal() is not None:  # SIGINT / SIGTERM: keep this step, then stop (train/runtime.py)
+            checkpoint = run_dir / "checkpoints" / f"step_{step}"
+            if not (cfg.save_every and step % cfg.save_every == 0):  # not just saved above
+                save_checkpoint(run_dir, step, prm, optimizer, scheduler, {"data_position": step * cfg.batch_size},
+                                cfg.keep_checkpoints)
+            tracker.finish()
+            release_lock(run_dir)
+            raise interrupted(stop_signal(), step, checkpoint, run_dir, "train-prm")
     bar.close()
 
     # ------------------------------------------------------------------ evaluate and save
@@ -213,6 +225,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     tracker.finish()
     log.info("held-out step AUROC %.3f, first-error F1 %.3f; PRM saved to %s",
              final_eval["step_auroc"], final_eval["first_error_f1"], final_dir)
+    release_lock(run_dir)
     return summary
 
 
@@ -252,7 +265,26 @@ def load_examples(cfg: TrainPRMConfig) -> tuple[list[dict], list[dict], dict]:
         held = held[:cfg.data.max_eval_examples]
     if not train:
         raise ValueError("train-prm: no training examples (check task / data.paths)")
+    if not held:
+        # Stop before training: a run without a held-out set could report nothing it promises (AUROC, F1).
+        sources = ", ".join(cfg.data.eval_paths or cfg.data.paths) or "the generated tasks"
+        raise ValueError(f"train-prm: the held-out set is empty (from {sources}; data.eval_fraction="
+                         f"{cfg.data.eval_fraction}, data.max_eval_examples={cfg.data.max_eval_examples}): set "
+                         "data.eval_paths=[held-out.jsonl], or raise data.eval_fraction / task.n_test")
     return train, held, info
+
+
+def fit_report(examples: list[dict], encoded: list, max_length: int) -> dict:
+    """How many solutions ``prm.max_length`` dropped (the prompt alone is too long: no step left) or
+    truncated (later steps cut off, so fewer labels are trained), logged as a warning when any."""
+    dropped = sum(1 for x in encoded if not x.positions)
+    truncated = sum(1 for e, x in zip(examples, encoded) if x.positions and len(x.positions) < len(e["labels"]))
+    labels_cut = sum(len(e["labels"]) - len(x.positions) for e, x in zip(examples, encoded))
+    if dropped or truncated:
+        log.warning("prm.max_length=%d: %d of %d training solutions dropped (prompt too long) and %d truncated "
+                    "(%d step labels cut in all); raise prm.max_length to keep them", max_length, dropped,
+                    len(examples), truncated, labels_cut)
+    return {"dropped": dropped, "truncated": truncated, "labels_cut": labels_cut, "total": len(examples)}
 
 
 def load_drills(cfg: TrainPRMConfig) -> list[dict]:
@@ -324,7 +356,11 @@ def evaluate(prm: PRM, examples: list[dict]) -> dict:
 
 @hydra.main(config_path=CONF_DIR, config_name="train_prm", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
     print(f"held-out step AUROC={summary['eval_step_auroc']:.4f} step accuracy={summary['eval_step_accuracy']:.4f} "
           f"first-error F1={summary['eval_first_error_f1']:.4f} train_minutes={summary['train_minutes']:.2f}")
     print(f"PRM saved to {summary['prm']}")

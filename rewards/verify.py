@@ -100,7 +100,13 @@ def is_correct(completion: str, gold: str, answer_format: str = "boxed") -> bool
 
 
 def gold_is_parseable(gold: str) -> bool:
-    return to_number(gold) is not None or bool(_math_verify_parse(gold))
+    """A number, or a math expression that is not a word (math-verify would read ``seven`` as the product
+    s·e·v·e·n, so the right answer would score 0: see :func:`frugal.tasks.rows.word_in_answer`)."""
+    from frugal.tasks.rows import word_in_answer
+
+    if to_number(gold) is not None:
+        return True
+    return word_in_answer(gold) is None and bool(_math_verify_parse(gold))
 
 
 def validate_gold_answers(rows: Iterable[dict], source: str) -> None:

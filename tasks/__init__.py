@@ -14,7 +14,7 @@ text, so the split does not move with the seed, ``n_train`` or the file's order.
 from __future__ import annotations
 
 from frugal.tasks.config import TaskConfig
-from frugal.tasks.rows import BadRow, TaskData, add_fewshot
+from frugal.tasks.rows import BadRow, TaskData, add_fewshot, check_prompt_lengths
 
 
 def load_task(cfg: TaskConfig) -> TaskData:
@@ -43,7 +43,9 @@ def require_train(data: TaskData, cfg: TaskConfig, recipe: str) -> None:
         raise ValueError(f"task={cfg.name} is an evaluation-only dataset (no train split), and {recipe} trains on "
                          f"the train split: train on another task (e.g. task=gsm8k) and evaluate with "
                          f"`frugal eval task={cfg.name}`")
-    raise ValueError(f"task={cfg.name}: the training split is empty")
+    source = f" ({cfg.path})" if cfg.path else ""
+    raise ValueError(f"task={cfg.name}{source}: the training split is empty ({len(data.test)} held-out rows, "
+                     f"{data.skipped} bad rows skipped)")
 
 
-__all__ = ["BadRow", "TaskConfig", "TaskData", "load_task", "require_train"]
+__all__ = ["BadRow", "TaskConfig", "TaskData", "check_prompt_lengths", "load_task", "require_train"]

@@ -41,6 +41,9 @@ class TaskConfig:
     on_bad_row: str = "error"  # error | skip (skipped rows are counted and reported)
     max_train: Optional[int] = None  # cap on loaded rows (after the split)
     max_test: Optional[int] = None
+    # prompts longer than this many tokens (chat template included) are bad rows; the model's context less
+    # generation.max_new_tokens always applies (checked when the tokenizer is loaded)
+    max_prompt_tokens: Optional[int] = None
     # generated tasks (arith, multiply)
     ops: list[str] = field(default_factory=lambda: ["+"])
     digits: int = 1  # arith: digits per operand; multiply: digits of the first factor
@@ -78,6 +81,8 @@ class TaskConfig:
             raise ValueError("task.n_train and task.n_test must be >= 0")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"task.test_fraction must be in [0, 1), got {self.test_fraction}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"task.max_prompt_tokens must be >= 1 or null, got {self.max_prompt_tokens}")
         for key in ("max_train", "max_test"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"task.{key} must be >= 0")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from frugal.tasks.config import TaskConfig
-from frugal.tasks.rows import BadRow, TaskData, collect, hash_split, make_row
+from frugal.tasks.rows import BadRow, TaskData, collect, hash_split, make_row, require_rows
 
 SVAMP_TRAIN_ROWS = 700  # fixed split: rows 0-699 train, 700-999 test (the common SVAMP split)
 
@@ -28,18 +28,29 @@ def _default_path(cfg: TaskConfig, filename: str) -> Path:
     return path
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+def read_jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, record)`` for every non-blank line; a line that is not UTF-8 or not JSON yields a
+    :class:`BadRow` naming the file and line in place of its record, so that the caller's bad-row policy
+    (raise, or skip and count) decides, and the lines after it are still read."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield number, BadRow(f"{path} line {number}: not UTF-8 text (byte {raw[err.start]:#04x} at "
+                                     f"column {err.start + 1})")
+                continue
             if not line.strip():
                 continue
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as err:
-                raise BadRow(f"{path} line {number}: not valid JSON ({err.msg})") from None
+                yield number, BadRow(f"{path} line {number}: not valid JSON ({err.msg})")
 
 
 def _field(record: Any, key: str, where: str) -> Any:
+    if isinstance(record, BadRow):  # an unreadable line (read_jsonl_records)
+        raise record
     if not isinstance(record, dict):
         raise BadRow(f"{where}: expected a JSON object, got {type(record).__name__}")
     if key not in record:
@@ -56,9 +67,24 @@ def _regex_answer(text: Any, pattern: Optional[str], where: str) -> Any:
     return match.group(1)
 
 
+def _read_json(path: Path) -> Any:
+    """One JSON document; undecodable bytes or bad JSON raise naming the file and line (one document
+    cannot be read around a bad part, so this is an error under either bad-row policy)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise BadRow(f"{path} line {line}: not UTF-8 text (byte {data[err.start]:#04x})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadRow(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+
+
 def svamp(cfg: TaskConfig) -> TaskData:
     path = _default_path(cfg, "SVAMP.json")
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = _read_json(path)
 
     def items(indices):
         for i in indices:
@@ -92,7 +118,7 @@ def gsm8k_record(rec: Any, where: str, row_id: str, cfg: TaskConfig) -> dict:
 
 def _gsm8k_rows(path: Path, cfg: TaskConfig) -> tuple[list[dict], int]:
     def records():
-        for number, rec in _read_jsonl(path):
+        for number, rec in read_jsonl_records(path):
             where = f"{path} line {number}"
             yield where, lambda rec=rec, where=where, number=number: gsm8k_record(
                 rec, where, f"gsm8k:{path.name}:{number}", cfg)
@@ -111,6 +137,7 @@ def gsm8k(cfg: TaskConfig) -> TaskData:
         return gsm8k_hub(cfg)
     path = _default_path(cfg, "gsm8k_train.jsonl")
     rows, skipped = _gsm8k_rows(path, cfg)
+    require_rows(rows, skipped, str(path))
     if cfg.test_path:
         test, s2 = _gsm8k_rows(Path(cfg.test_path), cfg)
         return TaskData(rows, test, skipped=skipped + s2)
@@ -133,12 +160,13 @@ def jsonl(cfg: TaskConfig) -> TaskData:
     if not cfg.path:
         raise ValueError("task=jsonl needs task.path=<file.jsonl>")
     path = _default_path(cfg, "")
-    rows, skipped = _mapped_rows(((f"{path} line {n}", r) for n, r in _read_jsonl(path)), cfg, str(path))
+    rows, skipped = _mapped_rows(((f"{path} line {n}", r) for n, r in read_jsonl_records(path)), cfg, str(path))
+    require_rows(rows, skipped, f"task.path={path}")
     if cfg.test_path:
         test_path = Path(cfg.test_path)
         if not test_path.exists():
             raise FileNotFoundError(f"task.test_path: no such file: {test_path}")
-        test, s2 = _mapped_rows(((f"{test_path} line {n}", r) for n, r in _read_jsonl(test_path)), cfg, str(test_path))
+        test, s2 = _mapped_rows(((f"{test_path} line {n}", r) for n, r in read_jsonl_records(test_path)), cfg, str(test_path))
         return TaskData(rows, test, skipped=skipped + s2)
     train, test = hash_split(rows, cfg.test_fraction)
     return TaskData(train, test, skipped=skipped)

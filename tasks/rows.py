@@ -76,6 +76,25 @@ def add_fewshot(data: TaskData, cfg: PromptConfig, source: str) -> TaskData:
 
 
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+# Names a grader reads as math when written without a backslash (sqrt(2), pi/2, log 8); any other run of
+# two or more letters outside a LaTeX command or \text{...} is a word, and math-verify would read a word
+# as a product of symbols (so the right answer scores 0 and nonsense can score 1).
+MATH_NAMES = {"sqrt", "pi", "sin", "cos", "tan", "cot", "sec", "csc", "log", "ln", "exp", "inf", "infty", "oo",
+              "mod", "gcd", "lcm", "max", "min", "arcsin", "arccos", "arctan", "deg", "frac", "i", "e"}
+_LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox|operatorname)\s*\{[^{}]*\}")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
+def word_in_answer(answer: str) -> str | None:
+    """The first word in a gold answer (a run of letters that is neither a LaTeX command, nor inside
+    ``\\text{...}``, nor a math name such as ``sqrt``), or None. ``"seven"`` and ``"12 apples"`` have one;
+    ``"\\frac{1}{2}"``, ``"x^2+1"``, ``"\\text{(C)}"`` and ``"2\\sqrt{3}"`` do not."""
+    bare = _LATEX_COMMAND.sub(" ", _LATEX_TEXT.sub(" ", answer))
+    for word in _WORD.findall(bare):
+        if word.lower() not in MATH_NAMES:
+            return word
+    return None
 
 
 def normalize_answer(value: Any) -> str:
@@ -105,6 +124,10 @@ def make_row(row_id: str, question: Any, answer: Any, prompt_cfg: PromptConfig,
         raise BadRow(f"{row_id}: unparseable answer {answer!r}") from err
     if not gold:
         raise BadRow(f"{row_id}: unparseable answer {answer!r}")
+    word = word_in_answer(gold)
+    if word is not None:
+        raise BadRow(f"{row_id}: the gold answer {gold[:80]!r} is not a number or a math expression (it has the "
+                     f"word {word!r}; a grader would read it as a product of symbols)")
     return {"id": row_id, "prompt": chat_prompt(question.strip(), prompt_cfg), "question": question.strip(),
             "answer": gold, "steps": list(steps), "answer_format": prompt_cfg.answer_format, **extra}
 
@@ -125,6 +148,41 @@ def collect(records: Iterable[tuple[str, Callable[[], dict]]], on_bad_row: str, 
     if skipped:
         log.warning("%s: skipped %d bad row(s) (task.on_bad_row=skip); first: %s", source, skipped, first)
     return rows, skipped
+
+
+def check_prompt_lengths(data: TaskData, tokenizer, limit: int, cfg) -> TaskData:
+    """Apply the bad-row policy to prompts longer than ``limit`` tokens (chat template included): the
+    model's context less the completion's room, or ``task.max_prompt_tokens``. One batched tokenizer
+    call per split. ``error`` raises naming the first long row; ``skip`` drops and counts them."""
+    for split in ("train", "test"):
+        rows = getattr(data, split)
+        if not rows:
+            continue
+        texts = tokenizer.apply_chat_template([r["prompt"] for r in rows], add_generation_prompt=True, tokenize=False)
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+        def build(row, n):
+            def check():
+                if n > limit:
+                    raise BadRow(f"{row['id']}: the prompt is {n} tokens, more than the {limit} allowed (the model's "
+                                 "context less generation.max_new_tokens, or task.max_prompt_tokens)")
+                return row
+            return check
+
+        kept, skipped = collect(((row["id"], build(row, n)) for row, n in zip(rows, lengths)), cfg.on_bad_row,
+                                f"task={cfg.name} ({split})")
+        setattr(data, split, kept)
+        data.skipped += skipped
+    return data
+
+
+def require_rows(rows: list, skipped: int, source: str) -> None:
+    """Refuse a data file that gave no rows, naming it (and how many bad rows were skipped)."""
+    if rows:
+        return
+    if skipped:
+        raise ValueError(f"{source}: every row was bad ({skipped} skipped under on_bad_row=skip); nothing to use")
+    raise ValueError(f"{source}: the data file is empty (no rows)")
 
 
 def in_test_split(text: str, test_fraction: float) -> bool:

@@ -328,6 +328,9 @@ class TrainConfig(TimedRunConfig):
     keep_checkpoints: int = 2
     resume: Optional[str] = None  # "true"/"latest" = newest checkpoint under output_root, or a path
     samples_every: int = 1  # steps between rows written to samples.jsonl (0 = never)
+    # exit non-zero when held-out accuracy after training is not above the accuracy before (`make demo`
+    # sets it: a demo that did not improve must not look like a success; a plain run just reports)
+    require_improvement: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -366,18 +369,52 @@ def to_config(cfg: DictConfig, schema=TrainConfig) -> Any:
 
 
 SECRET_KEY = re.compile(r"(^|_)(token|secret|password|api_key|apikey)$", re.IGNORECASE)
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "OPENAI_API_KEY")
+# Token shapes, found anywhere inside a string: Hugging Face (hf_…), OpenAI-style API keys (sk-…), and
+# W&B API keys (40 lowercase hex digits). A git commit id has the W&B shape too: it is kept under a key
+# that names a revision (model.revision=<sha> pins a model, and hiding it would break reproducibility).
+TOKEN_SHAPES = re.compile(r"hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|(?<![0-9a-f])[0-9a-f]{40}(?![0-9a-f])")
+NOT_HEX_SHAPES = re.compile(r"hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}")
+REVISION_KEY = re.compile(r"(^|[._])(revision|commit|sha)$", re.IGNORECASE)
+# A command-line override ``[+~]key=value`` (Hydra's overrides.yaml, sys.argv): its key decides as above.
+OVERRIDE = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<key>[A-Za-z_][\w.\[\]/@-]*)=(?P<value>.*)$", re.DOTALL)
+MASK = "***"
 
 
-def scrub_secrets(obj: Any) -> Any:
-    """A copy of a nested dict/list with secret-named keys (``hf_token``, ``api_key``...) and any value
-    equal to a secret from the environment (or shaped like a Hub token) replaced by ``***``."""
+def env_secrets() -> list[str]:
+    """The current values of the secret environment variables (values under 8 characters are not treated
+    as secrets: masking every "1" in a file would hide nothing and garble everything)."""
+    return [os.environ[name] for name in SECRET_ENV if len(os.environ.get(name) or "") >= 8]
+
+
+def scrub_text(text: str, key: str = "") -> str:
+    """``text`` with every secret inside it masked: the current value of HF_TOKEN / WANDB_API_KEY /
+    OPENAI_API_KEY wherever it appears, and token-shaped substrings (:data:`TOKEN_SHAPES`). The whole value
+    is masked when ``key`` names a secret (``hf_token``, ``logger.api_key``); an override string
+    ``key=value`` is judged by its own key the same way."""
+    if key and SECRET_KEY.search(key.split(".")[-1]) and text:
+        return MASK
+    match = OVERRIDE.match(text)
+    if match:
+        name = match.group("key").split(".")[-1]
+        if SECRET_KEY.search(name) and match.group("value"):
+            return f"{match.group('prefix')}{match.group('key')}={MASK}"
+        return f"{match.group('prefix')}{match.group('key')}={scrub_text(match.group('value'), match.group('key'))}"
+    for secret in env_secrets():
+        text = text.replace(secret, MASK)
+    shapes = NOT_HEX_SHAPES if key and REVISION_KEY.search(key) else TOKEN_SHAPES
+    return shapes.sub(MASK, text)
+
+
+def scrub_secrets(obj: Any, key: str = "") -> Any:
+    """A copy of a nested dict/list/str with secrets masked as ``***``: the whole value of a secret-named
+    key (``hf_token``, ``api_key``…), and inside every string the current values of the secret environment
+    variables and token-shaped substrings (:func:`scrub_text`). Everything Frugal writes (run config, W&B
+    config and command line, ``.hydra/`` files, logs, model cards, exports) goes through here."""
     if isinstance(obj, dict):
-        return {k: ("***" if v and SECRET_KEY.search(str(k)) else scrub_secrets(v)) for k, v in obj.items()}
+        return {k: (MASK if v and SECRET_KEY.search(str(k)) else scrub_secrets(v, str(k))) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [scrub_secrets(v) for v in obj]
+        return [scrub_secrets(v, key) for v in obj]
     if isinstance(obj, str):
-        secrets = [os.environ[name] for name in SECRET_ENV if os.environ.get(name)]
-        if any(s in obj for s in secrets) or re.fullmatch(r"hf_[A-Za-z0-9]{20,}", obj):
-            return "***"
+        return scrub_text(obj, key)
     return obj

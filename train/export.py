@@ -115,7 +115,7 @@ def resolve_source(source: str | Path) -> Source:
         return _with_run_info(Source("adapter", path / "adapter", path.parent.parent, step))
     if (path / "adapter_config.json").exists():
         return _with_run_info(Source("adapter", path, _run_dir_of(path)))
-    if (path / "final" / "adapter_config.json").exists():
+    if (path / "final").is_dir() and not _is_prm(path / "final"):
         return _with_run_info(Source("adapter", path / "final", path))
     if (path / "final").is_dir() and _is_prm(path / "final"):
         return _with_run_info(Source("prm", path / "final", path))
@@ -125,6 +125,45 @@ def resolve_source(source: str | Path) -> Source:
         return resolve_source(ckpts[-1])
     raise FileNotFoundError(f"source={source}: found no adapter in {path} (expected final/adapter_config.json, "
                             "checkpoints/step_<n>/adapter/ or an adapter_config.json in the folder itself)")
+
+
+def missing_files(src: Source) -> list[str]:
+    """What an export needs from ``src`` and does not find, each as a path. A training run's ``final/``
+    needs the adapter (config + weights), the tokenizer and the run's ``summary.json`` (written last: a
+    run killed during its final save has no summary); a PRM folder needs ``prm.json`` and its adapter
+    head; a checkpoint must pass its manifest (:func:`frugal.train.checkpoint.verify_checkpoint`)."""
+    from frugal.train.checkpoint import verify_checkpoint
+
+    folder, missing = src.folder, []
+    # a training run's final/ (the run dir has its config.yaml), not a bare folder that happens to be named so
+    run_final = folder.name == "final" and src.run_dir is not None and (src.run_dir / "config.yaml").exists()
+    if src.step is not None:  # checkpoints/step_<n>/adapter
+        return verify_checkpoint(folder.parent)
+    if src.kind == "prm":
+        from frugal.train import prm as prm_module
+
+        need = [prm_module.PRM_CONFIG_FILE, f"{prm_module.ADAPTER_DIR}/{prm_module.HEAD_FILE}"]
+    else:
+        need = ["adapter_config.json"]
+        if not any((folder / n).exists() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+            missing.append(str(folder / "adapter_model.safetensors"))
+        if run_final:  # a training run's final save holds the tokenizer too
+            need.append("tokenizer_config.json")
+            if not any((folder / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+                missing.append(str(folder / "tokenizer.json"))
+    missing = [str(folder / n) for n in need if not (folder / n).exists()] + missing
+    if run_final and not (src.run_dir / "summary.json").exists():
+        missing.append(str(src.run_dir / "summary.json"))
+    return missing
+
+
+def check_complete(src: Source) -> None:
+    """Refuse an incomplete source, naming every missing file (e.g. a ``final/`` cut short by a kill)."""
+    missing = missing_files(src)
+    if missing:
+        hint = (f"; the run was likely killed during its final save: resume it (resume={src.run_dir}) or export "
+                "one of its checkpoints" if src.run_dir is not None else "")
+        raise FileNotFoundError(f"source={src.folder} is incomplete, missing: {', '.join(missing)}{hint}")
 
 
 def _is_prm(path: Path) -> bool:
@@ -170,6 +209,7 @@ def base_model_config(src: Source, override: Optional[str] = None) -> ModelConfi
 def export(cfg: ExportConfig) -> dict:
     """Write the export folder (and push it unless ``dry_run``). Returns a report dict."""
     src = resolve_source(cfg.source)
+    check_complete(src)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if src.kind == "prm" and cfg.merge:

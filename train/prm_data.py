@@ -34,6 +34,8 @@ ANSWER_STEP = ANSWER_STEPS["boxed"]  # the final step appended to generated solu
 
 def validate_example(record: Any, where: str) -> dict:
     """A clean stepwise example from a raw record, or :class:`BadRow` naming ``where`` and the problem."""
+    if isinstance(record, BadRow):  # a line that is not UTF-8 or not JSON (tasks.files.read_jsonl_records)
+        raise record
     if not isinstance(record, dict):
         raise BadRow(f"{where}: expected a JSON object, got {type(record).__name__}")
     for key in ("prompt", "completions", "labels"):
@@ -91,7 +93,11 @@ def load_stepwise(path: str, on_bad_row: str = "error", split: str = "train") ->
     if local.suffix == ".jsonl" or local.is_file():
         if not local.exists():
             raise FileNotFoundError(f"stepwise data: no such file: {local}")
-        return validate_examples(_jsonl_records(local), on_bad_row, str(local))
+        examples, skipped = validate_examples(_jsonl_records(local), on_bad_row, str(local))
+        if not examples:
+            log.warning("stepwise data %s: zero usable rows (%s)", local,
+                        f"{skipped} bad rows skipped" if skipped else "the file is empty")
+        return examples, skipped
     import datasets
 
     if local.is_dir():
@@ -109,15 +115,10 @@ def load_stepwise(path: str, on_bad_row: str = "error", split: str = "train") ->
 
 
 def _jsonl_records(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BadRow(f"{where}: not valid JSON ({err.msg})") from None
+    from frugal.tasks.files import read_jsonl_records
+
+    for number, record in read_jsonl_records(path):  # unreadable lines come as BadRow: the policy decides
+        yield f"{path} line {number}", record
 
 
 # ---------------------------------------------------------------------- exact labels for generated tasks

@@ -1,21 +1,46 @@
-"""What every recipe needs around its loop: run dirs (Hydra's or a default), resume lookup, device, seeds,
-the data order and the LR schedule. One copy here, so `frugal train`, `train-prm`, `label-prm`, `eval` and
-`plan` behave the same way."""
+"""What every recipe needs around its loop: run dirs (Hydra's or a default), resume lookup, the run lock,
+signal handling, CPU threads, device, seeds, the data order and the LR schedule. One copy here, so
+`frugal train`, `train-prm`, `label-prm`, `eval` and `plan` behave the same way.
+
+Run directories. Hydra's pattern is ``outputs/<recipe>/<date>/<time>-<launch id>`` (the ``launch_id``
+resolver, ``conf/__init__.py``): two runs started in the same second get two folders. A run holds
+``<run>/.lock`` (its PID) while it writes; a second live process is refused, and the lock of a process
+that died (SIGKILL, power loss) is taken over with a warning.
+
+Signals. :func:`stop_on_signals` turns the first SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers
+send before they kill) into a request the training loop reads between steps (:func:`stop_signal`): the
+loop finishes the step in progress, saves a checkpoint of it, says where, and the recipe exits with
+128 + the signal number. A second signal aborts at once (the newest checkpoint stays).
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import functools
+import json
 import logging
+import os
 import random
+import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from frugal.train.checkpoint import find_resume_checkpoint
+from frugal.conf import launch_id
+from frugal.train.checkpoint import (_intact_or_raise, clean_temporary, find_resume_checkpoint,
+                                     list_checkpoints, verify_checkpoint)
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
 
 
 def hydra_run_dir() -> Optional[str]:
@@ -25,24 +50,287 @@ def hydra_run_dir() -> Optional[str]:
 
 
 def default_run_dir(recipe: str, run_dir=None, output_dir: Optional[str] = None) -> Path:
-    """``run_dir`` (a caller's), else ``output_dir`` (config), else Hydra's, else outputs/<recipe>/<date>/<time>."""
-    return Path(run_dir or output_dir or hydra_run_dir() or Path("outputs") / recipe / time.strftime("%Y-%m-%d/%H-%M-%S"))
+    """``run_dir`` (a caller's), else ``output_dir`` (config), else Hydra's, else
+    outputs/<recipe>/<date>/<time>-<launch id>."""
+    return Path(run_dir or output_dir or hydra_run_dir()
+                or Path("outputs") / recipe / f"{time.strftime('%Y-%m-%d/%H-%M-%S')}-{launch_id()}")
+
+
+def _resume_value(cfg: Any) -> Optional[str]:
+    value = getattr(cfg, "resume", None)
+    if value is None or str(value).strip().lower() in ("", "false", "none", "null"):
+        return None
+    return str(value)
 
 
 def resolve_run_dir(cfg: Any, run_dir, recipe: str) -> tuple[Path, Optional[Path]]:
-    """The run dir and the checkpoint to resume from (``cfg.resume``: true/latest, a run dir or a step dir).
-    Resuming continues writing into the resumed run."""
+    """The run dir and the checkpoint to resume from, the run dir locked (:func:`lock_run_dir`) and
+    cleaned of a killed write's temporary files.
+
+    * ``resume=<run dir>`` or ``resume=<run>/checkpoints/step_<n>``: exactly that run.
+    * ``output_dir=<dir> resume=true``: exactly that run (its newest intact checkpoint; a fresh start in
+      it, with a warning, when it has none).
+    * ``resume=true`` alone: the one unfinished run under the recipe's output root; several: an error that
+      lists them (it never guesses, and never continues a finished run).
+    * no resume: a fresh run; a folder that already holds a run's metrics or checkpoints is refused rather
+      than mixed into.
+    """
+    explicit = run_dir or getattr(cfg, "output_dir", None)
     default = default_run_dir(recipe, run_dir, getattr(cfg, "output_dir", None))
+    resume = _resume_value(cfg)
     resume_from = None
-    if cfg.resume and str(cfg.resume).lower() not in ("false", "none", "null"):
-        root = default.parent.parent  # `resume=true` searches the recipe's output root (<root>/<date>/<time>/...)
-        resume_from = find_resume_checkpoint(cfg.resume, root)
-        if resume_from is None:
-            log.warning("resume=%s: no checkpoint found under %s; starting fresh", cfg.resume, root)
+    if resume is not None and resume.lower() not in ("true", "latest"):
+        resume_from = find_resume_checkpoint(resume, default.parent.parent)
+        target = resume_from.parent.parent
+        if explicit and Path(explicit).resolve() != target.resolve():
+            raise ValueError(f"output_dir={explicit} and resume={resume} name two different runs; "
+                             f"pass one of them")
+    elif resume is not None and explicit:
+        target = Path(explicit)
+        if list_checkpoints(target):
+            resume_from = _intact_or_raise(target, resume)
         else:
-            return resume_from.parent.parent, resume_from
-    default.mkdir(parents=True, exist_ok=True)
-    return default, resume_from
+            log.warning("resume=%s: %s has no checkpoint; starting a fresh run there", resume, target)
+    elif resume is not None:
+        root = default.parent.parent  # the recipe's output root (<root>/<date>/<time>/...)
+        resume_from = find_resume_checkpoint(resume, root)
+        if resume_from is None:
+            log.warning("resume=%s: no unfinished run with a checkpoint under %s; starting fresh", resume, root)
+        target = resume_from.parent.parent if resume_from is not None else default
+    else:
+        target = default
+    target.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(target)
+    if resume_from is None and resume is not None:
+        # Steps an earlier attempt logged before its first checkpoint are about to be redone.
+        from frugal.train.tracking import truncate_after
+
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_after(target / name, 0)
+    elif resume_from is None:
+        earlier = [name for name in ("metrics.jsonl", "summary.json") if (target / name).exists()]
+        earlier += [p.name for p in list_checkpoints(target)[-1:]]
+        if earlier:
+            release_lock(target)
+            raise FileExistsError(f"{target} already holds a run ({', '.join(earlier)}): continue it with "
+                                  f"resume={target}, or choose a new output_dir")
+    clean_temporary(target)
+    if resume_from is not None:
+        set_aside_newer(target, resume_from)
+    return target, resume_from
+
+
+def set_aside_newer(run_dir: Path, resume_from: Path) -> None:
+    """Rename the damaged checkpoints newer than ``resume_from`` (the ones the resume skipped) to
+    ``damaged_step_<n>``: kept for inspection, but no longer what pruning keeps, export picks or the next
+    resume tries."""
+    step = int(resume_from.name.split("_")[1])
+    for ckpt in list_checkpoints(run_dir):
+        if int(ckpt.name.split("_")[1]) > step and verify_checkpoint(ckpt):
+            aside = ckpt.with_name(f"damaged_{ckpt.name}")
+            if aside.exists():
+                shutil.rmtree(aside)
+            ckpt.rename(aside)
+            log.warning("set aside %s as %s (resuming from the older %s)", ckpt, aside.name, resume_from.name)
+
+
+# ---------------------------------------------------------------------- the run lock
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def lock_run_dir(run_dir: Path) -> Path:
+    """Take ``<run_dir>/.lock`` for this process (created exclusively, holding the PID and host). A lock
+    held by another live process on this host is refused, naming it; a dead process's lock is taken over.
+    Released at exit (:func:`release_lock`), so a killed run's lock is the only kind left behind."""
+    path = Path(run_dir) / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            pid = holder.get("pid")
+            if pid == os.getpid():
+                return path  # this process already holds it (a second run() in the same process)
+            if isinstance(pid, int) and holder.get("host", me["host"]) != me["host"]:
+                raise RuntimeError(f"{run_dir} is locked by process {pid} on host {holder.get('host')} "
+                                   f"({path}); if that run is gone, delete the lock file")
+            if isinstance(pid, int) and _alive(pid):
+                raise RuntimeError(f"{run_dir} is in use by another live run (PID {pid}, lock {path}); "
+                                   "choose another output_dir, or wait for that run to end")
+            log.warning("%s: taking over the lock of process %s, which is no longer running", run_dir, pid)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        atexit.register(release_lock, Path(run_dir))
+        return path
+    raise RuntimeError(f"could not take the lock {path}")
+
+
+def release_lock(run_dir: Path) -> None:
+    """Remove ``<run_dir>/.lock`` if this process holds it."""
+    path = Path(run_dir) / LOCK_FILE
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+
+
+# ---------------------------------------------------------------------- signals
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT / SIGTERM after saving a checkpoint; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, message: str, exit_code: int, checkpoint: Optional[Path] = None):
+        super().__init__(message)
+        self.exit_code, self.checkpoint = exit_code, checkpoint
+
+
+_requests: list[dict] = []  # one entry per active stop_on_signals block (innermost last)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block, the first SIGINT/SIGTERM is recorded (:func:`stop_signal`) instead of raising;
+    a second one raises KeyboardInterrupt at once. Outside the main thread (signals cannot be caught
+    there) the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    request: dict = {"signum": None}
+
+    def handler(signum, frame):
+        if request["signum"] is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping at once")
+        request["signum"] = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing the current step, then saving a checkpoint "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    _requests.append(request)
+    try:
+        yield
+    finally:
+        _requests.remove(request)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def on_signals(fn: Callable) -> Callable:
+    """Decorator: run ``fn`` inside :func:`stop_on_signals`."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with stop_on_signals():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def stop_signal() -> Optional[int]:
+    """The signal number received inside the innermost :func:`stop_on_signals` block, or None."""
+    return _requests[-1]["signum"] if _requests else None
+
+
+def interrupted(signum: int, step: int, checkpoint: Optional[Path], run_dir: Path, recipe: str) -> Interrupted:
+    """The :class:`Interrupted` a loop raises after saving ``checkpoint`` (the last finished step)."""
+    name = signal.Signals(signum).name
+    where = f"checkpoint of step {step} saved to {checkpoint}" if checkpoint else "no step had finished; nothing saved"
+    return Interrupted(f"{name}: training stopped after step {step}; {where}. Continue with: "
+                       f"frugal {recipe} resume={run_dir}", 128 + signum, checkpoint)
+
+
+# ---------------------------------------------------------------------- CPU threads
+
+def free_cores() -> int:
+    """Cores this process may use (its CPU affinity) minus those other work keeps busy (the 1-minute
+    load average, rounded down), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
+def set_cpu_threads(num_threads: Optional[int], device: torch.device) -> int:
+    """torch's intra-op threads: ``num_threads`` when set; on CPU otherwise no more than the cores free
+    now (:func:`free_cores`). Why: OpenMP threads that outnumber the free cores wait on each other at
+    every parallel region (a step ran ~15x slower beside one busy process). Returns the count in use."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    elif device.type == "cpu":
+        free = free_cores()
+        if free < torch.get_num_threads():
+            log.info("using %d torch thread(s): the cores free now (set num_threads=... to override)", free)
+            torch.set_num_threads(free)
+    return torch.get_num_threads()
+
+
+# ---------------------------------------------------------------------- secrets in what Hydra writes
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object
+
+
+class ScrubSecrets(_HydraCallback):
+    """Hydra callback (``hydra.callbacks.scrub_secrets`` in every recipe's primary config).
+
+    Hydra writes ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` before the recipe runs and
+    before any Frugal code could refuse a bad override, so a token passed on the command line would be
+    on disk already. ``on_job_start`` runs right after those writes and before the recipe: it rewrites
+    them through :func:`frugal.train.config.scrub_secrets`, scrubs ``sys.argv`` (W&B records the command
+    line) and adds a filter that scrubs every log record (Hydra's ``<job>.log`` included). Chosen over
+    ``hydra.output_subdir=null`` (which would lose the record of the run) and over a rewrite at recipe
+    start (which each recipe would have to remember, and which runs after config validation can fail)."""
+
+    def on_job_start(self, config, **kwargs) -> None:
+        from omegaconf import OmegaConf
+
+        from frugal.train.checkpoint import atomic_write_text
+        from frugal.train.config import scrub_secrets
+
+        sys.argv[:] = scrub_secrets(list(sys.argv))
+        install_log_scrubber()
+        subdir = config.hydra.output_subdir
+        if subdir is None:
+            return
+        folder = Path(config.hydra.runtime.output_dir) / str(subdir)
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            path = folder / name
+            if path.exists():
+                data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+                atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(scrub_secrets(data))))
+
+
+class _ScrubFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from frugal.train.config import scrub_secrets
+
+        message = record.getMessage()
+        clean = scrub_secrets(message, "message")
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+def install_log_scrubber() -> None:
+    """Scrub secrets from every record reaching the root logger's handlers (files and console)."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _ScrubFilter) for f in handler.filters):
+            handler.addFilter(_ScrubFilter())
 
 
 def device_from(name: str) -> torch.device:

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Optional
 
 from frugal.train.checkpoint import atomic_write_text
 from frugal.train.config import LoggerConfig, scrub_secrets
+
+log = logging.getLogger(__name__)
 
 
 class Tracker:
@@ -29,7 +33,7 @@ class Tracker:
         if resume_step is not None:
             # A killed run may have logged steps after its last checkpoint; they are about to be redone.
             for path in (self.metrics_path, self.samples_path):
-                _truncate_after(path, resume_step)
+                truncate_after(path, resume_step)
         if cfg.backend == "wandb" and cfg.mode != "disabled":
             self.wandb_run = self._init_wandb(scrub_secrets(config))
 
@@ -42,6 +46,9 @@ class Tracker:
         atomic_write_text(id_file, run_id)
         # The run name and tags are user strings too: scrub them like the config (a pasted token stays out).
         named = scrub_secrets({"name": self.cfg.name, "tags": list(self.cfg.tags)})
+        # W&B records the command line (sys.argv) in the run's metadata, which `wandb sync` uploads: a token
+        # passed as an override would travel with it. Hydra has parsed the arguments already.
+        sys.argv[:] = scrub_secrets(list(sys.argv))
         return wandb.init(
             project=self.cfg.project, entity=self.cfg.entity, name=named["name"], tags=named["tags"],
             mode=self.cfg.mode, dir=str(self.run_dir), config=config, id=run_id, resume="allow",
@@ -117,11 +124,12 @@ class Tracker:
             self.wandb_run = None
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    if not path.exists():
+def truncate_after(path: Path, step: int) -> None:
+    """Keep the rows of ``path`` up to ``step`` (a resumed run redoes the later ones)."""
+    if not Path(path).exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [row for row in read_jsonl(path) if row["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
@@ -136,7 +144,24 @@ def flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a JSONL log. A torn last line (the process was killed while appending it) is dropped
+    with a warning; a bad line anywhere else is an error naming the file and line."""
+    path = Path(path)
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == last:
+                log.warning("%s line %d: dropping a torn last line (a write cut short by a kill): %r",
+                            path, i + 1, line[:80])
+                continue
+            raise ValueError(f"{path} line {i + 1}: not valid JSON ({err.msg})") from None
+    return rows
 
 
 def env_flag(name: str) -> bool:
