@@ -101,10 +101,10 @@ class EngineConfig:
     # OpenAI-compatible completions server. A key of another backend is refused (BACKEND_KEYS).
     backend: str = "hf"
     # vllm
-    dtype: str = "auto"  # vLLM's dtype (auto | float32 | bfloat16 | float16)
+    dtype: str = "auto"  # vLLM's dtype: auto (bf16 on a bf16 GPU, else float32, as model.dtype) | float32 | bfloat16 | float16
     max_model_len: int = 2048  # prompt + solution tokens vLLM reserves KV for
     gpu_memory_utilization: float = 0.9  # share of the GPU vLLM may use (GPU only)
-    kv_cache_gib: Optional[float] = None  # KV cache size in GiB (CPU: VLLM_CPU_KVCACHE_SPACE; default 1 on CPU)
+    kv_cache_gib: Optional[float] = None  # KV cache size in GiB (default: 1 GiB on CPU, gpu_memory_utilization on GPU)
     # openai
     base_url: Optional[str] = None  # e.g. http://127.0.0.1:8000/v1
     served_model: Optional[str] = None  # the server's model name (default: model.name_or_path)

@@ -43,10 +43,16 @@ class VLLMEngine(ServedEngine):
         if llm is None:
             from frugal.train.vllm_backend import make_llm
 
-            llm = make_llm(model_location(model_cfg), dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=seed,
+            from frugal.train.models import resolve_dtype
+
+            # explicit dtype: `auto` is Frugal's rule (bf16 on a bf16 GPU, else float32), never vLLM's
+            # own `auto`, which turns a float32 checkpoint into bfloat16 and parts from the HF backend.
+            dtype = resolve_dtype(cfg.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            memory = {} if cfg.kv_cache_gib is None else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)}
+            llm = make_llm(model_location(model_cfg), dtype=dtype, max_model_len=cfg.max_model_len, seed=seed,
                            enable_lora=self.lora is not None,
                            max_lora_rank=adapter_rank(model_cfg) if self.lora is not None else 16,
-                           gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_gib=cfg.kv_cache_gib)
+                           gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=True, **memory)
         self.llm = llm
 
     def context_window(self) -> int:
