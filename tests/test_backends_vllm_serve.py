@@ -15,7 +15,8 @@ import torch
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 pytest.importorskip("vllm")
 
-from frugal.evaluator.backends import make_engine, model_location  # noqa: E402
+from frugal.evaluator.backends import make_engine  # noqa: E402
+from frugal.train.vllm_backend import vllm_model_path  # noqa: E402
 from frugal.evaluator.engine import Candidate, CountingPRM, EngineConfig  # noqa: E402
 from frugal.train.models import ModelConfig  # noqa: E402
 
@@ -31,7 +32,7 @@ def server(tmp_path_factory):
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("serve") / "vllm_serve.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_location(SMOL),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", vllm_model_path(SMOL.name_or_path),
            "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
            "--max-model-len", "1024", "--seed", "0", "--enable-prompt-tokens-details", "--enable-prefix-caching"]
     with open(log, "w") as out:
