@@ -20,19 +20,17 @@ from conftest import ROOT, TINY, compose_train
 from frugal.train.tracking import read_jsonl
 
 FAST = TINY + ["eval_before=false", "eval_limit=2"]
-BARRIER = ("import datetime, math, os, pathlib, sys, time; import frugal.recipes.train; import hydra.core.utils as hu\n"
-           "from frugal.recipes.cli import main\n"
-           "d = pathlib.Path(sys.argv[1]); (d / f'ready-{os.getpid()}').touch()\n"
-           "while len(list(d.glob('ready-*'))) < 2: time.sleep(0.005)\n"
-           "target = math.ceil(max(p.stat().st_mtime for p in d.glob('ready-*'))) + 0.02  # the same for both\n"
-           "time.sleep(max(0.0, target - time.time()))\n"
-           # On a loaded machine one process may reach Hydra's clock a second later; reading the shared
-           # start time instead makes the same second certain (what `now` returns is all that differs).
-           "class Clock(datetime.datetime):\n"
-           "    @classmethod\n"
-           "    def now(cls, tz=None): return datetime.datetime.fromtimestamp(target)\n"
-           "hu.datetime = Clock\n"
-           "sys.exit(main(['train', *sys.argv[2:]]))")
+def _bench_faults():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_faults", ROOT / "scripts" / "bench_faults.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Two processes import, wait for each other, then start Hydra at the same whole second (the drill's script).
+BARRIER = _bench_faults().BARRIER
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

@@ -98,7 +98,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, loop_
     return final
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -110,7 +110,7 @@ def write_manifest(folder: Path) -> None:
     """``manifest.json``: size and sha256 of every file under ``folder``. Written last, so its presence
     says every other file was complete when it was written."""
     folder = Path(folder)
-    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
@@ -133,7 +133,7 @@ def verify_checkpoint(path: Path) -> list[str]:
             problems.append(f"{file}: missing")
         elif file.stat().st_size != want["size"]:
             problems.append(f"{file}: {file.stat().st_size} bytes, the manifest says {want['size']} (truncated?)")
-        elif _sha256(file) != want["sha256"]:
+        elif sha256_file(file) != want["sha256"]:
             problems.append(f"{file}: contents changed since it was written (sha256 mismatch)")
     return problems
 

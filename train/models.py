@@ -14,7 +14,6 @@ Built-ins (``builtin:<name>``):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from frugal.train.checkpoint import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -200,14 +201,6 @@ def smollm2_path() -> Path:
     return target
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_is_valid(target: Path) -> bool:
     meta_path = target / "frugal_cache.json"
     if not meta_path.exists():
@@ -215,7 +208,7 @@ def _cache_is_valid(target: Path) -> bool:
     meta = json.loads(meta_path.read_text())
     for name, digest in meta["sha256"].items():
         file = target / name
-        if not file.exists() or _sha256(file) != digest:
+        if not file.exists() or sha256_file(file) != digest:
             log.warning("Cached %s is missing or corrupt; rebuilding the cache", file)
             return False
     return True
@@ -232,7 +225,7 @@ def _find_or_fetch_gguf() -> Path:
         return path
     downloads = cache_dir() / "downloads"
     gguf = downloads / SMOLLM2_GGUF_NAME
-    if gguf.exists() and _sha256(gguf) == SMOLLM2_GGUF_SHA256:
+    if gguf.exists() and sha256_file(gguf) == SMOLLM2_GGUF_SHA256:
         return gguf
     downloads.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
@@ -258,7 +251,7 @@ def _find_or_fetch_gguf() -> Path:
 
 
 def _check_gguf(path: Path) -> None:
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != SMOLLM2_GGUF_SHA256:
         raise ValueError(f"{path}: sha256 {digest} does not match the expected {SMOLLM2_GGUF_SHA256}")
 
@@ -280,6 +273,6 @@ def _build_smollm2_cache(gguf: Path, target: Path) -> None:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        digests = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {"source": SMOLLM2_WHEEL, "gguf_sha256": SMOLLM2_GGUF_SHA256, "sha256": digests}
         (tmp / "frugal_cache.json").write_text(json.dumps(meta, indent=2))
