@@ -153,7 +153,7 @@ def test_make_engine_hf_is_the_engine():
 
 
 def test_vllm_backend_refuses_tiny_random():
-    with pytest.raises(ValueError, match="model=tiny_random has no checkpoint folder"):
+    with pytest.raises(ValueError, match="builtin:tiny-random exists only in memory; vLLM cannot load it"):
         make_engine(TINY, EngineConfig(backend="vllm"))
 
 

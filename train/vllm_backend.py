@@ -66,7 +66,7 @@ def vllm_model_path(name_or_path: str) -> str:
         return str(smollm2_path())
     if name_or_path.startswith("builtin:"):
         raise ValueError(f"model.name_or_path={name_or_path} exists only in memory; vLLM cannot load it "
-                         "(use generation.backend=hf)")
+                         "(use the hf backend: generation.backend=hf in training, engine.backend=hf in frugal eval)")
     return name_or_path
 
 
@@ -107,12 +107,13 @@ def make_llm(model: str, *, dtype: Any = "float32", max_model_len: int = 1024, s
     from tensors, and on CPU the worker does not pin threads (``VLLM_CPU_OMP_THREADS_BIND=nobind``) so the
     trainer's threads stay where they were.
     """
+    path, dtype = vllm_model_path(model), vllm_dtype(dtype)  # bad arguments are named before vLLM is needed
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     vllm = require_vllm()
     from vllm.platforms import current_platform
 
     on_cpu = current_platform.is_cpu()
-    kwargs = dict(model=vllm_model_path(model), dtype=vllm_dtype(dtype), max_model_len=max_model_len, seed=seed,
+    kwargs = dict(model=path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                   enforce_eager=on_cpu if enforce_eager is None else enforce_eager)
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
