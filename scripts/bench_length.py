@@ -12,11 +12,12 @@ completions are sampled **once** (temperature 1) and every algorithm updates on 
 its own child process (so peak memory belongs to one algorithm at one length):
 
 * ``grpo``   full-token GRPO (``algo=grpo``): every completion token in the loss;
-* ``sgrpo``  S-GRPO with the default schedule (``train/config.py:SGRPOConfig``: k_early 8, p_keep 0.3,
-  decay 1);
-* ``sgrpo_decay``  S-GRPO with a decayed schedule (``--decayed K,P,D``, default 16,0.5,0.95): later tokens
-  kept with probability ``P·D^(t−K)``, so each row's last selected token, where its update is cropped,
-  comes early (``frugal.train.token_selection.expected_last_position``);
+* ``sgrpo``  S-GRPO with a uniform schedule (``--uniform K,P,D``, default 8,0.3,1: decay 1, every later
+  token kept with the same probability);
+* ``sgrpo_decay``  S-GRPO with a decayed schedule (``--decayed K,P,D``, default 16,0.5,0.95, the library's
+  default, ``train/config.py:SGRPOConfig``): later tokens kept with probability ``P·D^(t−K)``, so each row's
+  last selected token, where its update is cropped, comes early
+  (``frugal.train.token_selection.expected_last_position``);
 * ``tspmo``  T-SPMO (``algo=tspmo``): branch points of each group's prefix trie.
 
 *Completions forced to the target length.* GSM8K answers from a 135M model often end before 256 tokens;
@@ -51,7 +52,7 @@ task: the demo recipe (single-digit addition, where a 135M model's accuracy move
 (docs/benchmarks.md says how).
 
 The timing part ends with exactly one line (ratios at the longest length; ``sgrpo`` there is the
-*decayed* schedule, the candidate default, and the default schedule's ratios are printed above it)::
+*decayed* schedule, the library's default, and the uniform schedule's ratios are printed above it)::
 
     BENCH length sgrpo_vs_grpo_update_256=<r> sgrpo_vs_grpo_mem_256=<r> tspmo_vs_grpo_update_256=<r>
 
@@ -74,7 +75,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ("grpo", "sgrpo", "sgrpo_decay", "tspmo")
-# The schedules docs/benchmarks.md weighs: the default, the paper recipe's k_early, decayed ones.
+# The schedules docs/benchmarks.md weighs: uniform ones (one with the paper recipe's k_early), decayed ones.
 CANDIDATES = ("8,0.3,1.0", "25,0.3,1.0", "8,0.5,0.95", "16,0.5,0.95", "25,0.5,0.95", "16,0.5,0.9")
 
 
@@ -91,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="policy_loss.BUCKET_OVERHEAD for the updates (default: the library's; a diagnostic)")
     p.add_argument("--repeats", type=int, default=2, help="timed updates per algorithm and length (after 1 warm-up)")
     p.add_argument("--decayed", default="16,0.5,0.95", help="the decayed S-GRPO schedule: k_early,p_keep,decay")
+    p.add_argument("--uniform", default="8,0.3,1.0", help="the uniform S-GRPO schedule (sgrpo): k_early,p_keep,decay")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"comma list of {','.join(ALGOS)}")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
@@ -126,13 +128,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = (set(args.algos.split(",")) | set(args.acc_algos.split(","))) - set(ALGOS)
     if unknown:
         p.error(f"--algos/--acc-algos: unknown {sorted(unknown)}; choose from {','.join(ALGOS)}")
-    for flag, texts in (("--decayed", [args.decayed]), ("--candidates", args.candidates)):
+    for flag, texts in (("--decayed", [args.decayed]), ("--uniform", [args.uniform]), ("--candidates", args.candidates)):
         for text in texts:
             try:
                 parse_schedule(text)
             except ValueError as e:
                 p.error(f"{flag} {text!r}: {e}")
     args.decayed_schedule = parse_schedule(args.decayed)
+    args.uniform_schedule = parse_schedule(args.uniform)
     if args.repeats < 1 or args.prompts < 1 or args.group < 2 or min(args.lengths) < 1:
         p.error("--repeats and --prompts must be >= 1, --group >= 2, every --lengths value >= 1")
     return args
@@ -155,16 +158,21 @@ def algo_config(name: str, args, group: int):
     from frugal.train.config import ALGO_VARIANTS, make_variant
 
     knobs = {"group_size": group, "beta": 0.0, "num_iterations": 1}
-    if name == "sgrpo_decay":
-        return make_variant("algo", ALGO_VARIANTS, "sgrpo", **knobs, **args.decayed_schedule)
+    if name.startswith("sgrpo"):
+        return make_variant("algo", ALGO_VARIANTS, "sgrpo", **knobs, **schedule(name, args))
     return make_variant("algo", ALGO_VARIANTS, name, **knobs)
 
 
 def algo_overrides(name: str, args) -> list[str]:
     """The same algorithm as ``frugal train`` overrides (accuracy runs)."""
-    if name == "sgrpo_decay":
-        return ["algo=sgrpo"] + [f"algo.{k}={v}" for k, v in args.decayed_schedule.items()]
+    if name.startswith("sgrpo"):
+        return ["algo=sgrpo"] + [f"algo.{k}={v}" for k, v in schedule(name, args).items()]
     return [f"algo={name}"]
+
+
+def schedule(name: str, args) -> dict:
+    """The S-GRPO schedule an algorithm key stands for: ``sgrpo`` uniform, ``sgrpo_decay`` decayed."""
+    return args.decayed_schedule if name == "sgrpo_decay" else args.uniform_schedule
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -477,6 +485,7 @@ def launch(kind: str, name: str, spec: dict, args, workdir: Path) -> dict:
 def forwarded_argv(args) -> list[str]:
     argv = ["--model", args.model, "--prompts", str(args.prompts), "--group", str(args.group),
             "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats), "--decayed", args.decayed,
+            "--uniform", args.uniform,
             "--lr", repr(args.lr), "--rank", str(args.rank), "--alpha", str(args.alpha), "--seed", str(args.seed),
             "--threads", str(args.threads)]
     argv += ["--bucket-overhead", str(args.bucket_overhead)] if args.bucket_overhead is not None else []

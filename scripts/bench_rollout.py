@@ -1,8 +1,8 @@
 """Benchmark: training rollouts through Frugal's HF sampler vs vLLM colocate (tokens/s, step time, memory).
 
-    .venv-vllm/bin/python scripts/bench_rollout.py            # default: ~6-8 minutes on 2 CPU cores
+    .venv-vllm/bin/python scripts/bench_rollout.py            # default: ~12 minutes on 2 CPU cores (HF + 2 vLLM runs)
     .venv-vllm/bin/python scripts/bench_rollout.py --quick    # smoke run (~2 minutes: mostly vLLM start-up)
-    .venv-vllm/bin/python scripts/bench_rollout.py --vllm-dtype bfloat16   # vLLM in bf16, the trainer in fp32
+    .venv-vllm/bin/python scripts/bench_rollout.py --vllm auto/auto float32/lora   # other variants
 
 Needs vLLM (``make test-vllm`` builds ``.venv-vllm``); both backends run in that same environment.
 
@@ -12,9 +12,12 @@ the embedded SmolLM2-135M-Instruct, the demo task, the same prompts (same seed, 
 size, ``max_new_tokens``, LoRA (r=16, all linear layers), lr 2e-4, temperature 1.0, one torch thread:
 
 1. ``generation.backend=hf``: Frugal's decoding core (KV cache, finished rows leave the batch).
-2. ``generation.backend=vllm`` colocate: an in-process vLLM engine (float32 like the trainer unless
-   ``--vllm-dtype``; 1024-token context, 1 GiB KV cache); after every step the adapter moves as a new
-   ``LoRARequest``; the loss applies truncated importance weights against vLLM's log-probs.
+2. ``generation.backend=vllm`` colocate, once per ``--vllm`` variant ``<dtype>/<sync>``
+   (``generation.vllm_dtype`` / ``generation.vllm_sync``; default ``auto/auto float32/auto``: the library's
+   defaults — on a CPU with native bf16, vLLM in bf16 beside the fp32 trainer — then vLLM in the trainer's
+   float32): an in-process vLLM engine (1024-token context, 1 GiB KV cache); after every step the policy
+   moves to it (sync ``auto`` on CPU: merged weights reloaded; ``lora``: the adapter as a new
+   ``LoRARequest``); the loss applies truncated importance weights against vLLM's log-probs.
 
 Per run, over steps 2..N (step 1 is warm-up): rollout tokens/s = completion tokens sampled / seconds in
 sampling (``time/generate_s``, which for vLLM includes publishing the adapter), median S-GRPO step time
@@ -24,6 +27,9 @@ Sampled completions differ between backends (different random streams), so their
 printed next to the times. The script ends with exactly one line::
 
     BENCH rollout vllm_vs_hf_tokens_per_s=<r> vllm_vs_hf_step_time=<r> logprob_gap=<mean abs>
+
+for the first ``--vllm`` variant (the library's defaults unless told otherwise); every variant's ratios
+are printed above it.
 
 Goal on a 2-core CPU: vLLM's tokens/s >= 1.3x the HF sampler's with the step time no worse (ratio <= 1).
 """
@@ -48,13 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
-    p.add_argument("--vllm-dtype", default="auto", help="auto (the trainer's float32) | bfloat16 | float16")
+    p.add_argument("--vllm", nargs="+", default=["auto/auto", "float32/auto"], metavar="DTYPE/SYNC",
+                   help="vLLM variants: generation.vllm_dtype (auto|float32|bfloat16|float16) / generation.vllm_sync "
+                        "(auto|lora|full); the BENCH line is the first's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 2 prompts x 4, 16 new tokens")
     p.add_argument("--workdir", default=None, help="run dirs and logs (default outputs/bench_rollout/<time>)")
     p.add_argument("--json", default=None, help="write the summary here")
-    p.add_argument("--worker", choices=["hf", "vllm"], help=argparse.SUPPRESS)  # one run, in a subprocess
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one run ("hf" or a --vllm variant), in a subprocess
     args = p.parse_args(argv)
+    for variant in args.vllm:
+        dtype, _, sync = variant.partition("/")
+        if dtype not in ("auto", "float32", "bfloat16", "float16") or sync not in ("auto", "lora", "full"):
+            p.error(f"--vllm {variant!r}: expected <auto|float32|bfloat16|float16>/<auto|lora|full>")
     if args.quick:
         args.steps, args.prompts, args.group, args.max_new_tokens = 2, 2, 4, 16
     return args
@@ -68,8 +80,9 @@ def overrides(args, backend: str) -> list[str]:
         "samples_every=0", "logger=none", "optim.lr=2e-4", "lora.r=16", "lora.alpha=32",
         f"optim.micro_batch_size={args.prompts * args.group}",
     ]
-    if backend == "vllm":
-        common += ["generation.backend=vllm", f"generation.vllm_dtype={args.vllm_dtype}",
+    if backend != "hf":  # a --vllm variant, dtype/sync
+        dtype, _, sync = backend.partition("/")
+        common += ["generation.backend=vllm", f"generation.vllm_dtype={dtype}", f"generation.vllm_sync={sync}",
                    "generation.vllm_max_model_len=1024", "generation.vllm_cpu_kv_cache_gib=1"]
     return common
 
@@ -85,7 +98,7 @@ def worker(args) -> None:
     from frugal.recipes.train import run
     from frugal.train.tracking import read_jsonl
 
-    run_dir = Path(args.workdir) / args.worker
+    run_dir = Path(args.workdir) / args.worker.replace("/", "-")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=overrides(args, args.worker))
     t0 = time.time()
@@ -113,12 +126,11 @@ def main(argv=None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     results = {}
-    for backend in ("hf", "vllm"):
+    for backend in ("hf", *args.vllm):
         cmd = [sys.executable, __file__, "--worker", backend, "--workdir", str(workdir), "--steps", str(args.steps),
                "--prompts", str(args.prompts), "--group", str(args.group), "--max-new-tokens",
-               str(args.max_new_tokens), "--threads", str(args.threads), "--vllm-dtype", args.vllm_dtype,
-               "--seed", str(args.seed)]
-        log_path = workdir / f"{backend}.log"
+               str(args.max_new_tokens), "--threads", str(args.threads), "--seed", str(args.seed)]
+        log_path = workdir / f"{backend.replace('/', '-')}.log"
         with open(log_path, "w") as log:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -126,18 +138,25 @@ def main(argv=None) -> None:
             sys.exit(f"bench_rollout: the {backend} run failed ({proc.returncode}); see {log_path}")
         results[backend] = json.loads(lines[-1][len("RESULT "):])
         r = results[backend]
-        print(f"{backend:5s} tokens/s={r['tokens_per_s']:.1f} step_s={r['step_s']:.2f} "
+        print(f"{backend:14s} tokens/s={r['tokens_per_s']:.1f} step_s={r['step_s']:.2f} "
               f"generate_s={r['generate_s']:.2f} completion_mean={r['completion_mean']:.1f} "
               f"peak_rss_mb={r['peak_rss_mb']:.0f} load={os.getloadavg()[0]:.2f}", flush=True)
-    hf, vl = results["hf"], results["vllm"]
-    summary = {"results": results, "vllm_vs_hf_tokens_per_s": vl["tokens_per_s"] / hf["tokens_per_s"],
-               "vllm_vs_hf_step_time": vl["step_s"] / hf["step_s"], "logprob_gap": vl["logprob_gap"]}
+    hf = results["hf"]
+    ratios = {v: {"vllm_vs_hf_tokens_per_s": results[v]["tokens_per_s"] / hf["tokens_per_s"],
+                  "vllm_vs_hf_step_time": results[v]["step_s"] / hf["step_s"],
+                  "logprob_gap": results[v]["logprob_gap"]} for v in args.vllm}
+    for v, r in ratios.items():
+        print(f"{v:14s} " + " ".join(f"{k}={fmt(k, x)}" for k, x in r.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    gap = summary["logprob_gap"]  # None when no timed step had a token in the loss (every group tied)
-    print(f"BENCH rollout vllm_vs_hf_tokens_per_s={summary['vllm_vs_hf_tokens_per_s']:.3f} "
-          f"vllm_vs_hf_step_time={summary['vllm_vs_hf_step_time']:.3f} "
-          f"logprob_gap={'nan' if gap is None else f'{gap:.5f}'}")
+        from frugal.train.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps({"results": results, "ratios": ratios}, indent=2))
+    print("BENCH rollout " + " ".join(f"{k}={fmt(k, x)}" for k, x in ratios[args.vllm[0]].items()))
+
+
+def fmt(key: str, x) -> str:
+    """A ratio with 3 decimals, the log-prob gap with 5; None (no timed step had a token in the loss): nan."""
+    return "nan" if x is None else f"{x:.5f}" if key == "logprob_gap" else f"{x:.3f}"
 
 
 if __name__ == "__main__":

@@ -41,6 +41,39 @@ def test_server_mode_needs_a_url():
         GenerationConfig(backend="vllm", vllm_mode="server")
 
 
+def test_weight_sync_choice(monkeypatch):
+    """generation.vllm_sync: auto is adapter-only on GPU and merged full weights on CPU; a bad value is named."""
+    from frugal.train.rollout import GenerationConfig
+    from frugal.train.vllm_backend import weight_sync
+
+    with pytest.raises(ValueError, match="generation.vllm_sync must be auto|lora|full, got 'merged'"):
+        GenerationConfig(vllm_sync="merged")
+    with pytest.raises(ValueError, match="vllm_sync=full is for vllm_mode=colocate"):
+        GenerationConfig(vllm_mode="server", vllm_server_url="http://127.0.0.1:8000", vllm_sync="full")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [weight_sync(s) for s in ("auto", "lora", "full")] == ["full", "lora", "full"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [weight_sync(s) for s in ("auto", "lora", "full")] == ["lora", "lora", "full"]
+
+
+def test_sampler_dtype_choice(monkeypatch):
+    """generation.vllm_dtype=auto: the trainer's dtype, but bf16 beside an fp32 trainer on a CPU with
+    native bf16; an explicit dtype is kept."""
+    import frugal.train.vllm_backend as vb
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(vb, "cpu_has_native_bf16", lambda: True)
+    assert vb.sampler_dtype("auto", torch.float32) == "bfloat16"
+    assert vb.sampler_dtype("float32", torch.float32) == "float32"
+    assert vb.sampler_dtype("auto", torch.float16) == torch.float16
+    monkeypatch.setattr(vb, "cpu_has_native_bf16", lambda: False)
+    assert vb.sampler_dtype("auto", torch.float32) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(vb, "cpu_has_native_bf16", lambda: True)
+    assert vb.sampler_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert vb.sampler_dtype("auto", torch.float32) == torch.float32
+
+
 def test_unservable_modules_as_vllm_checks_them(tmp_path):
     """vLLM's loader accepts an adapter module when it is a supported module or part of a packed one
     (q_proj in qkv_proj); modules_to_save (trained in full) are never servable. Publishing writes whole
@@ -168,3 +201,24 @@ def test_unservable_modules_fall_back_to_full_weights(llm, tmp_path, caplog):
            for p in PROMPTS]
     engine.update(model)
     assert engine.greedy(ids, 16) == _hf_greedy(model, tok, 16)
+
+
+@pytest.mark.vllm
+def test_full_weight_sync_greedy_tokens_equal_hf(llm, tmp_path):
+    """generation.vllm_sync=full (auto on CPU): after an optimizer step vLLM reloads the merged weights; its
+    greedy tokens equal HF's PeftModel's and no adapter is published. (Last in the file: it overwrites the
+    shared engine's base weights.)"""
+    from frugal.train.vllm_backend import AdapterPublisher, ColocateEngine
+
+    model, tok = _hf_model({"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
+    engine = ColocateEngine(llm, AdapterPublisher(tmp_path), model, full_weights=True)
+    assert engine.mode == "full_weights"
+    ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+           for p in PROMPTS]
+    base = _hf_greedy(model, tok, 16)
+    _optimizer_step(model, tok, lr=5e-3)
+    tuned = _hf_greedy(model, tok, 16)
+    assert tuned != base, "the optimizer step should change the greedy tokens (else the test proves nothing)"
+    engine.update(model)
+    assert engine.current is None and engine.greedy(ids, 16) == tuned
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]

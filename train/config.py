@@ -224,12 +224,13 @@ class GRPOConfig(GroupAdvantageConfig):
 @dataclass
 class SGRPOConfig(GroupAdvantageConfig):
     """S-GRPO token selection (train/token_selection.py): the first k_early completion tokens always, later
-    ones with probability p_keep·decay^(t-k)."""
+    ones with probability p_keep·decay^(t-k). The defaults come from scripts/bench_length.py (docs/benchmarks.md,
+    "Completion length"): with decay < 1 a row's last selected token comes early and its update is cropped there."""
 
     name: str = "sgrpo"
-    k_early: int = 8
-    p_keep: float = 0.3
-    decay: float = 1.0
+    k_early: int = 16
+    p_keep: float = 0.5
+    decay: float = 0.95
 
     def __post_init__(self):
         super().__post_init__()

@@ -33,12 +33,16 @@ class GenerationConfig:
     vllm_mode: str = "colocate"  # colocate (in-process engine) | server (a user-started `vllm serve --enable-lora`)
     vllm_server_url: Optional[str] = None  # server mode, e.g. http://10.0.0.5:8000
     vllm_adapter_dir: Optional[str] = None  # where adapters are published (server: a folder it can read); None = <run>/vllm_adapters
-    vllm_dtype: str = "auto"  # auto (the trainer's dtype) | float32 | bfloat16 | float16
+    vllm_dtype: str = "auto"  # auto (the trainer's; bf16 beside fp32 on a native-bf16 CPU) | float32 | bfloat16 | float16
     vllm_max_model_len: int = 1024  # prompt + completion tokens vLLM sizes its KV cache for
     vllm_gpu_memory_utilization: float = 0.3  # colocate on GPU: share of GPU memory vLLM may take
     vllm_cpu_kv_cache_gib: float = 1.0  # colocate on CPU: KV-cache space (vLLM's VLLM_CPU_KVCACHE_SPACE)
     vllm_sleep: bool = True  # colocate on GPU: offload vLLM's weights and free its KV cache between rollouts
     vllm_is_cap: float = 2.0  # truncated importance weight cap: min(pi_old / pi_vllm, cap) per token
+    # colocate: how the policy reaches vLLM after a step. lora = the adapter as a new LoRARequest; full = the
+    # adapter merged into a copy of the weights, reloaded in place; auto = lora on GPU, full on CPU (vLLM-CPU
+    # applies LoRA by gathering each token's adapter matrices: half its decode time, docs/benchmarks.md)
+    vllm_sync: str = "auto"
     vllm_timeout_s: float = 300.0  # server mode: seconds per HTTP request
 
     def __post_init__(self):
@@ -62,8 +66,13 @@ class GenerationConfig:
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError("generation.vllm_gpu_memory_utilization must be in (0, 1], got "
                              f"{self.vllm_gpu_memory_utilization}")
+        if self.vllm_sync not in ("auto", "lora", "full"):
+            raise ValueError(f"generation.vllm_sync must be auto|lora|full, got {self.vllm_sync!r}")
         if self.vllm_is_cap < 1:
             raise ValueError(f"generation.vllm_is_cap must be >= 1, got {self.vllm_is_cap}")
+        if self.vllm_mode == "server" and self.vllm_sync == "full":
+            raise ValueError("generation.vllm_sync=full is for vllm_mode=colocate: a server receives adapters only "
+                             "(its LoRA loading endpoint)")
         if self.backend == "vllm" and self.vllm_mode == "server" and not self.vllm_server_url:
             raise ValueError("generation.vllm_mode=server needs generation.vllm_server_url (e.g. http://host:8000)")
         # Server mode talks HTTP only; colocate runs vLLM in this process.

