@@ -65,8 +65,8 @@ def test_every_foreign_knob_is_named_at_once():
 
 
 @pytest.mark.parametrize("overrides, cls, knob, value", [
-    ([], SGRPOConfig, "p_keep", 0.3),
-    (["algo=sgrpo", "algo.p_keep=0.5"], SGRPOConfig, "p_keep", 0.5),
+    ([], SGRPOConfig, "p_keep", 0.5),
+    (["algo=sgrpo", "algo.p_keep=0.25"], SGRPOConfig, "p_keep", 0.25),
     (["algo=grpo", "algo.scale_by_std=false"], GRPOConfig, "scale_by_std", False),
     (["algo=tspmo", "algo.min_visits=2"], TSPMOConfig, "min_visits", 2),
     (["recipe=tspmo_qwen2_1_5b"], TSPMOConfig, "group_size", 16),

@@ -118,7 +118,7 @@ def test_card_contents(run_dir, exported):
     assert "`builtin:tiny-random`" in text and "| task | `arith` |" in text
     assert "`sgrpo` (critic-free RL, group size 4)" in text
     assert f"| held-out greedy accuracy (after RL) | {summary['accuracy_after']:.4f} |" in text
-    assert "| `algo.k_early` | `8` |" in text and "| `lora.r` | `16` |" in text
+    assert "| `algo.k_early` | `16` |" in text and "| `lora.r` | `16` |" in text
     assert "PeftModel.from_pretrained(base," in text and "frugal eval model.name_or_path=builtin:tiny-random" in text
     merged_card = ModelCard.load(out / "merged" / "README.md")
     assert merged_card.data.library_name is None and 'subfolder="merged"' in merged_card.text
