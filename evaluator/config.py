@@ -43,9 +43,10 @@ class SSRConfig:
     hints: list[str] = field(default_factory=lambda: list(DEFAULT_HINTS))  # the strategy pool
     # How the target verifies a drafted step (ssr.py `Scored.judge`): mean (step mean log-prob >= threshold) |
     # min (every token's log-prob >= threshold) | margin (every token within `threshold` nats of the target's
-    # greedy token; 0 = exactly the greedy token, lossless for a greedy target).
+    # greedy token; 0 = exactly the greedy token, lossless for a greedy target) | prm (the PRM of `prm_path`
+    # judges each step, the target only rewrites rejected ones: reward-guided speculative decoding).
     score: str = "margin"
-    threshold: float = 0.0  # log-prob units (<= 0)
+    threshold: float = 0.0  # log-prob units (<= 0); with score=prm a PRM probability in [0, 1]
     keep_prefix: bool = True  # token-level criteria: keep the accepted prefix of a rejected step
     regen_tokens: Optional[int] = 1  # after a rejection the target writes this many tokens (None: rest of the step)
     fast: int = 1  # 0: majority over all paths | 1: first answer | 2: two agreeing answers
@@ -58,8 +59,10 @@ class SSRConfig:
             raise ValueError("search.ssr.hints must hold at least one strategy hint")
         if self.fast not in (0, 1, 2):
             raise ValueError(f"search.ssr.fast must be 0, 1 or 2, got {self.fast}")
-        if self.score not in ("mean", "min", "margin"):
-            raise ValueError(f"search.ssr.score must be mean|min|margin, got {self.score!r}")
+        if self.score not in ("mean", "min", "margin", "prm"):
+            raise ValueError(f"search.ssr.score must be mean|min|margin|prm, got {self.score!r}")
+        if self.score == "prm" and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"search.ssr.threshold with score=prm is a PRM probability in [0, 1], got {self.threshold}")
         if self.regen_tokens is not None and self.regen_tokens < 1:
             raise ValueError(f"search.ssr.regen_tokens must be >= 1 or null, got {self.regen_tokens}")
         if self.score_batch_size < 1:
@@ -279,8 +282,11 @@ class EvalConfig(SeededRunConfig):
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         if self.problems_per_call < 1:
             raise ValueError(f"problems_per_call must be >= 1, got {self.problems_per_call}")
-        if isinstance(self.search, PRMSearchConfig) and not self.prm_path:
-            raise ValueError(f"search={self.search.name} is PRM-guided: set prm_path=<PRM folder or Hub id> "
+        gated = isinstance(self.search, SSRSearchConfig) and self.search.ssr.score == "prm"
+        if (isinstance(self.search, PRMSearchConfig) or gated) and not self.prm_path:
+            what = "search.ssr.score=prm judges drafted steps with a PRM" if gated else \
+                f"search={self.search.name} is PRM-guided"
+            raise ValueError(f"{what}: set prm_path=<PRM folder or Hub id> "
                              "(a folder written by `frugal train-prm`, or e.g. Qwen/Qwen2.5-Math-PRM-7B)")
         from frugal.evaluator.hub_prm import FAMILIES
 

@@ -70,11 +70,17 @@ def main(argv=None):
     ap.add_argument("--problems", type=int, default=40)
     ap.add_argument("--k", type=int, default=2, help="parallel paths kept by SPM")
     ap.add_argument("--hints", type=int, default=6, help="first N hints of the default pool")
-    ap.add_argument("--criteria", nargs="+", default=["margin:0:regen=1", "margin:0", "mean:-0.3", "min:-2:regen=1"],
+    ap.add_argument("--criteria", nargs="+",
+                    default=["margin:0:regen=1", "prm:0.5", "prm:0.8", "margin:0", "mean:-0.3", "min:-2:regen=1"],
                     help="SSR verification criteria score:threshold[:whole|:regen=N] (first = headline): "
-                         "score mean|min|margin; ':whole' drops the accepted prefix of a rejected step; "
-                         "':regen=N' lets the target write only N tokens after a rejection")
+                         "score mean|min|margin|prm; ':whole' drops the accepted prefix of a rejected step; "
+                         "':regen=N' lets the target write only N tokens after a rejection; prm:<τ> lets the PRM "
+                         "(--prm) judge each step, the target rewriting only rejected ones")
+    ap.add_argument("--prm", default=None,
+                    help="PRM folder for prm:<τ> criteria (default: the newest outputs/train_prm/*/*/final)")
     ap.add_argument("--fast", type=int, default=1)
+    ap.add_argument("--sample", action="store_true",
+                    help="sample the steps at the engines' temperature (search.ssr.greedy=false) instead of greedy")
     ap.add_argument("--max-step-tokens", type=int, default=24)
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -91,8 +97,8 @@ def main(argv=None):
 
     import torch
 
-    from frugal.evaluator.engine import Counts, Engine, EngineConfig
-    from frugal.evaluator.flops import policy_shape
+    from frugal.evaluator.engine import CountingPRM, Counts, Engine, EngineConfig
+    from frugal.evaluator.flops import policy_shape, prm_shape
     from frugal.tasks import load_task
     from frugal.tasks.config import PromptConfig, TaskConfig
     from frugal.train.models import ModelConfig, load_model
@@ -117,9 +123,18 @@ def main(argv=None):
         score, thr, *opts = spec.split(":")
         regen = next((int(o.split("=")[1]) for o in opts if o.startswith("regen=")), None)
         return SSRConfig(hints=list(DEFAULT_HINTS[:args.hints]), score=score, threshold=float(thr), fast=args.fast,
-                         keep_prefix="whole" not in opts, regen_tokens=regen)
+                         keep_prefix="whole" not in opts, regen_tokens=regen, greedy=not args.sample)
 
     configs = [parse(c) for c in args.criteria]
+    prm = pshape = None
+    if any(c.score == "prm" for c in configs):  # reward-guided: the PRM judges, counted with its own shape
+        from bench_search import find_prm
+
+        from frugal.evaluator.hub_prm import load_any_prm
+
+        args.prm = find_prm(args.prm)
+        prm = CountingPRM(load_any_prm(args.prm, device=dev))
+        pshape = prm_shape(prm.prm)
     t0 = time.time()
 
     def fresh_caches(*engines):  # every run pays its own prompt prefills and candidate KV
@@ -130,7 +145,7 @@ def main(argv=None):
     paths = select_strategies(problems, args.k, draft, target, configs[0])  # SPM ranks by mean log-prob
     fresh_caches(draft, target)
     g1 = target.counts.snapshot()
-    base_cfg = SSRConfig(hints=configs[0].hints, fast=args.fast, speculative=False)
+    base_cfg = SSRConfig(hints=configs[0].hints, fast=args.fast, speculative=False, greedy=not args.sample)
     base_results = decode(problems, paths, None, target, base_cfg)
     base = report(problems, base_results, Counts(), target.counts.since(g1), None, tshape)
     print(f"problems={len(problems)} k={args.k} hints={len(configs[0].hints)} fast={args.fast} adapter={adapter}")
@@ -142,16 +157,21 @@ def main(argv=None):
         t1 = time.time()
         fresh_caches(drafter, target)
         d1, g1 = drafter.counts.snapshot(), target.counts.snapshot()
-        res = decode(problems, select_strategies(problems, args.k, drafter, target, cfg), drafter, target, cfg)
-        r = report(problems, res, drafter.counts.since(d1), target.counts.since(g1), dshape_, tshape)
+        p1 = prm.counts.snapshot() if prm is not None else None
+        gate = prm if cfg.score == "prm" else None
+        res = decode(problems, select_strategies(problems, args.k, drafter, target, cfg, prm=gate), drafter, target,
+                     cfg, prm=gate)
+        r = report(problems, res, drafter.counts.since(d1), target.counts.since(g1), dshape_, tshape,
+                   prm.counts.since(p1) if gate is not None else None, pshape)
         kept = sum(x.info["accepted_tokens"] for x in res) / max(1, r.draft_generated)
         ratio = r.target_generated / max(1, base.target_generated)
-        tflops, total = r.flops_target / max(1.0, base.flops_target), (r.flops_target + r.flops_draft) / max(1.0, base.flops_target)
+        tflops = r.flops_target / max(1.0, base.flops_target)
+        total = (r.flops_target + r.flops_draft + r.flops_prm) / max(1.0, base.flops_target)
         print(f"{'ssr ' + spec:>22}: accuracy {100 * r.accuracy:.1f}% (delta {100 * (r.accuracy - base.accuracy):+.1f})  "
               f"target gen ratio {ratio:.3f}  steps accepted whole {r.acceptance_rate:.2f} "
               f"({r.steps_accepted}/{r.steps_proposed}), drafted tokens kept {kept:.2f}  draft gen {r.draft_generated}  "
               f"target gen {r.target_generated} / prefill {r.target_prefill}  FLOPs target {tflops:.3f}x, "
-              f"target+draft {total:.3f}x  wall {time.time() - t1:.0f}s", flush=True)
+              f"target+draft{'+prm' if gate is not None else ''} {total:.3f}x  wall {time.time() - t1:.0f}s", flush=True)
         return {"spec": spec, "report": r, "results": res, "token_ratio": ratio, "target_flops_ratio": tflops,
                 "total_flops_ratio": total, "drafted_tokens_kept": kept}
 
@@ -180,6 +200,13 @@ def main(argv=None):
         print(f"SELF ssr draft_layers={x['layers']} acceptance_rate={r.acceptance_rate:.3f} "
               f"drafted_tokens_kept={x['drafted_tokens_kept']:.3f} target_flops_ratio={x['target_flops_ratio']:.3f} "
               f"total_flops_ratio={x['total_flops_ratio']:.3f} acc_delta={100 * (r.accuracy - base.accuracy):.2f}")
+    for x in runs:
+        if x["spec"].startswith("prm:"):
+            r = x["report"]
+            print(f"GATED ssr criterion={x['spec']} acceptance_rate={r.acceptance_rate:.3f} "
+                  f"target_token_ratio={x['token_ratio']:.3f} target_flops_ratio={x['target_flops_ratio']:.3f} "
+                  f"prm_flops_ratio={r.flops_prm / max(1.0, base.flops_target):.3f} "
+                  f"total_flops_ratio={x['total_flops_ratio']:.3f} acc_delta={100 * (r.accuracy - base.accuracy):.2f}")
     r = head["report"]
     print(f"BENCH ssr target_token_ratio={head['token_ratio']:.3f} target_flops_ratio={head['target_flops_ratio']:.3f} "
           f"total_flops_ratio={head['total_flops_ratio']:.3f} acc_delta={100 * (r.accuracy - base.accuracy):.2f}")

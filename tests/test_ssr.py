@@ -180,6 +180,8 @@ def test_config_validation():
         SSRConfig(draft_tokens=0)
     with pytest.raises(ValueError, match="ssr.draft_layers"):
         SSRConfig(draft_layers=-1)
+    with pytest.raises(ValueError, match="PRM probability"):
+        SSRConfig(score="prm", threshold=-0.3)
 
 
 def test_self_draft_is_the_targets_first_layers_sharing_its_weights():
@@ -410,3 +412,150 @@ def test_spm_hints_share_their_problems_prompt_prefill():
     assert shared >= 32
     prompt_prefill = shared + sum(len(h) - shared for h in heads)
     assert target.counts.prefill - target.counts.scored - len(hints) == prompt_prefill  # + each row: last prompt token
+
+
+class StepPRM:
+    """A scripted PRM: a step scores 0.9 when it says "good", else 0.1; records what it was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def score_partial(self, prompts, texts):
+        self.asked += [(p[-1]["content"], t) for p, t in zip(prompts, texts)]
+        return [[0.9 if "good" in s else 0.1 for s in split_steps(t, "\n\n")] for t in texts]
+
+
+def test_prm_gate_accepts_by_prm_score_and_the_target_runs_only_on_rejections():
+    """``score=prm`` (reward-guided speculative decoding): the PRM, not the target, judges the drafted
+    steps and ranks the SPM's hints; the target is never asked to score, and rewrites a rejected step
+    whole (no regen_tokens cap). Hand-worked: step 0 "good" (0.9 ≥ 0.5) kept, step 1 "bad" (0.1) rewritten
+    by the target, step 2 has no "good": rewritten."""
+    from frugal.evaluator.engine import CountingPRM
+    from frugal.evaluator.strategies.ssr import ssr
+
+    def never(*a, **k):
+        raise AssertionError("the target must not score drafted steps with score=prm")
+
+    probs = [problem("What is 2 + 3?")]
+    cfg = SSRConfig(hints=["", "Hint A."], score="prm", threshold=0.5, fast=0)
+    draft, target = FakeEngine(three_step("draft")), FakeEngine(three_step("target"))
+    prm = CountingPRM(StepPRM())
+    paths = select_strategies(probs, 1, draft, target, cfg, scorer=never, prm=prm)
+    assert target.calls == 0 and [p.hint for p in paths[0]] == [""]  # both 0.9: pool order
+    assert paths[0][0].spm_score == pytest.approx(0.9)
+    [res] = decode(probs, paths, draft, target, cfg, scorer=never, prm=prm)
+    assert res.chosen.text == "draft good step\n\ntarget bad step\n\ntarget so it is 5"
+    assert res.info["accepted"] == 1 and res.info["proposed"] == 3 and res.info["scored_tokens"] == 0
+    assert res.info["target_tokens"] == 3 + 5 and target.calls == 2 and target.counts.prefill == 0
+    # the PRM reads the problem's own question (not the hint) and the whole partial solution
+    assert prm.prm.asked[-1] == ("What is 2 + 3?", "draft good step\n\ntarget bad step\n\ndraft so it is 5")
+    assert prm.counts.calls == 1 + 2  # SPM, then the two later rounds
+    with pytest.raises(ValueError, match="prm_path"):
+        ssr(probs, 1, draft, target, cfg, prm=None)
+
+
+def test_prm_gate_all_accepted_never_runs_the_target_and_all_rejected_is_the_target_alone():
+    """On a tiny model: a PRM that passes every step leaves the target idle (no token read or written); one
+    that passes none makes SSR write the target-only text of the same paths token for token, the target
+    reading each token once (its prefill is the target-only run's)."""
+    from conftest import tiny_lora
+
+    from frugal.evaluator.engine import CountingPRM, Engine, EngineConfig
+
+    class Constant:
+        def __init__(self, p):
+            self.p = p
+
+        def score_partial(self, prompts, texts):
+            return [[self.p] * max(1, len(split_steps(t, "\n\n"))) for t in texts]
+
+    model, tok = tiny_lora(1.0)
+    problems = [{"prompt": [{"role": "user", "content": f"What is {a} + 3?"}], "answer": "5",
+                 "answer_format": "number"} for a in range(3)]
+    ecfg = EngineConfig(max_step_tokens=4, max_new_tokens=12)
+    draft_model, _ = tiny_lora(0.5)  # a different draft, so that rejections change the text
+    draft, target = Engine(draft_model, tok, ecfg, "draft"), Engine(model, tok, ecfg, "target")
+    cfg = SSRConfig(hints=["", "Think."], score="prm", threshold=0.5, fast=0)
+    res = decode(problems, select_strategies(problems, 2, draft, target, cfg, prm=CountingPRM(Constant(0.9))),
+                 draft, target, cfg, prm=CountingPRM(Constant(0.9)))
+    assert target.counts.prefill == target.counts.decode == 0
+    assert all(r.info["accepted"] == r.info["proposed"] > 0 for r in res)
+
+    paths = select_strategies(problems, 2, draft, target, cfg, prm=CountingPRM(Constant(0.1)))
+    target.clear_prompt_cache()
+    t0 = target.counts.snapshot()
+    gated = decode(problems, paths, draft, target, cfg, prm=CountingPRM(Constant(0.1)))
+    spent = target.counts.since(t0)
+    target.clear_prompt_cache()
+    t1 = target.counts.snapshot()
+    alone = decode(problems, paths, None, target, SSRConfig(hints=cfg.hints, fast=0, speculative=False))
+    base = target.counts.since(t1)
+    assert [c.text for r in gated for c in r.candidates] == [c.text for r in alone for c in r.candidates]
+    assert [r.chosen.text for r in res] != [r.chosen.text for r in alone]  # the draft alone writes other text
+    assert all(r.info["accepted"] == 0 for r in gated)
+    assert spent.decode == base.decode and spent.prefill == base.prefill
+
+
+def _tiny_prm_folder(path):
+    from frugal.train.models import LoraConfig, ModelConfig
+    from frugal.train.prm import PRMConfig, build_prm
+
+    torch.manual_seed(0)
+    prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), LoraConfig(r=4, alpha=8),
+                    PRMConfig(), torch.device("cpu"))
+    return prm.save(path)
+
+
+def test_frugal_eval_ssr_prm_gate_counts_the_prm_and_needs_one(tmp_path, monkeypatch):
+    """`frugal eval search=ssr search.ssr.score=prm`: the PRM that judges the steps is listed in
+    summary.json and summed into flops_total; without prm_path the config is refused."""
+    import json
+    import sys
+
+    from frugal.recipes.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["frugal"])
+    folder = _tiny_prm_folder(tmp_path / "prm")
+    common = ["eval", "model=tiny_random", "search=ssr", "search.budgets=[2]", "search.ssr.draft_layers=1",
+              "search.ssr.hints=['','Think.']", "search.ssr.score=prm", "search.ssr.threshold=0.5",
+              "search.ssr.greedy=false", "limit=2",
+              "engine.max_new_tokens=10", "engine.max_step_tokens=4", "plots=false"]
+    rc = main(common + [f"prm_path={folder}", f"output_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'h'}"])
+    assert rc == 0
+    row = json.loads((tmp_path / "run" / "summary.json").read_text())["rows"][0]
+    assert set(row["models"]) == {"target", "draft", "prm"}
+    assert row["models"]["prm"]["flops"] > 0 and row["models"]["draft"]["flops"] > 0
+    assert row["flops_total"] == pytest.approx(sum(m["flops"] for m in row["models"].values()))
+    from frugal.evaluator.config import EvalConfig, SSRSearchConfig
+
+    with pytest.raises(ValueError, match="score=prm judges drafted steps with a PRM: set prm_path"):
+        EvalConfig(search=SSRSearchConfig(ssr=SSRConfig(score="prm", threshold=0.5)))
+
+
+def test_bench_ssr_smoke_prints_the_gated_and_bench_lines(tmp_path):
+    """scripts/bench_ssr.py end to end on the tiny random model (draft = target, a random PRM; sampled steps:
+    its greedy steps are blank): the GATED
+    line for the PRM criterion, the SELF line and the BENCH line, and the PRM's FLOPs in summary.json."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    folder = _tiny_prm_folder(tmp_path / "prm")
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_ssr.py"), "--draft", "builtin:tiny-random", "--target",
+         "builtin:tiny-random", "--adapter", "none", "--problems", "2", "--hints", "2", "--criteria",
+         "margin:0:regen=1", "prm:0.5", "--prm", str(folder), "--self-draft-layers", "1", "--max-new-tokens", "8",
+         "--max-step-tokens", "4", "--sample", "--threads", "1", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[-1].startswith("BENCH ssr target_token_ratio=") and "acc_delta=" in lines[-1]
+    assert any(x.startswith("GATED ssr criterion=prm:0.5 acceptance_rate=") for x in lines)
+    assert any(x.startswith("SELF ssr draft_layers=1 ") for x in lines)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    gated = next(x for x in summary["ssr"] if x["spec"] == "prm:0.5")
+    assert gated["report"]["flops_prm"] > 0 and gated["report"]["prm_prefill"] > 0
+    assert summary["ssr"][0]["report"]["flops_prm"] == 0  # the target-verified criterion runs no PRM

@@ -20,6 +20,10 @@ the drafted tokens only, on its cached KV of prompt + path (:func:`score_steps`;
     margin   token t passes iff log p_T(d_t | ·) − max_v log p_T(v | ·) ≥ τ   (τ = 0: d_t is the target's
              greedy token)
 
+    prm      accept the whole step iff PRM(x, path ⊕ d)_last ≥ τ (τ a probability): the target does not
+             read the step at all (reward-guided speculative decoding: Liao et al. 2025, "Reward-Guided
+             Speculative Decoding for Efficient LLM Reasoning", arXiv:2501.19324)
+
 A mean dilutes the one token that matters: in "3 + 4 = 8" every token but the wrong digit is likely, so a
 step with a wrong answer can clear a mean threshold that a correct step's mean barely clears. The
 token-level criteria judge each token, and ``margin`` with τ = 0 is the greedy case of the acceptance test
@@ -42,6 +46,17 @@ and target may use different tokenizers; with the same tokenizer the draft's ids
 (and the target's back to the draft), so nothing is re-encoded. Verification is one target pass over the
 drafted tokens only, on the target's cached prefix (:func:`score_steps`): it counts as target prefill
 tokens and FLOPs, not as generated tokens.
+
+PRM-gated mode (``score=prm``). Every criterion above has the target read each drafted token, and reading a
+token costs a transformer about the FLOPs of writing it (2·params per token either way), so those modes
+cut the target's *generated* tokens but not its FLOPs. With ``score=prm`` the PRM (a separate, counted
+model, usually much smaller than the target) judges each drafted step instead, and the SPM ranks hints by
+the PRM's score of their first step; the target runs only when a step is rejected: it then reads the path's
+text it has not read yet (its KV store continues from what it read or wrote last, so each token once) and
+rewrites the step whole (``keep_prefix`` and ``regen_tokens`` do not apply: a PRM judges steps, not
+tokens). A path whose drafted steps all pass never touches the target. Accuracy is then the PRM's trade-off,
+no longer the target's by construction: τ sets it (a higher τ rejects more steps, so more of the text is
+the target's).
 
 Fast modes (per problem, checked after every round; a path "has an answer" once ``extract_answer`` finds
 one in its text — for ``answer_format=number`` that is the first step containing a number):
@@ -109,6 +124,40 @@ class Verdict:
 
     def accepted(self, step: str) -> bool:
         return self.keep >= len(step)
+
+
+@dataclass
+class Gated:
+    """The PRM's judgement of one drafted step (``score=prm``): ``score``, the PRM's probability that the
+    path is still correct after the step (its last step score), and ``tokens``, the drafted tokens in the
+    step. The target ran nothing (``processed`` = 0)."""
+
+    score: float
+    tokens: int
+    processed: int = 0
+
+    @property
+    def mean(self) -> float:
+        """The SPM's ranking score: the PRM score."""
+        return self.score
+
+    def judge(self, step: str, how: str, threshold: float) -> Verdict:
+        ok = bool(step.strip()) and self.score >= threshold
+        return Verdict(self.score, len(step) if ok else 0, self.tokens if ok else 0)
+
+
+def gate_steps(prm, questions: Sequence, prefixes: Sequence[str], steps: Sequence[str],
+               tokens: Sequence[int]) -> list[Gated]:
+    """Judge each drafted ``steps[i]`` with the PRM: one ``score_partial`` call over the partial solutions
+    ``prefixes[i] + steps[i]`` under the problems' own prompts (``questions``, without the SPM hint the PRM
+    was not trained on); the score is the last step's (an unfinished step counts as a step). The PRM's
+    tokens and FLOPs go to its own counts (:class:`frugal.evaluator.engine.CountingPRM`)."""
+    rows = [i for i, s in enumerate(steps) if s.strip()]
+    scores = prm.score_partial([questions[i] for i in rows], [prefixes[i] + steps[i] for i in rows]) if rows else []
+    out = [Gated(float("-inf"), n) for n in tokens]
+    for i, s in zip(rows, scores):
+        out[i] = Gated(float(s[-1]) if len(s) else float("-inf"), tokens[i])
+    return out
 
 
 @dataclass
@@ -213,7 +262,12 @@ def with_hint(problem: dict, hint: str) -> dict:
     return {**problem, "prompt": prompt}
 
 
-def _score(scorer, target: Engine, prompts, prefixes, steps, cfg: SSRConfig, step_ids=None) -> list[Scored]:
+def _score(scorer, target: Engine, prompts, prefixes, steps, cfg: SSRConfig, step_ids=None, prm=None,
+           questions=None, tokens=None) -> list:
+    """The verdict material for drafted ``steps``: the PRM's (``score=prm``: :func:`gate_steps`, over the
+    problems' ``questions``, ``tokens`` drafted per step) or the target's (:func:`score_steps`)."""
+    if cfg.score == "prm":
+        return gate_steps(prm, questions, [c.text for c in prefixes], steps, tokens)
     if scorer is not None:  # tests: a scripted scorer reads texts
         return scorer(target, prompts, [c.text for c in prefixes], steps, cfg.score_batch_size)
     return score_steps(target, prompts, [_handed(target, c, True) for c in prefixes], steps, cfg.score_batch_size,
@@ -248,18 +302,24 @@ def _drafted(draft: Engine, before: Candidate, proposal: Candidate) -> Optional[
 
 
 def select_strategies(problems: Sequence[dict], k: int, draft: Engine, target: Engine, cfg: SSRConfig,
-                      scorer=None) -> list[list[Path]]:
+                      scorer=None, prm=None) -> list[list[Path]]:
     """SPM: draft a first step for every (problem, hint), score it with the target, keep the top k per
-    problem by mean token log-likelihood (ties: pool order). The kept paths hold their drafted first step
-    and its verdict as a pending proposal (one target pass both ranks and verifies it)."""
+    problem by mean token log-likelihood (ties: pool order); with ``score=prm`` the PRM scores the first
+    steps instead and the target is not run. The kept paths hold their drafted first step and its verdict
+    as a pending proposal (one pass both ranks and verifies it)."""
     hints = list(dict.fromkeys(cfg.hints))
     rows = [with_hint(p, h) for p in problems for h in hints]
     starts = [Candidate(i) for i in range(len(rows))]
     firsts = draft.extend(rows, starts, stop_at_step=True, greedy=cfg.greedy)
     share = same_tokenizer(draft, target)
-    verdicts = []
-    for p in range(len(problems)):  # one pass per problem: its hints share its prompt's prefill (Engine._prefill)
-        block = range(p * len(hints), (p + 1) * len(hints))
+    if cfg.score == "prm":  # one PRM call for every row; the target is not run
+        verdicts = _score(scorer, target, None, [Candidate(j) for j in range(len(rows))], [f.text for f in firsts],
+                          cfg, prm=prm, questions=[problems[j // len(hints)]["prompt"] for j in range(len(rows))],
+                          tokens=[f.tokens for f in firsts])
+    else:
+        verdicts = []
+    for p in range(len(problems)) if cfg.score != "prm" else ():  # one target pass per problem: its hints
+        block = range(p * len(hints), (p + 1) * len(hints))        # share its prompt's prefill (Engine._prefill)
         verdicts += _score(scorer, target, [rows[j]["prompt"] for j in block], [Candidate(j) for j in block],
                            [firsts[j].text for j in block], cfg,
                            [_drafted(draft, Candidate(j), firsts[j]) if share else None for j in block])
@@ -281,7 +341,7 @@ def select_strategies(problems: Sequence[dict], k: int, draft: Engine, target: E
 
 
 def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[Engine], target: Engine,
-           cfg: SSRConfig, scorer=None) -> list[Result]:
+           cfg: SSRConfig, scorer=None, prm=None) -> list[Result]:
     """SSD over all paths of all problems, one draft call, one verification pass and one target call per
     round.
 
@@ -289,8 +349,9 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
     first with their SPM scores; without it every path starts empty and the target writes every step.
     A rejected step keeps its accepted prefix when ``cfg.keep_prefix`` (token-level criteria); the target
     then writes from the first rejected token to the end of the step, or only ``cfg.regen_tokens`` tokens
-    (after which the draft takes over again). ``scorer`` (default :func:`score_steps`) has its
-    signature; tests pass a fake one."""
+    (after which the draft takes over again); with ``score=prm`` the ``prm`` judges the steps and the
+    target rewrites a rejected step whole. ``scorer`` (default :func:`score_steps`) has its signature;
+    tests pass a fake one."""
     # Work on copies (the same SPM paths can be decoded twice: speculatively and target-only). The
     # target-only baseline starts from empty paths and is not charged for SPM.
     paths = [[replace(path, cand=path.cand.copy()) if cfg.speculative else
@@ -336,7 +397,7 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
             redo = [(j, flat[j].cand) for j, path in enumerate(flat)
                     if not path.cand.finished and not stopped[path.problem]]
         if redo:
-            cap = cfg.regen_tokens if cfg.speculative else None
+            cap = cfg.regen_tokens if cfg.speculative and cfg.score != "prm" else None
             regen = target.extend(rows, [_handed(target, c, share) for _, c in redo], max_tokens=cap,
                                   stop_at_step=True, greedy=cfg.greedy)
             for (j, before), new in zip(redo, regen):
@@ -360,7 +421,9 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
         proposals = draft.extend(rows, befores, max_tokens=cfg.draft_tokens, stop_at_step=True, greedy=cfg.greedy)
         steps = [new.text[len(old.text):] for old, new in zip(befores, proposals)]
         verdicts = _score(scorer, target, [rows[j]["prompt"] for j in active], befores, steps, cfg,
-                          [_drafted(draft, b, c) if share else None for b, c in zip(befores, proposals)])
+                          [_drafted(draft, b, c) if share else None for b, c in zip(befores, proposals)],
+                          prm=prm, questions=[problems[flat[j].problem]["prompt"] for j in active],
+                          tokens=[new.tokens - old.tokens for old, new in zip(befores, proposals)])
         for j, old, new, v in zip(active, befores, proposals, verdicts):
             flat[j].draft_tokens += new.tokens - old.tokens
             flat[j].scored_tokens += v.processed
@@ -421,17 +484,21 @@ def _result(p: int, group: list[Path], problems: Sequence[dict], fast: int, reas
 
 # ---------------------------------------------------------------------- entry points
 
-def ssr(problems: Sequence[dict], k: int, draft: Engine, target: Engine, cfg: SSRConfig) -> list[Result]:
-    """SPM then SSD (or, with ``cfg.speculative=False``, SPM then target-only decoding of the same paths)."""
-    paths = select_strategies(problems, k, draft, target, cfg)
-    return decode(problems, paths, draft, target, cfg)
+def ssr(problems: Sequence[dict], k: int, draft: Engine, target: Engine, cfg: SSRConfig, prm=None) -> list[Result]:
+    """SPM then SSD (or, with ``cfg.speculative=False``, SPM then target-only decoding of the same paths);
+    ``prm`` (a :class:`frugal.evaluator.engine.CountingPRM`) is read only with ``score=prm``."""
+    if cfg.score == "prm" and prm is None:
+        raise ValueError("search.ssr.score=prm judges drafted steps with a PRM: set prm_path=<PRM folder or Hub id>")
+    paths = select_strategies(problems, k, draft, target, cfg, prm=prm)
+    return decode(problems, paths, draft, target, cfg, prm=prm)
 
 
 def run(problems, budget, engine, prm, cfg, draft: Optional[Engine] = None) -> list[Result]:
     """``search=ssr`` in the harness: ``engine`` is the target (the evaluated policy); ``draft`` the draft
     engine (the harness builds it once per run with :func:`draft_engine` and counts it: see
-    ``strategies.prepare``; built here, uncounted, when not given); ``budget`` = k parallel paths."""
-    return ssr(problems, budget, draft if draft is not None else draft_engine(cfg.ssr, engine), engine, cfg.ssr)
+    ``strategies.prepare``; built here, uncounted, when not given); ``budget`` = k parallel paths; ``prm``
+    judges the drafted steps with ``search.ssr.score=prm`` (and is otherwise not run)."""
+    return ssr(problems, budget, draft if draft is not None else draft_engine(cfg.ssr, engine), engine, cfg.ssr, prm)
 
 
 def draft_engine(scfg: SSRConfig, target: Engine) -> Engine:
@@ -510,12 +577,14 @@ class Report:
     target_scored: int
     flops_draft: float
     flops_target: float
+    prm_prefill: int = 0  # tokens the PRM ran (score=prm)
+    flops_prm: float = 0.0
 
 
 def report(problems: Sequence[dict], results: Sequence[Result], draft_counts, target_counts,
-           draft_shape, target_shape) -> Report:
-    """Counts are the engines' ``Counts`` for this run (``counts.since(before)``); shapes from
-    :func:`frugal.evaluator.flops.policy_shape`."""
+           draft_shape, target_shape, prm_counts=None, prm_shape=None) -> Report:
+    """Counts are the engines' (and the PRM's) ``Counts`` for this run (``counts.since(before)``); shapes
+    from :func:`frugal.evaluator.flops.policy_shape` (:func:`~frugal.evaluator.flops.prm_shape`)."""
     from frugal.rewards.verify import is_correct
 
     correct = [is_correct(r.chosen.text, str(p["answer"]), p.get("answer_format", "boxed")) for p, r in zip(problems, results)]
@@ -529,4 +598,6 @@ def report(problems: Sequence[dict], results: Sequence[Result], draft_counts, ta
         target_scored=sum(r.info["scored_tokens"] for r in results),
         flops_draft=draft_shape.flops(draft_counts) if draft_shape else 0.0,
         flops_target=target_shape.flops(target_counts),
+        prm_prefill=prm_counts.prefill if prm_counts is not None else 0,
+        flops_prm=prm_shape.flops(prm_counts) if prm_counts is not None and prm_shape is not None else 0.0,
     )
