@@ -142,6 +142,44 @@ def llm():
     del engine
 
 
+def test_merged_state_dict_equals_merge_and_unload_and_leaves_the_trainer_alone(tmp_path):
+    """The full-weight sync's merged weights (base + peft's delta per LoRA layer) equal peft's
+    ``merge_and_unload`` on a copy, key for key; the trainer's module keeps its adapter and weights; the
+    untouched weights are the trainer's own tensors (no copy), the LoRA ones new. A full-weight run's
+    publisher writes no folder."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from frugal.train.models import load_tokenizer, tiny_random_model
+    from frugal.train.vllm_backend import AdapterPublisher, _merged_state_dict
+
+    tok = load_tokenizer("builtin:tiny-random")
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_random_model(len(tok), tok), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = _merged_state_dict(model)
+    expect = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() == expect.keys()
+    assert all(torch.equal(merged[k], expect[k]) for k in expect)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], before["base_model.model." + q.replace(".weight", ".base_layer.weight")])
+    norm = "model.norm.weight"
+    assert merged[norm].data_ptr() == model.get_base_model().state_dict()[norm].data_ptr()
+    AdapterPublisher(tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    saved = get_peft_model(tiny_random_model(len(tok), tok), LoraConfig(r=4, target_modules=["q_proj"],
+                                                                         modules_to_save=["norm"]))
+    merged, expect = _merged_state_dict(saved), copy.deepcopy(saved).merge_and_unload().state_dict()
+    assert merged.keys() == expect.keys() and all(torch.equal(merged[k], expect[k]) for k in expect)
+
+
 @pytest.mark.vllm
 def test_make_llm_keeps_num_threads_working(llm):
     """vLLM's CPU worker turns torch.set_num_threads into a no-op for the process; make_llm puts it back."""

@@ -185,11 +185,11 @@ def _lora_capabilities(worker) -> tuple[list[str], dict[str, list[str]]]:
 
 class AdapterPublisher:
     """Writes each new adapter version to ``folder/<prefix>-v<n>`` and deletes retired ones. The prefix
-    makes the adapter's name unique on a server that several runs (or ranks) share."""
+    makes the adapter's name unique on a server that several runs (or ranks) share. The folder is made on
+    the first publish (a full-weight run never writes one)."""
 
     def __init__(self, folder: str | Path, prefix: str = "policy"):
         self.folder, self.prefix = Path(folder), prefix
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.version = 0
 
     def publish(self, peft_model) -> tuple[str, int, Path]:
@@ -197,6 +197,7 @@ class AdapterPublisher:
         self.version += 1
         name = f"{self.prefix}-v{self.version}"
         target = self.folder / name
+        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.folder))
         peft_model.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)
@@ -256,8 +257,6 @@ class ColocateEngine:
             self.current = None
 
     def _reload_full_weights(self, peft_model) -> None:
-        # merge_and_unload would change the trainer's module in place; the merged copy is computed per
-        # tensor from the adapter's delta (W + B A · alpha/r) by peft on a state-dict copy.
         merged = _merged_state_dict(peft_model)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(merged.items()),
                                                           "is_checkpoint_format": True})
@@ -291,13 +290,44 @@ class ColocateEngine:
 
 
 def _merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
-    """The base model's weights with the adapter folded in, under the checkpoint's names; the trainer's
-    module is left untouched."""
+    """The base model's weights with the adapter folded in (W + ΔW, ΔW = B A · alpha/r from peft's
+    ``get_delta_weight``), under the checkpoint's names; the trainer's module is left untouched. Only the
+    LoRA-wrapped weights are new tensors: the others are the trainer's own (vLLM copies what it loads).
+    Merging in place and unmerging would drift the trainer's fp32 base weights by rounding each step, and
+    ``merge_and_unload`` on a deep copy copies the whole model; what this cannot fold (DoRA, LoRA on
+    embeddings or convolutions, ``modules_to_save``) takes that deep copy."""
     import copy
 
-    with torch.no_grad():
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    state = base.state_dict()
+
+    def deep_copy_merge() -> dict[str, torch.Tensor]:
         merged = copy.deepcopy(peft_model).merge_and_unload()
-    return {k: v.detach() for k, v in merged.state_dict().items()}
+        return {k: v.detach() for k, v in merged.state_dict().items()}
+
+    with torch.no_grad():
+        if any(".modules_to_save." in key or ".original_module." in key for key in state):
+            return deep_copy_merge()
+        deltas = {}
+        for name, module in base.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            adapters = [a for a in module.active_adapters if a in module.lora_A]
+            if not isinstance(module.get_base_layer(), torch.nn.Linear) or any(
+                    module.use_dora.get(a, False) for a in adapters):
+                return deep_copy_merge()
+            if adapters:
+                deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in adapters)
+        out = {}
+        for key, value in state.items():
+            if "lora_" in key:
+                continue
+            if key in deltas:
+                value = value + deltas[key].to(value.dtype)
+            out[key.replace(".base_layer.", ".")] = value.detach()
+    return out
 
 
 class ServerEngine:
