@@ -7,7 +7,10 @@ last number is the answer), 40 problems, the default pool of 6 hints, k = 2 path
 Headline criterion ``margin:0:regen=1``: a drafted token is accepted iff it is the target's greedy token
 (lossless for a greedy target, up to re-tokenisation at step boundaries); the accepted prefix of a rejected
 step is kept, the target writes one token, and the draft continues the open step — token-level speculative
-decoding with step-sized draft blocks. The other default criteria print the trade-off: ``margin:0`` (the
+decoding with step-sized draft blocks. The other default criteria print the trade-off: ``prm:0.5`` and
+``prm:0.8`` (the PRM of ``--prm`` judges each drafted step and the SPM's hints, the target only rewrites
+rejected steps: reward-guided speculative decoding, the one mode whose target FLOPs can fall well below
+target-only decoding's, since every other mode has the target read each drafted token), ``margin:0`` (the
 target writes the rest of a rejected step), ``mean:-0.3`` (the issue's step-level mean log-prob test)
 and ``min:-2:regen=1`` (a looser token-level test).
 
@@ -20,7 +23,9 @@ and ``min:-2:regen=1`` (a looser token-level test).
 3. ``--self-draft-layers k``: the headline criterion again with the self-speculative draft, the target cut
    to its first k decoder layers (LayerSkip; ``ssr.self_draft``): acceptance and FLOPs ratios.
 
-Printed last: ``SELF ssr draft_layers=<k> acceptance_rate=<r> ... total_flops_ratio=<r>`` per k, then
+Printed last: ``GATED ssr criterion=prm:<τ> acceptance_rate=<r> target_token_ratio=<r> target_flops_ratio=<r>
+prm_flops_ratio=<r> total_flops_ratio=<r> acc_delta=<points>`` per PRM criterion (total = target + draft +
+PRM), ``SELF ssr draft_layers=<k> acceptance_rate=<r> ... total_flops_ratio=<r>`` per k, then
 ``BENCH ssr target_token_ratio=<r> target_flops_ratio=<r> total_flops_ratio=<r> acc_delta=<points>`` for
 the headline criterion: target generated tokens, target FLOPs and target + draft FLOPs of SSR ÷ those of
 target-only decoding of the same problems, and SSR accuracy − target-only accuracy. With today's offline
