@@ -147,7 +147,8 @@ def main(argv=None):
             e.clear_prompt_cache()
 
     # SPM once for the paths that the target-only baseline decodes (not charged to it)
-    paths = select_strategies(problems, args.k, draft, target, configs[0])  # SPM ranks by mean log-prob
+    # (ranked by the target's mean log-prob, whatever the criteria: the paths do not depend on their order)
+    paths = select_strategies(problems, args.k, draft, target, replace(configs[0], score="margin", threshold=0.0))
     fresh_caches(draft, target)
     g1 = target.counts.snapshot()
     base_cfg = SSRConfig(hints=configs[0].hints, fast=args.fast, speculative=False, greedy=not args.sample)
