@@ -534,7 +534,7 @@ def test_frugal_eval_ssr_prm_gate_counts_the_prm_and_needs_one(tmp_path, monkeyp
 
 def test_bench_ssr_smoke_prints_the_gated_and_bench_lines(tmp_path):
     """scripts/bench_ssr.py end to end on the tiny random model (draft = target, a random PRM; sampled steps:
-    its greedy steps are blank): the GATED
+    its greedy steps are blank; a PRM criterion first, the headline): the GATED
     line for the PRM criterion, the SELF line and the BENCH line, and the PRM's FLOPs in summary.json."""
     import json
     import os
@@ -547,7 +547,7 @@ def test_bench_ssr_smoke_prints_the_gated_and_bench_lines(tmp_path):
     out = subprocess.run(
         [sys.executable, str(root / "scripts" / "bench_ssr.py"), "--draft", "builtin:tiny-random", "--target",
          "builtin:tiny-random", "--adapter", "none", "--problems", "2", "--hints", "2", "--criteria",
-         "margin:0:regen=1", "prm:0.5", "--prm", str(folder), "--self-draft-layers", "1", "--max-new-tokens", "8",
+         "prm:0.5", "margin:0:regen=1", "--prm", str(folder), "--self-draft-layers", "1", "--max-new-tokens", "8",
          "--max-step-tokens", "4", "--sample", "--threads", "1", "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -558,4 +558,4 @@ def test_bench_ssr_smoke_prints_the_gated_and_bench_lines(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     gated = next(x for x in summary["ssr"] if x["spec"] == "prm:0.5")
     assert gated["report"]["flops_prm"] > 0 and gated["report"]["prm_prefill"] > 0
-    assert summary["ssr"][0]["report"]["flops_prm"] == 0  # the target-verified criterion runs no PRM
+    assert summary["ssr"][1]["report"]["flops_prm"] == 0  # the target-verified criterion runs no PRM
