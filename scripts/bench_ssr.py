@@ -90,6 +90,10 @@ def main(argv=None):
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--ops", nargs="+", default=["+", "-"])
+    ap.add_argument("--operands", type=int, default=2)
+    ap.add_argument("--fewshot", type=int, default=0,
+                    help="worked examples before each question (task.prompt.num_fewshot): with 3 the models write "
+                         "one equation per step, the format `frugal train-prm`'s PRM was trained on")
     ap.add_argument("--self-draft-layers", type=int, nargs="*", default=[20],
                     help="also run the headline criterion with the target cut to its first k layers as the draft "
                          "(self-speculative, LayerSkip); none: skip")
@@ -113,8 +117,8 @@ def main(argv=None):
     adapter = None if args.adapter == "none" else (args.adapter or newest_adapter())
     out = Path(args.out or ROOT / "outputs/bench_ssr" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
-    task = TaskConfig(name="arith", ops=list(args.ops), digits=1, test_fraction=0.3,
-                      prompt=PromptConfig(answer_format="number"))
+    task = TaskConfig(name="arith", ops=list(args.ops), num_operands=args.operands, digits=1, test_fraction=0.3,
+                      prompt=PromptConfig(answer_format="number", num_fewshot=args.fewshot))
     problems = load_task(task).test[:args.problems]
     ecfg = EngineConfig(max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens,
                         max_steps=args.max_steps, batch_size=64)
@@ -154,7 +158,8 @@ def main(argv=None):
     base_cfg = SSRConfig(hints=configs[0].hints, fast=args.fast, speculative=False, greedy=not args.sample)
     base_results = decode(problems, paths, None, target, base_cfg)
     base = report(problems, base_results, Counts(), target.counts.since(g1), None, tshape)
-    print(f"problems={len(problems)} k={args.k} hints={len(configs[0].hints)} fast={args.fast} adapter={adapter}")
+    print(f"problems={len(problems)} operands={args.operands} fewshot={args.fewshot} k={args.k} "
+          f"hints={len(configs[0].hints)} fast={args.fast} adapter={adapter}")
     print(f"{'target-only':>22}: accuracy {100 * base.accuracy:.1f}%  target gen {base.target_generated} / processed "
           f"{base.target_generated + base.target_prefill}  FLOPs target {base.flops_target:.3g}  wall {time.time() - t0:.0f}s")
 
