@@ -1,46 +1,45 @@
 """Benchmark: SSR speculative step decoding (evaluator/strategies/ssr.py) against target-only decoding.
 
-Default run (≈ 10–15 min on a quiet 2-core machine; not timed since the self-speculative run was added): draft = the
-embedded SmolLM2-135M-Instruct, target = the same model + the newest LoRA adapter under outputs/train/*/*/final (``frugal train recipe=demo``; pass
-``--adapter``). Held-out generated arithmetic (single-digit + and −, the demo's task family; the reply's
-last number is the answer), 40 problems, the default pool of 6 hints, k = 2 paths, fast=1, greedy steps.
-Headline criterion ``margin:0:regen=1``: a drafted token is accepted iff it is the target's greedy token
-(lossless for a greedy target, up to re-tokenisation at step boundaries); the accepted prefix of a rejected
-step is kept, the target writes one token, and the draft continues the open step — token-level speculative
-decoding with step-sized draft blocks. The other default criteria print the trade-off: ``prm:0.5`` and
-``prm:0.8`` (the PRM of ``--prm`` judges each drafted step and the SPM's hints, the target only rewrites
-rejected steps: reward-guided speculative decoding, the one mode whose target FLOPs can fall well below
-target-only decoding's, since every other mode has the target read each drafted token), ``margin:0`` (the
-target writes the rest of a rejected step), ``mean:-0.3`` (the issue's step-level mean log-prob test)
+Default run (about 20 min on a shared 2-core machine; the figures are token and FLOPs counts, not times):
+draft = the embedded SmolLM2-135M-Instruct, target = the same model + the newest LoRA adapter under
+outputs/train/*/*/final (``frugal train recipe=demo``; pass ``--adapter``), PRM = the newest
+outputs/train_prm/*/*/final (``--prm``). Held-out generated arithmetic (single-digit + and −, two operands,
+the demo's task family; the reply's last number is the answer): all 70 problems of the test split, asked
+after 3 worked solutions (``--fewshot 3``: the models write one equation per step, the format the PRM was
+trained on), the default pool of 6 hints, k = 2 paths, fast=1, greedy steps.
+
+Headline criterion ``prm:0.5`` (reward-guided speculative decoding): the PRM judges each drafted step and
+ranks the SPM's hints, and the target runs only to rewrite a rejected step. It is the one mode whose
+target FLOPs can fall well below target-only decoding's: in every other mode the target reads each drafted
+token, which costs it about the FLOPs of writing it. The other default criteria: ``margin:0:regen=1`` (a
+drafted token is accepted iff it is the target's greedy token — lossless for a greedy target, up to
+re-tokenisation at step boundaries; the accepted prefix of a rejected step is kept, the target writes one
+token, the draft continues: token-level speculative decoding with step-sized draft blocks), ``margin:0``
+(the target writes the rest of a rejected step), ``mean:-0.3`` (the issue's step-level mean log-prob test)
 and ``min:-2:regen=1`` (a looser token-level test).
 
-1. SPM once for the target-only baseline's paths: the same paths decoded by the target alone (the target
-   writes every step; SPM not charged to it).
+1. SPM once for the target-only baseline's paths (ranked by the target's mean log-prob): the same paths
+   decoded by the target alone (the target writes every step; SPM not charged to it).
 2. Each criterion of ``--criteria`` (the first is the headline) runs SPM + SSD with fresh caches, every
-   token of both engines charged. Verification is one target pass over the drafted tokens on the target's
-   cached prefix (``Engine.score``; persistent per-candidate KV, ``engine.kv_cache_tokens``), so the
-   target's prefill is about the drafted tokens, not the whole path again.
-3. ``--self-draft-layers k``: the headline criterion again with the self-speculative draft, the target cut
-   to its first k decoder layers (LayerSkip; ``ssr.self_draft``): acceptance and FLOPs ratios.
+   token of every model charged (draft, target, and the PRM for ``prm:<τ>``). Verification is one target
+   pass over the drafted tokens on the target's cached prefix (``Engine.score``; persistent per-candidate
+   KV, ``engine.kv_cache_tokens``), so the target's prefill is about the drafted tokens, not the whole path
+   again.
+3. ``--self-draft-layers k``: ``--self-draft-criterion`` (``margin:0:regen=1``) with the self-speculative
+   draft, the target cut to its first k decoder layers (LayerSkip; ``ssr.self_draft``): acceptance and
+   FLOPs ratios.
 
-Printed last: ``GATED ssr criterion=prm:<τ> acceptance_rate=<r> target_token_ratio=<r> target_flops_ratio=<r>
-prm_flops_ratio=<r> total_flops_ratio=<r> acc_delta=<points>`` per PRM criterion (total = target + draft +
-PRM), ``SELF ssr draft_layers=<k> acceptance_rate=<r> ... total_flops_ratio=<r>`` per k, then
+Printed last: ``CRITERION ssr criterion=<spec> acceptance_rate=<r> drafted_tokens_kept=<r>
+target_token_ratio=<r> target_flops_ratio=<r> prm_flops_ratio=<r> total_flops_ratio=<r> acc_delta=<points>``
+per criterion, a ``SELF ssr draft_layers=<k> criterion=<spec> …`` line per k, then
 ``BENCH ssr target_token_ratio=<r> target_flops_ratio=<r> total_flops_ratio=<r> acc_delta=<points>`` for
-the headline criterion: target generated tokens, target FLOPs and target + draft FLOPs of SSR ÷ those of
-target-only decoding of the same problems, and SSR accuracy − target-only accuracy. With today's offline
-pairing the draft is as large as the target (SmolLM2-135M both), so ``total_flops_ratio`` cannot fall
-below 1 however many tokens are accepted: the draft runs every drafted token through a model as costly as
-the target. The self-speculative draft is the smaller offline draft; it picks its own SPM hints, so its
-accuracy delta also reflects a different choice of paths.
-
-Quick check (6 problems, ``--adapter none --hints 3``, so draft = target = the base SmolLM2; a loaded
-machine, whole-step draft blocks): headline ``target_token_ratio=0.000 target_flops_ratio=1.069
-total_flops_ratio=2.564 acc_delta=0.00`` (every step accepted: the target's FLOPs are what writing the
-text itself costs, plus the SPM's extra hints); the untrained self-speculative draft accepted almost
-nothing — first 10 layers: acceptance 0.000, 0.5 % of drafted tokens kept, total 14.5×; first 20 layers:
-acceptance 0.033, 2.4 % kept, total 6.8× — so early exits need LayerSkip's training (or short blocks,
-``--self-draft-tokens``) before they save anything.
+the headline criterion: target generated tokens, target FLOPs and all models' FLOPs (draft + target + PRM)
+of SSR ÷ those of target-only decoding of the same problems, and SSR accuracy − target-only accuracy. With
+today's offline pairing the draft is as large as the target (SmolLM2-135M both), so ``total_flops_ratio``
+cannot fall below 1 however many tokens are accepted: the draft runs every drafted token through a model as
+costly as the target (and the SPM drafts a first step for every hint). The self-speculative draft is the
+smaller offline draft; it picks its own SPM hints, so its accuracy delta also reflects a different choice
+of paths.
 """
 
 from __future__ import annotations
@@ -72,11 +71,11 @@ def main(argv=None):
     ap.add_argument("--target", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--adapter", default=None,
                     help="target adapter (default: newest outputs/train/*/*/final; 'none': the target without one)")
-    ap.add_argument("--problems", type=int, default=40)
+    ap.add_argument("--problems", type=int, default=70, help="held-out problems (70: the whole test split)")
     ap.add_argument("--k", type=int, default=2, help="parallel paths kept by SPM")
     ap.add_argument("--hints", type=int, default=6, help="first N hints of the default pool")
     ap.add_argument("--criteria", nargs="+",
-                    default=["margin:0:regen=1", "prm:0.5", "prm:0.8", "margin:0", "mean:-0.3", "min:-2:regen=1"],
+                    default=["prm:0.5", "margin:0:regen=1", "margin:0", "mean:-0.3", "min:-2:regen=1"],
                     help="SSR verification criteria score:threshold[:whole|:regen=N] (first = headline): "
                          "score mean|min|margin|prm; ':whole' drops the accepted prefix of a rejected step; "
                          "':regen=N' lets the target write only N tokens after a rejection; prm:<τ> lets the PRM "
@@ -91,12 +90,15 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--ops", nargs="+", default=["+", "-"])
     ap.add_argument("--operands", type=int, default=2)
-    ap.add_argument("--fewshot", type=int, default=0,
+    ap.add_argument("--fewshot", type=int, default=3,
                     help="worked examples before each question (task.prompt.num_fewshot): with 3 the models write "
                          "one equation per step, the format `frugal train-prm`'s PRM was trained on")
     ap.add_argument("--self-draft-layers", type=int, nargs="*", default=[20],
                     help="also run the headline criterion with the target cut to its first k layers as the draft "
                          "(self-speculative, LayerSkip); none: skip")
+    ap.add_argument("--self-draft-criterion", default="margin:0:regen=1",
+                    help="the criterion of the self-speculative runs (the target verifies, so the acceptance rate "
+                         "says how well the cut target predicts the full one)")
     ap.add_argument("--self-draft-tokens", type=int, default=4,
                     help="draft tokens per round for the self-speculative runs (search.ssr.draft_tokens; 0: the "
                          "whole step). An untrained early exit is a weak draft: short blocks waste less verification")
@@ -190,8 +192,8 @@ def main(argv=None):
     selfs = []
     for k in args.self_draft_layers:  # self-speculative: the target cut to its first k layers drafts
         drafter = Engine(self_draft(tm, k), tt, ecfg, "draft")
-        scfg = replace(configs[0], draft_tokens=args.self_draft_tokens or None)
-        selfs.append(run_ssr(f"self[:{k}] {args.criteria[0]}", scfg, drafter, policy_shape(drafter.model)))
+        scfg = replace(parse(args.self_draft_criterion), draft_tokens=args.self_draft_tokens or None)
+        selfs.append(run_ssr(f"self[:{k}] {args.self_draft_criterion}", scfg, drafter, policy_shape(drafter.model)))
         selfs[-1]["layers"] = k
     head = runs[0]
     records = [{"question": p["question"], "answer": p["answer"], "ssr": r.chosen.text, "target_only": b.chosen.text,
@@ -206,18 +208,18 @@ def main(argv=None):
     print(f"results in {out}")
     print(f"headline criterion: {head['spec']} (draft {args.draft}: as large as the target, so target + draft "
           f"FLOPs cannot fall below the target-only baseline's)")
-    for x in selfs:
+
+    def ratios(x) -> str:
         r = x["report"]
-        print(f"SELF ssr draft_layers={x['layers']} acceptance_rate={r.acceptance_rate:.3f} "
-              f"drafted_tokens_kept={x['drafted_tokens_kept']:.3f} target_flops_ratio={x['target_flops_ratio']:.3f} "
-              f"total_flops_ratio={x['total_flops_ratio']:.3f} acc_delta={100 * (r.accuracy - base.accuracy):.2f}")
+        return (f"acceptance_rate={r.acceptance_rate:.3f} drafted_tokens_kept={x['drafted_tokens_kept']:.3f} "
+                f"target_token_ratio={x['token_ratio']:.3f} target_flops_ratio={x['target_flops_ratio']:.3f} "
+                f"prm_flops_ratio={r.flops_prm / max(1.0, base.flops_target):.3f} "
+                f"total_flops_ratio={x['total_flops_ratio']:.3f} acc_delta={100 * (r.accuracy - base.accuracy):.2f}")
+
     for x in runs:
-        if x["spec"].startswith("prm:"):
-            r = x["report"]
-            print(f"GATED ssr criterion={x['spec']} acceptance_rate={r.acceptance_rate:.3f} "
-                  f"target_token_ratio={x['token_ratio']:.3f} target_flops_ratio={x['target_flops_ratio']:.3f} "
-                  f"prm_flops_ratio={r.flops_prm / max(1.0, base.flops_target):.3f} "
-                  f"total_flops_ratio={x['total_flops_ratio']:.3f} acc_delta={100 * (r.accuracy - base.accuracy):.2f}")
+        print(f"CRITERION ssr criterion={x['spec']} {ratios(x)}")
+    for x in selfs:
+        print(f"SELF ssr draft_layers={x['layers']} criterion={args.self_draft_criterion} {ratios(x)}")
     r = head["report"]
     print(f"BENCH ssr target_token_ratio={head['token_ratio']:.3f} target_flops_ratio={head['target_flops_ratio']:.3f} "
           f"total_flops_ratio={head['total_flops_ratio']:.3f} acc_delta={100 * (r.accuracy - base.accuracy):.2f}")

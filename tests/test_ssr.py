@@ -534,8 +534,8 @@ def test_frugal_eval_ssr_prm_gate_counts_the_prm_and_needs_one(tmp_path, monkeyp
 
 def test_bench_ssr_smoke_prints_the_gated_and_bench_lines(tmp_path):
     """scripts/bench_ssr.py end to end on the tiny random model (draft = target, a random PRM; sampled steps:
-    its greedy steps are blank; a PRM criterion first, the headline): the GATED
-    line for the PRM criterion, the SELF line and the BENCH line, and the PRM's FLOPs in summary.json."""
+    its greedy steps are blank; a PRM criterion first, the headline): a
+    CRITERION line per criterion, the SELF line and the BENCH line, and the PRM's FLOPs in summary.json."""
     import json
     import os
     import subprocess
@@ -553,8 +553,9 @@ def test_bench_ssr_smoke_prints_the_gated_and_bench_lines(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert lines[-1].startswith("BENCH ssr target_token_ratio=") and "acc_delta=" in lines[-1]
-    assert any(x.startswith("GATED ssr criterion=prm:0.5 acceptance_rate=") for x in lines)
-    assert any(x.startswith("SELF ssr draft_layers=1 ") for x in lines)
+    assert any(x.startswith("CRITERION ssr criterion=prm:0.5 acceptance_rate=") for x in lines)
+    assert any(x.startswith("CRITERION ssr criterion=margin:0:regen=1 acceptance_rate=") for x in lines)
+    assert any(x.startswith("SELF ssr draft_layers=1 criterion=margin:0:regen=1 ") for x in lines)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     gated = next(x for x in summary["ssr"] if x["spec"] == "prm:0.5")
     assert gated["report"]["flops_prm"] > 0 and gated["report"]["prm_prefill"] > 0
