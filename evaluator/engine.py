@@ -331,24 +331,29 @@ class Engine:
     def _prefill(self, new: list[tuple[str, list[int]]]) -> None:
         """Prefill new prompts (``(prompt, head ids)``) into ``self._kv``, batched and charged.
 
-        Shared prefix: when the heads (with the kept ``self._shared`` prefix, or among themselves) begin
-        with the same ``m >= shared_prefix_min_tokens`` tokens, those m are run once (batch 1) and each
-        prompt runs only its own ``n - m`` tokens over that KV (charged with ``context=m``). Causal
-        attention makes a prefix's KV independent of what follows it, so the stored KV is the same as a
-        whole-prompt prefill (up to float rounding)."""
+        Shared prefix: when the heads begin with the same ``m >= shared_prefix_min_tokens`` tokens (among
+        themselves; a lone head, with the kept ``self._shared`` prefix), those m are run once (batch 1)
+        and each prompt runs only its own ``n - m`` tokens over that KV (charged with ``context=m``). The
+        part of them that the kept prefix already holds is not run again: its KV is cut to that length
+        (the few-shot examples and system prompt that the next problem's prompts share with the last
+        ones'), and only the rest of the m is run over it. Causal attention makes a prefix's KV
+        independent of what follows it, so the stored KV is the same as a whole-prompt prefill (up to
+        float rounding)."""
         heads = [h for _, h in new]
         shortest = min(len(h) for h in heads)
-        shared_ids, shared_kv = self._shared if self._shared is not None else ([], None)
-        if not (shared_ids and len(shared_ids) < shortest and all(h[:len(shared_ids)] == shared_ids for h in heads)):
-            shared_ids, shared_kv = [], None
-            if len(heads) > 1:  # a new shared prefix: the longest common one, leaving each prompt a token
-                m = min(_common_prefix_length(heads), shortest - 1)
-                if self.cfg.shared_prefix_min_tokens and m >= self.cfg.shared_prefix_min_tokens:
-                    shared_ids = heads[0][:m]
-                    ids, mask = left_pad([shared_ids], self.tokenizer.pad_token_id, self.device)
-                    shared_kv = PromptKV.prefill(self.model, ids, mask, logits_to_keep=1)[0].split()[0]
-                    self._shared = (shared_ids, shared_kv)
-                    self.counts.add(m)
+        kept_ids, kept_kv = self._shared if self._shared is not None else ([], None)
+        # the common prefix, leaving each prompt a token
+        m = min(_common_prefix_length(heads if len(heads) > 1 else [kept_ids, heads[0]]), shortest - 1)
+        shared_ids, shared_kv = [], None
+        if self.cfg.shared_prefix_min_tokens and m >= self.cfg.shared_prefix_min_tokens:
+            reuse = min(_common_prefix_length([kept_ids, heads[0]]), m) if kept_ids else 0
+            shared_ids = heads[0][:m]
+            shared_kv = [(k[:, :, :reuse], v[:, :, :reuse]) for k, v in kept_kv] if reuse else None
+            if m > reuse:
+                ids, mask = left_pad([shared_ids[reuse:]], self.tokenizer.pad_token_id, self.device)
+                shared_kv = PromptKV.prefill(self.model, ids, mask, prefix=shared_kv, logits_to_keep=1)[0].split()[0]
+                self.counts.add(m - reuse, context=reuse)
+            self._shared = (shared_ids, shared_kv)
         m = len(shared_ids)
         ids, mask = left_pad([h[m:] for h in heads], self.tokenizer.pad_token_id, self.device)
         # [shared prefix | left-padded rest] when there is a prefix: positions come from the attention mask

@@ -418,6 +418,43 @@ def test_engine_shared_prefix_prefilled_once_same_output(tiny):
     assert prefill[32] == shared + (len(heads[0]) - shared) + (len(heads[1]) - shared) + tails
 
 
+def test_engine_shared_prefix_carries_over_to_the_next_calls_prompts(tiny):
+    """One call per problem, each problem's prompts (its hints) sharing the few-shot examples and the
+    question: the second call cuts the kept prefix to the part it shares (the examples) and runs only the
+    new question over it once, then each prompt's own tokens — the examples are not prefilled again — and
+    the stored KV equals whole-prompt prefills."""
+    model, tok = tiny
+    shots = [{"role": "user", "content": "What is 2 + 3 and then minus one?"},
+             {"role": "assistant", "content": "2 + 3 = 5\n\n5 - 1 = 4\n\nThe answer is 4."}] * 3
+
+    def rows(q):
+        return [{"prompt": shots + [{"role": "user", "content": f"{q}\n{hint}"}]} for hint in ("Think.", "Be brief.")]
+
+    def head(p):
+        return tok.apply_chat_template(p["prompt"], add_generation_prompt=True, tokenize=True,
+                                       return_dict=True)["input_ids"][:-1]
+
+    def common(a, b):
+        return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+    first, second = rows("What is 4 + 4?"), rows("And 7 - 2, what is it?")
+    h1, h2 = [head(p) for p in first], [head(p) for p in second]
+    examples = common(h1[0], h2[0])  # what the two problems share
+    assert examples >= 32 and common(*h2) > examples
+    kv = {}
+    for min_tokens in (32, 0):
+        engine = Engine(model, tok, EngineConfig(max_new_tokens=4, shared_prefix_min_tokens=min_tokens))
+        engine._prompt_kv([engine.prompt_text(p["prompt"]) for p in first], h1)
+        before = engine.counts.prefill
+        engine._prompt_kv([engine.prompt_text(p["prompt"]) for p in second], h2)
+        if min_tokens:
+            assert engine.counts.prefill - before == common(*h2) - examples + sum(len(h) - common(*h2) for h in h2)
+        kv[min_tokens] = [engine._kv[engine.prompt_text(p["prompt"])] for p in second]
+    for shared, whole in zip(kv[32], kv[0]):
+        for (k1, v1), (k0, v0) in zip(shared, whole):
+            assert k1.shape == k0.shape and torch.allclose(k1, k0, atol=1e-5) and torch.allclose(v1, v0, atol=1e-5)
+
+
 def test_engine_cuts_at_step_delimiter_and_eos(tiny):
     model, tok = tiny
     engine = Engine(model, tok, EngineConfig(max_steps=3))
