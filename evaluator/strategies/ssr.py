@@ -68,13 +68,11 @@ one in its text — for ``answer_format=number`` that is the first step containi
 Accounting: one :class:`frugal.evaluator.engine.Engine` per model. The draft engine counts draft tokens, the
 target engine counts target tokens — its generated tokens (what it wrote after rejections) and, as
 prefill, every token it ran while verifying (the drafted tokens and the one before them: the prompt and
-the accepted path come from its KV store). The harness builds the draft per run (``strategies.prepare``)
-and sums both into ``flops_total``; :func:`report` turns both into FLOPs (:mod:`frugal.evaluator.flops`).
+the accepted path come from its KV store); with ``score=prm`` the PRM counts what it read. The harness
+builds the draft per run (``strategies.prepare``) and sums every model into ``flops_total``; :func:`report`
+turns the counts into FLOPs (:mod:`frugal.evaluator.flops`).
 
-Measured before per-candidate KV reuse (``scripts/bench_ssr.py``, 40 held-out ± problems, k = 2, fast=1, target = SmolLM2-135M + a
-10-step demo adapter at 75 % greedy accuracy, draft = the base model): target generated tokens ÷
-target-only and accuracy change — ``margin:0:regen=1`` 0.131 / +0.0; ``margin:0`` (target writes the rest
-of a rejected step) 0.744 / +0.0; ``mean:-0.3`` 0.793 / −2.5; ``min:-2:regen=1`` 0.076 / −30.0.
+Measured figures (``scripts/bench_ssr.py``): docs/benchmarks.md, "SSR".
 
 GPU pairings worth trying (same-family tokenizers are not required): Qwen2.5-0.5B-Instruct → Qwen2.5-7B-
 Instruct, Qwen2.5-Math-1.5B → Qwen2.5-Math-7B, SmolLM2-360M → Llama-3.1-8B. Offline demo: draft = the
