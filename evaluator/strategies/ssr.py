@@ -314,13 +314,13 @@ def select_strategies(problems: Sequence[dict], k: int, draft: Engine, target: E
         verdicts = _score(scorer, target, None, [Candidate(j) for j in range(len(rows))], [f.text for f in firsts],
                           cfg, prm=prm, questions=[problems[j // len(hints)]["prompt"] for j in range(len(rows))],
                           tokens=[f.tokens for f in firsts])
-    else:
+    else:  # one target pass per problem: its hints share its prompt's prefill (Engine._prefill)
         verdicts = []
-    for p in range(len(problems)) if cfg.score != "prm" else ():  # one target pass per problem: its hints
-        block = range(p * len(hints), (p + 1) * len(hints))        # share its prompt's prefill (Engine._prefill)
-        verdicts += _score(scorer, target, [rows[j]["prompt"] for j in block], [Candidate(j) for j in block],
-                           [firsts[j].text for j in block], cfg,
-                           [_drafted(draft, Candidate(j), firsts[j]) if share else None for j in block])
+        for p in range(len(problems)):
+            block = range(p * len(hints), (p + 1) * len(hints))
+            verdicts += _score(scorer, target, [rows[j]["prompt"] for j in block], [Candidate(j) for j in block],
+                               [firsts[j].text for j in block], cfg,
+                               [_drafted(draft, Candidate(j), firsts[j]) if share else None for j in block])
     chosen = []
     for p in range(len(problems)):
         block = range(p * len(hints), (p + 1) * len(hints))
