@@ -1,6 +1,6 @@
 """Benchmark: SSR speculative step decoding (evaluator/strategies/ssr.py) against target-only decoding.
 
-Default run (about 20 min on a shared 2-core machine; the figures are token and FLOPs counts, not times):
+Default run (about 35 min on a shared 2-core machine; the figures are token and FLOPs counts, not times):
 draft = the embedded SmolLM2-135M-Instruct, target = the same model + the newest LoRA adapter under
 outputs/train/*/*/final (``frugal train recipe=demo``; pass ``--adapter``), PRM = the newest
 outputs/train_prm/*/*/final (``--prm``). Held-out generated arithmetic (single-digit + and −, two operands,
@@ -94,7 +94,7 @@ def main(argv=None):
                     help="worked examples before each question (task.prompt.num_fewshot): with 3 the models write "
                          "one equation per step, the format `frugal train-prm`'s PRM was trained on")
     ap.add_argument("--self-draft-layers", type=int, nargs="*", default=[20],
-                    help="also run the headline criterion with the target cut to its first k layers as the draft "
+                    help="also run --self-draft-criterion with the target cut to its first k layers as the draft "
                          "(self-speculative, LayerSkip); none: skip")
     ap.add_argument("--self-draft-criterion", default="margin:0:regen=1",
                     help="the criterion of the self-speculative runs (the target verifies, so the acceptance rate "
@@ -105,6 +105,21 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+
+    def parse(spec: str) -> SSRConfig:
+        score, thr, *opts = spec.split(":")
+        regen = next((int(o.split("=")[1]) for o in opts if o.startswith("regen=")), None)
+        return SSRConfig(hints=list(DEFAULT_HINTS[:args.hints]), score=score, threshold=float(thr), fast=args.fast,
+                         keep_prefix="whole" not in opts, regen_tokens=regen, greedy=not args.sample)
+
+    def checked(flag: str, spec: str) -> SSRConfig:  # a malformed spec or a refused setting, named
+        try:
+            return parse(spec)
+        except ValueError as err:
+            ap.error(f"{flag} {spec!r}: {err} (a criterion is score:threshold[:whole|:regen=N])")
+
+    configs = [checked("--criteria", c) for c in args.criteria]
+    self_cfg = checked("--self-draft-criterion", args.self_draft_criterion)
 
     import torch
 
@@ -130,15 +145,8 @@ def main(argv=None):
     draft, target = Engine(dm, dt, ecfg, "draft"), Engine(tm, tt, ecfg, "target")
     dshape, tshape = policy_shape(dm), policy_shape(tm)
 
-    def parse(spec: str) -> SSRConfig:
-        score, thr, *opts = spec.split(":")
-        regen = next((int(o.split("=")[1]) for o in opts if o.startswith("regen=")), None)
-        return SSRConfig(hints=list(DEFAULT_HINTS[:args.hints]), score=score, threshold=float(thr), fast=args.fast,
-                         keep_prefix="whole" not in opts, regen_tokens=regen, greedy=not args.sample)
-
-    configs = [parse(c) for c in args.criteria]
     prm = pshape = None
-    if any(c.score == "prm" for c in configs):  # reward-guided: the PRM judges, counted with its own shape
+    if any(c.score == "prm" for c in configs + ([self_cfg] if args.self_draft_layers else [])):  # reward-guided: the PRM judges, counted with its own shape
         from bench_search import find_prm
 
         from frugal.evaluator.hub_prm import load_any_prm
@@ -192,7 +200,7 @@ def main(argv=None):
     selfs = []
     for k in args.self_draft_layers:  # self-speculative: the target cut to its first k layers drafts
         drafter = Engine(self_draft(tm, k), tt, ecfg, "draft")
-        scfg = replace(parse(args.self_draft_criterion), draft_tokens=args.self_draft_tokens or None)
+        scfg = replace(self_cfg, draft_tokens=args.self_draft_tokens or None)
         selfs.append(run_ssr(f"self[:{k}] {args.self_draft_criterion}", scfg, drafter, policy_shape(drafter.model)))
         selfs[-1]["layers"] = k
     head = runs[0]

@@ -40,7 +40,7 @@ class GenerationConfig:
     vllm_sleep: bool = True  # colocate on GPU: offload vLLM's weights and free its KV cache between rollouts
     vllm_is_cap: float = 2.0  # truncated importance weight cap: min(pi_old / pi_vllm, cap) per token
     # colocate: how the policy reaches vLLM after a step. lora = the adapter as a new LoRARequest; full = the
-    # adapter merged into a copy of the weights, reloaded in place; auto = lora on GPU, full on CPU (vLLM-CPU
+    # adapter folded into the base weights, reloaded in place; auto = lora on GPU, full on CPU (vLLM-CPU
     # applies LoRA by gathering each token's adapter matrices: half its decode time, docs/benchmarks.md)
     vllm_sync: str = "auto"
     vllm_timeout_s: float = 300.0  # server mode: seconds per HTTP request

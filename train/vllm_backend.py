@@ -18,8 +18,9 @@ optimizer step is the **LoRA adapter** (a few MB), never the merged model:
   completions come from ``POST /v1/completions`` with token-id prompts and per-token log-probs. Plain
   HTTP: no NCCL, works across nodes and on CPU.
 
-Full weights instead (colocate, ``generation.vllm_sync``): the engine merges the adapter into a copy of the
-weights and reloads them in place (``collective_rpc("reload_weights")``, about 2 s for SmolLM2-135M on CPU).
+Full weights instead (colocate, ``generation.vllm_sync``): the engine folds the adapter into the base weights
+(new tensors for the LoRA layers only: :func:`_merged_state_dict`) and vLLM reloads them in place
+(``collective_rpc("reload_weights")``, 1–2 s for SmolLM2-135M on CPU).
 ``auto`` chooses it on CPU, where vLLM-CPU applies LoRA by gathering every token's adapter matrices
 (``PunicaWrapperCPU``: about half of the decode time, measured with py-spy) while the merged model decodes at
 base-model speed; on GPU ``auto`` keeps the adapter-only path. It is also the fallback, chosen
@@ -226,7 +227,7 @@ class ColocateEngine:
             self.unservable = unservable_modules(peft_model, supported, packed)
             if self.unservable:
                 log.warning("vLLM's LoRA cannot serve the adapter's modules %s: after each step the adapter is "
-                            "merged into a copy of the weights and vLLM reloads them in full (reload_weights)",
+                            "folded into the base weights and vLLM reloads them in full (reload_weights)",
                             ", ".join(self.unservable))
                 self.full_weights = True
 
