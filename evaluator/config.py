@@ -9,11 +9,10 @@ from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from frugal.evaluator.engine import EngineConfig
+from frugal.inference.engine import EngineConfig
 from frugal.tasks.config import TaskConfig
-from frugal.train.config import (LoggerConfig, SeededRunConfig, Variant, make_variant, fill_variants,
-                                 register_variants, variant_field)
-from frugal.train.models import ModelConfig
+from frugal.runtime.config import (LoggerConfig, SeededRunConfig, Variant, make_variant, fill_variants, register_variants, variant_field)
+from frugal.inference.models import ModelConfig
 from frugal.train.prm import PRM_CONFIG_FILE, PRMConfig
 from frugal.train.prm_steps import AGGREGATIONS
 

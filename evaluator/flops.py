@@ -12,8 +12,8 @@ processed tokens:
 
     FLOPs = 2·N·(prefill + decode) + 2·N_head·(decode + scored) + 2·n_layer·d_attn·Σ c
 
-with Σ c = ``Counts.attention`` from :mod:`frugal.evaluator.engine`. The LM head runs only for generated
-tokens: the decoding core (``frugal.train.decoding``) keeps the logits of the last position of a prefill
+with Σ c = ``Counts.attention`` from :mod:`frugal.inference.engine`. The LM head runs only for generated
+tokens: the decoding core (``frugal.inference.decoding``) keeps the logits of the last position of a prefill
 only (``logits_to_keep=1``), and that position's logits are the first generated token's. ``scored`` counts prefill tokens whose logits are
 computed as well (SSR's target verification of a drafted step). (For SmolLM2-135M the tied head is 28M of its
 135M matrix parameters, so charging it to every prefill token would overstate prefill by ~26%.) A PRM
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from frugal.evaluator.engine import Counts
+from frugal.inference.engine import Counts
 
 
 @dataclass

@@ -31,18 +31,18 @@ from typing import Optional, Sequence
 import torch
 
 from frugal.evaluator import strategies
-from frugal.evaluator.engine import Counts, CountingPRM, Engine
+from frugal.inference.engine import Counts, CountingPRM, Engine
 from frugal.evaluator.flops import ModelShape, policy_shape, prm_shape
 from frugal.evaluator.strategies.common import answer_of, solution_score
 from frugal.rewards.verify import is_correct
-from frugal.train.checkpoint import atomic_write_text
+from frugal.runtime.io import atomic_write_text
 
 log = logging.getLogger("frugal.eval")
 
 
 @dataclass
 class ModelUse:
-    """What one model of a row processed (``frugal.evaluator.engine.Counts``) and its FLOPs."""
+    """What one model of a row processed (``frugal.inference.engine.Counts``) and its FLOPs."""
 
     prefill: int
     cached: int
@@ -215,12 +215,12 @@ def load_problems(cfg) -> list[dict]:
 def prepare(cfg, run_dir: Path):
     """What ``frugal eval`` and ``frugal plan`` share: the run dir, threads, device, a ``config.yaml`` with
     secrets removed, the problems and the policy's engine (``engine.backend``:
-    :func:`frugal.evaluator.backends.make_engine`). Returns (run_dir, device, config, problems, engine)."""
+    :func:`frugal.inference.backends.make_engine`). Returns (run_dir, device, config, problems, engine)."""
     from omegaconf import OmegaConf
 
-    from frugal.evaluator.backends import make_engine
-    from frugal.train.config import scrub_secrets
-    from frugal.train.runtime import device_from
+    from frugal.inference.backends import make_engine
+    from frugal.runtime.secrets import scrub_secrets
+    from frugal.runtime.system import device_from
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,9 @@ Families (``prm_family=``, or detected from the checkpoint by :func:`detect_fami
 Every family scores a batch in one forward pass over right-padded rows (``score_batch_tokens`` padded
 tokens at most per pass). With ``share_prompt`` (the default), the rows of one prompt first run their
 longest common token prefix once (left-padded, one pass for all prompts of the batch) and then only
-their own tokens over that KV (:class:`frugal.train.decoding.PromptKV`): exact, since the prefix is the
+their own tokens over that KV (:class:`frugal.inference.decoding.PromptKV`): exact, since the prefix is the
 same tokens and attention is causal. Compute: ``last_tokens`` = tokens run (each shared prefix once),
-``last_attention`` = Σ over them of the keys attended to, so :class:`frugal.evaluator.engine.CountingPRM`
+``last_attention`` = Σ over them of the keys attended to, so :class:`frugal.inference.engine.CountingPRM`
 charges what ran. The two-token softmax of the causal-LM families reads two rows of the LM head at the
 scored positions only (exactly the full-vocabulary logits of those two tokens), so no LM head is charged.
 
@@ -46,7 +46,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from frugal.train.decoding import PromptKV, cache_kw
+from frugal.inference.decoding import PromptKV, cache_kw
 from frugal.train.prm_steps import Encoded, aggregate, prompt_text, split_steps, token_budget_batches
 
 FAMILIES = ("frugal", "qwen2_math_prm", "math_shepherd", "rlhflow")
@@ -109,7 +109,7 @@ def load_any_prm(path: str, family: Optional[str] = None, device: Optional[torch
     ``separator`` splits solutions into steps for the Hub families (Frugal folders keep their own).
     ``dtype``: None = float32 for a Frugal folder (its scores as saved), ``auto`` for a Hub checkpoint
     (bfloat16 on a CUDA device that has it, else float32: a 7B PRM on a GPU)."""
-    from frugal.train.models import resolve_dtype
+    from frugal.inference.models import resolve_dtype
 
     if family is not None and family not in FAMILIES:
         raise ValueError(f"prm_family must be one of {'|'.join(FAMILIES)}, got {family!r}")
@@ -317,7 +317,7 @@ class HubPRM(torch.nn.Module):
         distinct = list(dict.fromkeys((tuple(r.ids[:h]) for r, h in zip(rows, heads) if h)))
         cache, width = None, max(heads)
         if distinct:
-            from frugal.train.decoding import left_pad
+            from frugal.inference.decoding import left_pad
 
             ids, mask = left_pad([list(d) for d in distinct], self.pad_id, dev)
             prompts, _ = PromptKV.prefill(body, ids, mask)

@@ -532,7 +532,7 @@ def auto_best_of_n(problems, cap: int, engine, prm, cfg) -> list[list]:
     ``cfg.auto_pilots`` samples for every problem (their PRM-verified counts), so no separate pilot run is
     needed. ``cfg``: a :class:`frugal.evaluator.config.BestOfNConfig`. Returns the candidates per problem (the
     caller selects among them as usual)."""
-    from frugal.evaluator.engine import Candidate
+    from frugal.inference.engine import Candidate
     from frugal.evaluator.strategies.common import solution_score
 
     threshold = cfg.auto_threshold

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import hydra
 from frugal.conf import CONF_DIR
-from frugal.train.runtime import default_run_dir
+from frugal.runtime.run_dir import default_run_dir
 from omegaconf import DictConfig
 
 from frugal.evaluator.config import EvalConfig, register_configs
 from frugal.evaluator.harness import evaluate
-from frugal.train.config import to_config
+from frugal.runtime.config import to_config
 
 register_configs()
 

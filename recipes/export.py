@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from frugal.conf import CONF_DIR
-from frugal.train.config import to_config
+from frugal.runtime.config import to_config
 from frugal.train.export import ExportConfig, export
 
 log = logging.getLogger("frugal.export")

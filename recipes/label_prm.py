@@ -14,7 +14,7 @@ does not round-trip: SmolLM2 samples "\\n\\n" as one token but encodes "4\\n\\n1
 tokens), and a policy continued from ids it would not have sampled writes differently.
 
 Batched (all prefixes of a batch of problems in one ``complete`` call, sampled ``generation.batch_size``
-rows at a time by ``frugal.train.decoding.sample``, the sampler of training rollouts) and resumable: rows
+rows at a time by ``frugal.inference.decoding.sample``, the sampler of training rollouts) and resumable: rows
 are appended per batch, and a rerun skips the problems already in the output file.
 
     frugal label-prm task=arith max_problems=200 rollouts=8 output=labels.jsonl
@@ -39,14 +39,16 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from frugal.conf import CONF_DIR
-from frugal.train.runtime import default_run_dir, device_from, seed_everything
+from frugal.runtime.run_dir import default_run_dir
+from frugal.runtime.system import device_from, seed_everything
 from frugal.rewards.verify import is_correct
 from frugal.tasks import load_task
 from frugal.tasks.config import TaskConfig
-from frugal.train.checkpoint import atomic_write_text
-from frugal.train import decoding
-from frugal.train.config import SeededRunConfig, scrub_secrets, to_config
-from frugal.train.models import ModelConfig
+from frugal.runtime.io import atomic_write_text
+from frugal.inference import decoding
+from frugal.runtime.config import SeededRunConfig, to_config
+from frugal.runtime.secrets import scrub_secrets
+from frugal.inference.models import ModelConfig
 from frugal.train.prm import PRMConfig
 from frugal.train.prm_steps import split_steps
 from frugal.train.rollout import GenerationConfig
@@ -112,7 +114,7 @@ class Policy(Protocol):
 
 
 class HFPolicy:
-    """A causal LM sampled through the decoding core (``frugal.train.decoding.sample``). A solution keeps
+    """A causal LM sampled through the decoding core (``frugal.inference.decoding.sample``). A solution keeps
     the token ids it was sampled as; a prefix continues from the chat prompt's ids followed by the prefix's
     ids (and, only where a cut falls inside a token, the rest of its text encoded)."""
 
@@ -246,7 +248,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None, policy: Optional[Polic
     todo = [r for r in rows if r["id"] not in done]
     log.info("label-prm: %d problems, %d already labelled in %s", len(rows), len(rows) - len(todo), output)
     if policy is None and todo:
-        from frugal.train.models import load_model
+        from frugal.inference.models import load_model
 
         model, tok = load_model(cfg.model, device_from(cfg.device))
         policy = HFPolicy(model, tok, cfg.generation)

@@ -31,13 +31,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from frugal.conf import CONF_DIR
-from frugal.evaluator.engine import EngineConfig
+from frugal.inference.engine import EngineConfig
 from frugal.evaluator.ttspm import FORMS, TTSPM, pass_at_n, sample_correctness
 from frugal.tasks.config import TaskConfig
-from frugal.train.checkpoint import atomic_write_text
-from frugal.train.config import SeededRunConfig, to_config
-from frugal.train.models import ModelConfig
-from frugal.train.runtime import default_run_dir
+from frugal.runtime.io import atomic_write_text
+from frugal.runtime.config import SeededRunConfig, to_config
+from frugal.inference.models import ModelConfig
+from frugal.runtime.run_dir import default_run_dir
 
 log = logging.getLogger("frugal.plan")
 

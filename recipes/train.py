@@ -30,16 +30,20 @@ from frugal.rewards.combine import Rewards, build_reward_model
 from frugal.rewards.verify import validate_gold_answers
 from frugal.tasks import check_prompt_lengths, load_task, require_train
 from frugal.train.advantages import group_advantages
-from frugal.train.checkpoint import atomic_dir, atomic_write_text, load_checkpoint, save_checkpoint
-from frugal.train.config import (GroupAdvantageConfig, GRPOConfig, SGRPOConfig, TrainConfig, TSPMOConfig,
-                                 register_configs, scrub_secrets, to_config)
+from frugal.runtime.io import atomic_dir, atomic_write_text
+from frugal.train.checkpoint import load_checkpoint, save_checkpoint
+from frugal.train.config import (GroupAdvantageConfig, GRPOConfig, SGRPOConfig, TrainConfig, TSPMOConfig, register_configs)
+from frugal.runtime.secrets import scrub_secrets
+from frugal.runtime.config import to_config
 from frugal.train import distributed as dist
 from frugal.train.evaluation import greedy_accuracy
-from frugal.train.models import apply_lora, load_model
+from frugal.train.lora import apply_lora
+from frugal.inference.models import load_model
 from frugal.train.policy_loss import clipped_pg_loss, reference_logprobs, selected_logprobs
 from frugal.train.rollout import generate
-from frugal.train.runtime import (Interrupted, batch_for_step, device_from, interrupted, make_scheduler, on_signals,
-                                   release_lock, resolve_run_dir, seed_everything, set_cpu_threads, stop_signal)
+from frugal.runtime.run_dir import Interrupted, interrupted, on_signals, release_lock, resolve_run_dir, stop_signal
+from frugal.train.schedule import batch_for_step, make_scheduler
+from frugal.runtime.system import device_from, seed_everything, set_cpu_threads
 from frugal.train.token_selection import Selection, select_all, select_stochastic
 from frugal.train.tspmo import replay_rollout, select_prefix_matching
 from frugal.train.tracking import Tracker
@@ -48,7 +52,7 @@ log = logging.getLogger("frugal.train")
 register_configs()
 
 
-@on_signals  # SIGINT / SIGTERM: finish the step, save it, raise Interrupted (train/runtime.py)
+@on_signals  # SIGINT / SIGTERM: finish the step, save it, raise Interrupted (runtime/run_dir.py)
 def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     # ------------------------------------------------------------------ setup
     cfg: TrainConfig = to_config(raw_cfg)  # validates every key and range before anything heavy
@@ -92,8 +96,8 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     tracker = Tracker(run_dir, cfg.logger, config_dict, resume_step=start_step if resume_from else None,
                       enabled=main)
     sampler = None
-    if cfg.generation.backend == "vllm":  # vLLM samples the training completions (train/vllm_backend.py)
-        from frugal.train.vllm_backend import VLLMSampler
+    if cfg.generation.backend == "vllm":  # vLLM samples the training completions (inference/vllm_setup.py)
+        from frugal.inference.vllm_setup import VLLMSampler
 
         sampler = VLLMSampler.build(model, tokenizer, cfg.generation, cfg.model, cfg.lora.r, run_dir, cfg.seed,
                                     cfg.num_threads, rank=accelerator.process_index)

@@ -30,14 +30,19 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from frugal.conf import CONF_DIR
-from frugal.train.runtime import (Interrupted, batch_for_step, device_from, interrupted, make_scheduler, on_signals,
-                                   release_lock, resolve_run_dir, seed_everything, set_cpu_threads, stop_signal)
+from frugal.runtime.run_dir import Interrupted, interrupted, on_signals, release_lock, resolve_run_dir, stop_signal
+from frugal.train.schedule import batch_for_step, make_scheduler
+from frugal.runtime.system import device_from, seed_everything, set_cpu_threads
 from frugal.tasks import load_task
 from frugal.tasks.config import TaskConfig
 from frugal.tasks.rows import in_test_split
-from frugal.train.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from frugal.train.config import LoggerConfig, OptimConfig, TimedRunConfig, scrub_secrets, to_config
-from frugal.train.models import LoraConfig, ModelConfig
+from frugal.runtime.io import atomic_write_text
+from frugal.train.checkpoint import load_checkpoint, save_checkpoint
+from frugal.runtime.config import LoggerConfig, TimedRunConfig, to_config
+from frugal.train.config import OptimConfig
+from frugal.runtime.secrets import scrub_secrets
+from frugal.train.lora import LoraConfig
+from frugal.inference.models import ModelConfig
 from frugal.train.prm import HEAD_FILE, PRM, PRMConfig, build_prm, lm_targets, prm_losses
 from frugal.train.prm_metrics import auroc, first_error_index, step_metrics
 from frugal.train.prm_data import equation_drills, generated_examples, load_stepwise
@@ -126,7 +131,7 @@ def register_configs() -> None:
 register_configs()
 
 
-@on_signals  # SIGINT / SIGTERM: finish the step, save it, raise Interrupted (train/runtime.py)
+@on_signals  # SIGINT / SIGTERM: finish the step, save it, raise Interrupted (runtime/run_dir.py)
 def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     # ------------------------------------------------------------------ setup
     cfg: TrainPRMConfig = to_config(raw_cfg, TrainPRMConfig)
@@ -202,7 +207,7 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
         if cfg.save_every and step % cfg.save_every == 0:
             save_checkpoint(run_dir, step, prm, optimizer, scheduler, {"data_position": step * cfg.batch_size},
                             cfg.keep_checkpoints)
-        if stop_signal() is not None:  # SIGINT / SIGTERM: keep this step, then stop (train/runtime.py)
+        if stop_signal() is not None:  # SIGINT / SIGTERM: keep this step, then stop (runtime/run_dir.py)
             checkpoint = run_dir / "checkpoints" / f"step_{step}"
             if not (cfg.save_every and step % cfg.save_every == 0):  # not just saved above
                 save_checkpoint(run_dir, step, prm, optimizer, scheduler, {"data_position": step * cfg.batch_size},

@@ -135,7 +135,7 @@ def main() -> None:
     results["summary"] = summary
     results["minutes"] = (time.time() - started) / 60
     print_table(summary)
-    from frugal.train.checkpoint import atomic_write_text
+    from frugal.runtime.io import atomic_write_text
 
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)

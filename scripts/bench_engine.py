@@ -117,13 +117,13 @@ def worker(args) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # vLLM's CPU worker: OMP_NUM_THREADS threads
     import torch
 
-    from frugal.evaluator.backends import make_engine
+    from frugal.inference.backends import make_engine
     from frugal.evaluator.config import search_config
-    from frugal.evaluator.engine import CountingPRM, EngineConfig
+    from frugal.inference.engine import CountingPRM, EngineConfig
     from frugal.evaluator.harness import run_strategy, write_outputs
     from frugal.tasks import load_task
     from frugal.tasks.config import PromptConfig, TaskConfig
-    from frugal.train.models import ModelConfig
+    from frugal.inference.models import ModelConfig
 
     backend = args.worker
     torch.set_num_threads(args.threads)
@@ -197,7 +197,8 @@ def load_prm(path, device, separator):
     import torch
 
     if path == "random":  # smoke tests only: scores are noise
-        from frugal.train.models import LoraConfig, ModelConfig
+        from frugal.train.lora import LoraConfig
+        from frugal.inference.models import ModelConfig
         from frugal.train.prm import PRMConfig, build_prm
 
         torch.manual_seed(0)

@@ -155,7 +155,8 @@ def parse_schedule(text: str) -> dict:
 
 def algo_config(name: str, args, group: int):
     """The algorithm's config dataclass, as ``frugal train algo=...`` would build it."""
-    from frugal.train.config import ALGO_VARIANTS, make_variant
+    from frugal.train.config import ALGO_VARIANTS
+    from frugal.runtime.config import make_variant
 
     knobs = {"group_size": group, "beta": 0.0, "num_iterations": 1}
     if name.startswith("sgrpo"):
@@ -213,7 +214,8 @@ def load_policy(args):
     """The model with the same seeded LoRA init in every child."""
     import torch
 
-    from frugal.train.models import LoraConfig, ModelConfig, apply_lora, load_model
+    from frugal.train.lora import LoraConfig, apply_lora
+    from frugal.inference.models import ModelConfig, load_model
 
     torch.set_num_threads(args.threads)
     model, tok = load_model(ModelConfig(name_or_path=args.model, dtype="float32"), torch.device("cpu"))
@@ -261,9 +263,9 @@ def child_sample(spec: dict, args) -> dict:
 
     from frugal.tasks import load_task
     from frugal.tasks.config import TaskConfig
-    from frugal.train import decoding
+    from frugal.inference import decoding
     from frugal.train.rollout import GenerationConfig, generate
-    from frugal.train.runtime import batch_for_step
+    from frugal.train.schedule import batch_for_step
 
     model, tok = load_policy(args)
     data = load_task(TaskConfig(name="gsm8k") if not args.quick else TaskConfig(name="arith", n_train=32, n_test=4))
@@ -296,7 +298,7 @@ def child_update(spec: dict, args) -> dict:
     from frugal.recipes.train import _select, _update
     from frugal.train.advantages import group_advantages
     from frugal.train.rollout import Rollout
-    from frugal.train.runtime import make_scheduler
+    from frugal.train.schedule import make_scheduler
 
     if args.bucket_overhead is not None:  # what one more decoder call is assumed to cost, in padded columns
         from frugal.train import policy_loss
@@ -606,7 +608,7 @@ def main(argv=None) -> int:
         print_profile(results)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
-        from frugal.train.checkpoint import atomic_write_text
+        from frugal.runtime.io import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(summary, indent=2, default=str))
     if not (args.accuracy or args.plan):

@@ -108,7 +108,7 @@ def held_out_metrics(prm, args) -> dict:
 def partial_validity(prm, args) -> dict:
     from frugal.rewards.verify import is_correct
     from frugal.tasks import load_task
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.models import ModelConfig, load_model
     from frugal.train.prm_steps import aggregate
     from frugal.train.rollout import GenerationConfig, generate
 

@@ -148,7 +148,7 @@ def main(argv=None) -> None:
     for v, r in ratios.items():
         print(f"{v:14s} " + " ".join(f"{k}={fmt(k, x)}" for k, x in r.items()))
     if args.json:
-        from frugal.train.checkpoint import atomic_write_text
+        from frugal.runtime.io import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps({"results": results, "ratios": ratios}, indent=2))
     print("BENCH rollout " + " ".join(f"{k}={fmt(k, x)}" for k, x in ratios[args.vllm[0]].items()))

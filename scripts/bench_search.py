@@ -29,7 +29,7 @@ serving engine does; ``engine.shared_prefix_min_tokens``), so FLOPs measure the 
 the examples.
 
 Every strategy at every budget is measured in this run, with the same seed, and the engine samples each
-candidate from its own random stream (``frugal.evaluator.engine.StreamSampling``), so the comparisons are paired:
+candidate from its own random stream (``frugal.inference.engine.StreamSampling``), so the comparisons are paired:
 early rejection's survivors are best-of-N's own candidates and particle filtering's first steps are
 theirs. With 12 problems one problem is ~8 accuracy points, so the accuracy deltas are noisy: scale up
 with --problems (and --budgets, --max-new-tokens) on a bigger machine.
@@ -121,7 +121,7 @@ def weighted_best_of_n(records, problems, budget, aggregation) -> float:
     """Accuracy of weighted best-of-N (answer = argmax_a of the summed solution scores) on the candidates
     best-of-N drew at ``budget``: the same samples, picked by particle filtering's default answer rule."""
     from frugal.evaluator.config import search_config
-    from frugal.evaluator.engine import Candidate
+    from frugal.inference.engine import Candidate
     from frugal.evaluator.strategies.best_of_n import select
     from frugal.rewards.verify import is_correct
 
@@ -143,12 +143,12 @@ def main(argv=None) -> None:
     import torch
 
     from frugal.evaluator.config import SEARCH_VARIANTS, search_config
-    from frugal.evaluator.engine import CountingPRM, Engine, EngineConfig
+    from frugal.inference.engine import CountingPRM, Engine, EngineConfig
     from frugal.evaluator.harness import run_strategy, write_outputs
     from frugal.tasks import load_task
     from frugal.tasks.config import PromptConfig, TaskConfig
-    from frugal.train.models import ModelConfig, load_model
-    from frugal.train.config import own_keys
+    from frugal.inference.models import ModelConfig, load_model
+    from frugal.runtime.config import own_keys
     from frugal.train.prm import load_prm
 
     if args.threads:

@@ -55,7 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 from frugal.evaluator.strategies.ssr import (DEFAULT_HINTS, SSRConfig, decode, report, select_strategies,  # noqa: E402
                                             self_draft)
-from frugal.train.checkpoint import atomic_write_text  # noqa: E402
+from frugal.runtime.io import atomic_write_text  # noqa: E402
 
 
 def newest_adapter() -> str:
@@ -123,11 +123,11 @@ def main(argv=None):
 
     import torch
 
-    from frugal.evaluator.engine import CountingPRM, Counts, Engine, EngineConfig
+    from frugal.inference.engine import CountingPRM, Counts, Engine, EngineConfig
     from frugal.evaluator.flops import policy_shape, prm_shape
     from frugal.tasks import load_task
     from frugal.tasks.config import PromptConfig, TaskConfig
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.models import ModelConfig, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ jobs on a shared machine do not inflate the way they inflate wall time. The BENC
 Peak memory = ``ru_maxrss`` of the trainer's process, which includes its imports and the loaded model;
 a fourth subprocess that only loads the model and adds LoRA gives the common baseline.
 
-**How the comparison is kept fair.** Same model object loader (``frugal.train.models.load_model``), tokenizer
+**How the comparison is kept fair.** Same model object loader (``frugal.inference.models.load_model``), tokenizer
 and chat template, same LoRA (rank, alpha, all-linear targets, no dropout), same training rows and reward
 columns (``answer``, ``answer_format``), same temperature / top-p / top-k and ``max_new_tokens`` (TRL:
 ``max_completion_length``). Same completions per optimizer step: TRL's ``per_device_train_batch_size x
@@ -181,8 +181,8 @@ def worker_trl(args, workdir: Path) -> dict:
 
     from frugal.rewards.functions import correctness
     from frugal.tasks import load_task
-    from frugal.train.config import to_config
-    from frugal.train.models import load_model
+    from frugal.runtime.config import to_config
+    from frugal.inference.models import load_model
 
     # The Frugal config of the S-GRPO run is the single source of the shared settings.
     cfg = to_config(compose(frugal_overrides(args, "sgrpo", workdir / "unused")))
@@ -250,8 +250,9 @@ def worker_baseline(args) -> dict:
     """Process floor: imports, the model and a LoRA adapter, no training."""
     import torch
 
-    from frugal.train.config import to_config
-    from frugal.train.models import apply_lora, load_model
+    from frugal.runtime.config import to_config
+    from frugal.train.lora import apply_lora
+    from frugal.inference.models import load_model
 
     cfg = to_config(compose(frugal_overrides(args, "sgrpo", Path("unused"))))
     torch.set_num_threads(args.threads)
@@ -362,7 +363,7 @@ def main(argv=None) -> int:
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
             "cpu_count": os.cpu_count(),
         }
-        from frugal.train.checkpoint import atomic_write_text
+        from frugal.runtime.io import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps(summary, indent=2))
     print(f"BENCH train sgrpo_vs_trl_time={ratios['sgrpo_vs_trl_time']:.3f} "

@@ -53,7 +53,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 from frugal.evaluator.ttspm import FORMS, TTSPM, AutoBudget, adaptive_sampling, pass_at_n, sample_correctness  # noqa: E402
-from frugal.train.checkpoint import atomic_write_text  # noqa: E402
+from frugal.runtime.io import atomic_write_text  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -120,8 +120,8 @@ def load_problems(args) -> list[dict]:
 def draw_samples(args) -> tuple[np.ndarray, dict]:
     import torch
 
-    from frugal.evaluator.engine import Engine, EngineConfig
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.engine import Engine, EngineConfig
+    from frugal.inference.models import ModelConfig, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

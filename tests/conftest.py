@@ -62,7 +62,8 @@ def tiny_lora(scale: float = 0.02):
     vary (the random tiny model alone repeats one token). Seeded: the same weights every call."""
     import torch
 
-    from frugal.train.models import LoraConfig, ModelConfig, apply_lora, load_model
+    from frugal.train.lora import LoraConfig, apply_lora
+    from frugal.inference.models import ModelConfig, load_model
 
     torch.manual_seed(0)
     model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))

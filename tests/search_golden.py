@@ -55,13 +55,13 @@ class HashPRM:
 
 
 def engine_config(**kw):
-    from frugal.evaluator.engine import EngineConfig
+    from frugal.inference.engine import EngineConfig
 
     return EngineConfig(max_new_tokens=14, max_step_tokens=5, max_steps=4, temperature=0.25, **kw)
 
 
 def models():
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.models import ModelConfig, load_model
 
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import tiny_lora
@@ -73,7 +73,7 @@ def models():
 def run_all(policy, target, **engine_kw) -> dict[str, list[str]]:
     """Texts of every candidate of every strategy and budget (and SSR's paths), keyed ``name@N``."""
     from frugal.evaluator.config import SSRConfig, search_config
-    from frugal.evaluator.engine import CountingPRM, Engine
+    from frugal.inference.engine import CountingPRM, Engine
     from frugal.evaluator.strategies import get
     from frugal.evaluator.strategies import ssr
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from frugal.evaluator.backends import make_engine
-from frugal.evaluator.engine import Candidate, Engine, EngineConfig
-from frugal.train.models import ModelConfig, load_tokenizer
+from frugal.inference.backends import make_engine
+from frugal.inference.engine import Candidate, Engine, EngineConfig
+from frugal.inference.models import ModelConfig, load_tokenizer
 
 torch.set_num_threads(1)
 TINY = ModelConfig(name_or_path="builtin:tiny-random")

@@ -11,10 +11,11 @@ import torch
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 vllm = pytest.importorskip("vllm")
 
-from frugal.evaluator.backends import hf_config  # noqa: E402
-from frugal.evaluator.engine import Candidate, CountingPRM, Engine, EngineConfig  # noqa: E402
-from frugal.evaluator.vllm_engine import VLLMEngine  # noqa: E402
-from frugal.train.models import LoraConfig, ModelConfig, load_model  # noqa: E402
+from frugal.inference.backends import hf_config  # noqa: E402
+from frugal.inference.engine import Candidate, CountingPRM, Engine, EngineConfig  # noqa: E402
+from frugal.inference.vllm_engine import VLLMEngine  # noqa: E402
+from frugal.train.lora import LoraConfig
+from frugal.inference.models import ModelConfig, load_model  # noqa: E402
 
 torch.set_num_threads(1)
 SMOL = ModelConfig()  # builtin:smollm2-135m-instruct
@@ -32,7 +33,7 @@ def arith(n, first=0):
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     """A random LoRA adapter (r=4, non-zero B) for SmolLM2, saved as `frugal train` saves one."""
-    from frugal.train.models import apply_lora
+    from frugal.train.lora import apply_lora
 
     torch.manual_seed(0)
     model, _ = load_model(SMOL, torch.device("cpu"))
@@ -48,8 +49,8 @@ def adapter(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(adapter):
-    from frugal.evaluator.backends import adapter_rank
-    from frugal.train.vllm_backend import make_llm, vllm_model_path
+    from frugal.inference.backends import adapter_rank
+    from frugal.inference.vllm_setup import make_llm, vllm_model_path
 
     llm = make_llm(vllm_model_path(SMOL.name_or_path), dtype="float32", max_model_len=1024, seed=0, enable_lora=True,
                    max_lora_rank=adapter_rank(ModelConfig(adapter=adapter)), cpu_kv_cache_gib=1,

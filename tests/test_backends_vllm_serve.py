@@ -15,10 +15,10 @@ import torch
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 pytest.importorskip("vllm")
 
-from frugal.evaluator.backends import make_engine  # noqa: E402
-from frugal.train.vllm_backend import vllm_model_path  # noqa: E402
-from frugal.evaluator.engine import Candidate, CountingPRM, EngineConfig  # noqa: E402
-from frugal.train.models import ModelConfig  # noqa: E402
+from frugal.inference.backends import make_engine  # noqa: E402
+from frugal.inference.vllm_setup import vllm_model_path  # noqa: E402
+from frugal.inference.engine import Candidate, CountingPRM, EngineConfig  # noqa: E402
+from frugal.inference.models import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)
 SMOL = ModelConfig()
@@ -107,9 +107,9 @@ def test_openai_best_of_n_and_ssr_verification(server):
                                  search_config("particle_filter", budgets=[2]), progress=False)
     assert rows[0].problems == 2 and rows[0].policy_generated_tokens > 0 and all(r["chosen"] for r in records)
     # SSR's target verification through the server equals the HF forward pass (float32)
-    from frugal.evaluator.engine import Engine
-    from frugal.evaluator.backends import hf_config
-    from frugal.train.models import load_model
+    from frugal.inference.engine import Engine
+    from frugal.inference.backends import hf_config
+    from frugal.inference.models import load_model
 
     hf = Engine(*load_model(SMOL, torch.device("cpu")), hf_config(engine.cfg))
     prompts, prefixes, steps = [arith(1)[0]["prompt"]] * 2, ["", ""], ["3 + 4 = 7\n\n", "The answer is 12."]

@@ -39,7 +39,7 @@ def test_bad_flags_fail_early():
 
 def test_frugal_config_carries_the_shared_settings(tmp_path):
     bench = _bench()
-    from frugal.train.config import to_config
+    from frugal.runtime.config import to_config
 
     args = bench.parse_args(["--steps", "3", "--prompts", "2", "--group", "4", "--max-new-tokens", "16",
                              "--lr", "0.001", "--rank", "4", "--alpha", "8", "--temperature", "0.7",

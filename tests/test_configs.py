@@ -12,8 +12,8 @@ from hydra.errors import ConfigCompositionException
 
 from conftest import ROOT, compose_train
 from frugal.conf import CONF_DIR
-from frugal.train.config import (ALGO_VARIANTS, GRPOConfig, RunConfig, SGRPOConfig, TSPMOConfig, TrainConfig,
-                                 own_keys, to_config)
+from frugal.train.config import ALGO_VARIANTS, GRPOConfig, SGRPOConfig, TSPMOConfig, TrainConfig
+from frugal.runtime.config import RunConfig, own_keys, to_config
 
 
 def compose_recipe(config_name: str, overrides: list[str]):
@@ -247,12 +247,12 @@ class ModelLoaded(Exception):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Any model load fails loudly: the checks below must answer before one."""
-    import frugal.train.models
+    import frugal.inference.models
 
     def refuse(*args, **kwargs):
         raise ModelLoaded("a model was loaded")
 
-    monkeypatch.setattr(frugal.train.models, "load_model", refuse)
+    monkeypatch.setattr(frugal.inference.models, "load_model", refuse)
 
 
 def _prm_folder(path, separator):
@@ -301,14 +301,15 @@ def test_separator_typed_with_a_backslash_on_the_command_line_gets_a_hint(tmp_pa
 def test_eval_checks_the_separator_a_trained_prm_folder_saved(tmp_path, monkeypatch):
     import torch
 
-    import frugal.train.models
-    from frugal.train.models import LoraConfig, ModelConfig
+    import frugal.inference.models
+    from frugal.train.lora import LoraConfig
+    from frugal.inference.models import ModelConfig
     from frugal.train.prm import PRMConfig, build_prm
 
     prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), LoraConfig(r=2, alpha=4),
                     PRMConfig(separator=" ки"), torch.device("cpu"))
     prm.save(tmp_path / "prm")  # prm.json as `frugal train-prm` writes it
-    monkeypatch.setattr(frugal.train.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(frugal.inference.models, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(ValueError, match=r"splits steps on ' ки'.*set engine\.step_delimiter=' ки'"):
         _eval_run(tmp_path, [f"prm_path={tmp_path / 'prm'}"])
 

@@ -1,4 +1,4 @@
-"""The decoding core (train/decoding.py): ``decode`` matches ``model.generate`` while finished rows leave
+"""The decoding core (inference/decoding.py): ``decode`` matches ``model.generate`` while finished rows leave
 the batch, the shared-prompt KV helper is exact, and every sampler of the project (training rollouts,
 held-out evaluation, T-SPMO replay, Monte-Carlo labelling, the evaluator's Engine) goes through it."""
 
@@ -7,8 +7,8 @@ import torch
 from transformers import LogitsProcessorList, TopKLogitsWarper
 
 from conftest import tiny_lora
-from frugal.train import decoding
-from frugal.train.decoding import PromptKV, StreamSampling, TorchSampling, decode, left_pad
+from frugal.inference import decoding
+from frugal.inference.decoding import PromptKV, StreamSampling, TorchSampling, decode, left_pad
 from frugal.train.rollout import GenerationConfig, encode_prompts, generate
 
 PROMPTS = [[{"role": "user", "content": q}] for q in ("What is 3 + 4?", "Hi", "Say a word.", "2 * 8?")]
@@ -95,10 +95,11 @@ def test_every_sampler_goes_through_the_one_core(monkeypatch):
     """Training rollouts, greedy held-out evaluation, T-SPMO replay, Monte-Carlo labelling and the
     evaluator's Engine all decode with ``decoding.decode``; the sampler, the engine, the policy loss and
     the PRM all share prompts through ``decoding.PromptKV``."""
-    from frugal.evaluator.engine import Candidate, Engine, EngineConfig
+    from frugal.inference.engine import Candidate, Engine, EngineConfig
     from frugal.recipes.label_prm import HFPolicy
     from frugal.train.evaluation import greedy_accuracy
-    from frugal.train.models import LoraConfig, ModelConfig
+    from frugal.train.lora import LoraConfig
+    from frugal.inference.models import ModelConfig
     from frugal.train.policy_loss import selected_logprobs
     from frugal.train.prm import PRMConfig, build_prm
     from frugal.train.token_selection import Selection

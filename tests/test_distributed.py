@@ -68,10 +68,10 @@ def test_two_processes_keep_identical_lora_parameters(two_rank_run):
 
 
 def test_effective_batch_is_the_sum_of_the_ranks(two_rank_run):
-    from frugal.train.runtime import batch_for_step
+    from frugal.train.schedule import batch_for_step
     from frugal.tasks import load_task
     from conftest import TINY, compose_train
-    from frugal.train.config import to_config
+    from frugal.runtime.config import to_config
 
     out, stdout = two_rank_run
     run_dir = out / "run"
@@ -102,7 +102,7 @@ def test_vllm_backend_without_vllm_names_the_extra():
     import importlib.util
 
     from conftest import compose_train
-    from frugal.train.config import to_config
+    from frugal.runtime.config import to_config
     from frugal.train.rollout import MissingExtraError
 
     if importlib.util.find_spec("vllm") is not None:
@@ -118,9 +118,9 @@ def test_vllm_sampler_turns_vllm_outputs_into_a_rollout():
     per-token log-probs kept as the behaviour policy (0 where masked)."""
     import torch
 
-    from frugal.train.models import load_tokenizer, tiny_random_model
+    from frugal.inference.models import load_tokenizer, tiny_random_model
     from frugal.train.rollout import GenerationConfig
-    from frugal.train.vllm_backend import VLLMSampler
+    from frugal.inference.vllm_setup import VLLMSampler
 
     tok = load_tokenizer("builtin:tiny-random")
     model = tiny_random_model(len(tok), tok)
@@ -294,7 +294,8 @@ def test_one_process_uses_the_model_itself_and_unshared_prompts_give_the_same_lo
     import torch
 
     from frugal.train import distributed
-    from frugal.train.models import LoraConfig, apply_lora, load_tokenizer, tiny_random_model
+    from frugal.train.lora import LoraConfig, apply_lora
+    from frugal.inference.models import load_tokenizer, tiny_random_model
     from frugal.train.policy_loss import selected_logprobs
     from frugal.train.token_selection import Selection
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_evaluator import DELIM, PROBLEMS, FakeEngine, FakePRM, _cfg
 
-from frugal.evaluator.engine import CountingPRM
+from frugal.inference.engine import CountingPRM
 from frugal.evaluator.strategies import get
 from frugal.evaluator.strategies.dvts import widths
 
@@ -61,7 +61,7 @@ def test_dvts_is_registered_and_composes():
     from test_configs import compose_recipe
 
     from frugal.evaluator.config import DVTSConfig, EvalConfig
-    from frugal.train.config import to_config
+    from frugal.runtime.config import to_config
 
     cfg = to_config(compose_recipe("eval", ["search=dvts", "search.beam_width=8", "prm_path=/nonexistent"]), EvalConfig)
     assert isinstance(cfg.search, DVTSConfig) and cfg.search.beam_width == 8

@@ -10,13 +10,13 @@ import torch
 
 from conftest import ROOT, compose_train, regraded_accuracy
 from frugal.tasks import load_task
-from frugal.train.config import to_config
+from frugal.runtime.config import to_config
 
 pytestmark = pytest.mark.slow
 
 
 def test_embedded_model_loads_from_cache_and_answers():
-    from frugal.train.models import ModelConfig, load_model, smollm2_path
+    from frugal.inference.models import ModelConfig, load_model, smollm2_path
     from frugal.train.rollout import GenerationConfig, generate
 
     folder = smollm2_path()

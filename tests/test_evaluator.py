@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from frugal.evaluator.config import ParticleFilterConfig, search_config
-from frugal.evaluator.engine import Candidate, CountingPRM, Counts, Engine, EngineConfig
+from frugal.inference.engine import Candidate, CountingPRM, Counts, Engine, EngineConfig
 from frugal.evaluator.flops import ModelShape, policy_shape
 from frugal.evaluator.strategies import get
 from frugal.evaluator.strategies.common import best, logit, vote
@@ -343,7 +343,7 @@ def test_counts_and_flops_hand_computed():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.models import ModelConfig, load_model
 
     return load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
 
@@ -524,7 +524,8 @@ def test_frugal_eval_end_to_end_on_tiny_random(tmp_path, monkeypatch):
     import sys
 
     from frugal.recipes.cli import main
-    from frugal.train.models import LoraConfig, ModelConfig
+    from frugal.train.lora import LoraConfig
+    from frugal.inference.models import ModelConfig
     from frugal.train.prm import PRMConfig, build_prm
 
     prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), LoraConfig(), PRMConfig(),
@@ -551,8 +552,8 @@ def test_stream_sampling_draws_from_the_tempered_softmax():
     """Inverse-transform sampling with a keyed uniform per row is an exact sampler: over many streams the
     token frequencies match softmax(z / T), one (stream, position) always gives the same token, and only
     that token is left finite for generate's argmax."""
-    from frugal.evaluator.engine import StreamSampling
-    from frugal.train.decoding import sampling_warpers
+    from frugal.inference.engine import StreamSampling
+    from frugal.inference.decoding import sampling_warpers
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     warp = sampling_warpers(EngineConfig(temperature=0.5))

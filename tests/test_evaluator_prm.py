@@ -5,9 +5,10 @@ CountingPRM / FLOPs use them. On builtin:tiny-random (fast)."""
 import pytest
 import torch
 
-from frugal.evaluator.engine import Candidate, CountingPRM, Counts
+from frugal.inference.engine import Candidate, CountingPRM, Counts
 from frugal.evaluator.flops import prm_shape
-from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.lora import LoraConfig
+from frugal.inference.models import ModelConfig
 from frugal.train.prm import PRMConfig, build_prm
 from frugal.train.prm_steps import PROMPT_SUFFIX
 

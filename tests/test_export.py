@@ -41,7 +41,7 @@ def exported(run_dir, tmp_path_factory):
 
 
 def _inputs():
-    from frugal.train.models import load_tokenizer
+    from frugal.inference.models import load_tokenizer
 
     tok = load_tokenizer("builtin:tiny-random")
     enc = tok(["What is 3 + 4?", "Compute 12 * 7, then add 5."], return_tensors="pt", padding=True)
@@ -58,7 +58,7 @@ def _logits(model):
 def plain_base_dir(tmp_path_factory):
     """builtin:tiny-random written as an ordinary transformers folder, so the round trip below uses
     nothing from Frugal to load the base."""
-    from frugal.train.models import load_model, ModelConfig
+    from frugal.inference.models import load_model, ModelConfig
 
     base, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
     path = tmp_path_factory.mktemp("base")
@@ -71,7 +71,7 @@ def test_adapter_round_trip_with_plain_transformers_and_peft(run_dir, exported, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.models import ModelConfig, load_model
 
     out, report = exported
     assert report["kind"] == "adapter" and report["source"] == str(run_dir / "final")
@@ -178,7 +178,7 @@ def test_clear_errors(run_dir, tmp_path):
 def test_adapter_base_mismatch(run_dir, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from frugal.train.models import load_tokenizer
+    from frugal.inference.models import load_tokenizer
 
     other = tmp_path / "other_base"
     LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -279,7 +279,8 @@ def test_frugal_export_recipe_composes_and_runs(run_dir, tmp_path):
 
 
 def test_prm_folder_round_trip(tmp_path):
-    from frugal.train.models import LoraConfig, ModelConfig
+    from frugal.train.lora import LoraConfig
+    from frugal.inference.models import ModelConfig
     from frugal.train.prm import PRMConfig, build_prm, load_prm
 
     prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), LoraConfig(r=4),

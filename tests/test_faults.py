@@ -73,8 +73,8 @@ def _killed_copy(finished: Path, dest: Path) -> Path:
 def test_resume_true_continues_the_run_named_by_output_dir(finished_run, tmp_path):
     # Before: resume=true searched the output root and continued the newest run (E), not D.
     from frugal.recipes.train import run
-    from frugal.train.runtime import resolve_run_dir
-    from frugal.train.config import to_config
+    from frugal.runtime.run_dir import resolve_run_dir
+    from frugal.runtime.config import to_config
 
     root = tmp_path / "outputs" / "train"
     killed = _killed_copy(finished_run, root / "day" / "D")
@@ -125,7 +125,7 @@ def test_two_runs_started_in_the_same_second_get_their_own_dirs(tmp_path):
 
 def test_a_run_dir_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
     # Before: no lock: a second run into the same output_dir wrote into the first one's files.
-    from frugal.train.runtime import lock_run_dir, release_lock
+    from frugal.runtime.run_dir import lock_run_dir, release_lock
 
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -150,7 +150,7 @@ def test_a_run_dir_in_use_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path
 @pytest.mark.parametrize("damage", ["optimizer.pt", "adapter/adapter_model.safetensors", "state.json", "rng.pt"])
 def test_damaged_checkpoint_is_named_and_skipped(finished_run, tmp_path, damage):
     # Before: a truncated file gave a raw torch/safetensors/JSON error naming no file, and no fallback.
-    from frugal.train.checkpoint import newest_intact, verify_checkpoint
+    from frugal.runtime.checkpoints import newest_intact, verify_checkpoint
 
     run_dir = _killed_copy(finished_run, tmp_path / "run")
     bad = run_dir / "checkpoints" / "step_3" / damage
@@ -179,7 +179,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_cleans_temp_folde
 
 def test_checkpoint_without_manifest_names_the_file_that_fails_to_load(finished_run, tmp_path):
     from frugal.recipes.train import run
-    from frugal.train.checkpoint import CorruptCheckpoint
+    from frugal.runtime.checkpoints import CorruptCheckpoint
 
     run_dir = _killed_copy(finished_run, tmp_path / "run")
     ckpt = run_dir / "checkpoints" / "step_3"
@@ -278,7 +278,7 @@ def test_export_refuses_an_incomplete_final_naming_what_is_missing(finished_run,
 
 
 def test_train_prm_sigint_saves_the_last_finished_step(tmp_path):
-    # frugal train-prm shares the run-dir, lock and signal helpers (train/runtime.py).
+    # frugal train-prm shares the run-dir, lock and signal helpers (runtime/run_dir.py).
     run_dir = tmp_path / "prm"
     proc = subprocess.Popen([sys.executable, "-m", "frugal.recipes.train_prm", "model=tiny_random", "prm.num_layers=0",
                              "lora.r=4", "max_minutes=null", "task.n_train=24", "task.n_test=6", "batch_size=4",

@@ -121,7 +121,7 @@ def test_prompt_longer_than_the_context_is_a_bad_row(tmp_path):
     assert summary["steps"] == 1
     # under max_prompt_tokens=200 the long row is dropped and counted, the short ones kept
     from frugal.tasks import check_prompt_lengths
-    from frugal.train.models import load_tokenizer
+    from frugal.inference.models import load_tokenizer
 
     data = load_task(_task(path, on_bad_row="skip"))
     data = check_prompt_lengths(data, load_tokenizer("builtin:tiny-random"), 200, _task(path, on_bad_row="skip"))
@@ -186,7 +186,7 @@ def test_time_cap_is_reported_and_demo_fails_without_improvement(tmp_path):
 def test_cli_sets_a_passive_openmp_wait_policy_and_threads_follow_free_cores(monkeypatch):
     import torch
 
-    from frugal.train import runtime
+    from frugal.runtime import system as runtime
 
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", "import os, frugal.recipes.cli; print(os.environ['OMP_WAIT_POLICY'])"],

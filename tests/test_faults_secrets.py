@@ -60,7 +60,7 @@ def test_wandb_run_files_hold_no_token_not_even_the_command_line(tmp_path):
 def test_token_inside_a_longer_value_is_scrubbed_from_config_and_export(tmp_path, monkeypatch):
     # Before: logger.name=run-hf_… reached config.yaml and the exported frugal_config.yaml unchanged.
     from frugal.recipes.train import run
-    from frugal.train.config import scrub_secrets
+    from frugal.runtime.secrets import scrub_secrets
     from frugal.train.export import ExportConfig, export
 
     monkeypatch.setenv("OPENAI_API_KEY", "openai-env-value-42")

@@ -1,4 +1,4 @@
-"""Per-candidate KV reuse in the hf engine (evaluator/kv_cache.py): exact logits across calls, shared
+"""Per-candidate KV reuse in the hf engine (inference/kv_cache.py): exact logits across calls, shared
 prefixes on fork, eviction and its counted re-prefill, and the same texts at one seed as before the store."""
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from frugal.evaluator.engine import Candidate, Engine, EngineConfig
-from frugal.evaluator.kv_cache import KVTree
+from frugal.inference.engine import Candidate, Engine, EngineConfig
+from frugal.inference.kv_cache import KVTree
 
 PROBLEMS = [{"prompt": [{"role": "user", "content": "What is 3 + 4?"}], "answer": "7"},
             {"prompt": [{"role": "user", "content": "And 12 + 5?"}], "answer": "17"}]
@@ -15,7 +15,7 @@ PROBLEMS = [{"prompt": [{"role": "user", "content": "What is 3 + 4?"}], "answer"
 
 @pytest.fixture(scope="module")
 def tiny():
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.models import ModelConfig, load_model
 
     torch.manual_seed(0)
     return load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))

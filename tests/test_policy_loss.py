@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_lora
-from frugal.train import decoding, policy_loss
+from frugal.inference import decoding
+from frugal.train import policy_loss
 from frugal.train.policy_loss import full_logits_logprobs, length_buckets, selected_logprobs
 from frugal.train.token_selection import Selection
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from frugal.tasks.rows import BadRow
-from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.lora import LoraConfig
+from frugal.inference.models import ModelConfig
 from frugal.train.prm import PRMConfig, build_prm, load_prm
 from frugal.train.prm_metrics import auroc, step_metrics
 from frugal.train.prm_steps import aggregate, collate, encode, split_steps, token_budget_batches
@@ -20,7 +21,7 @@ TINY = ModelConfig(name_or_path="builtin:tiny-random", dtype="float32")
 
 @pytest.fixture(scope="module")
 def tok():
-    from frugal.train.models import load_tokenizer
+    from frugal.inference.models import load_tokenizer
 
     return load_tokenizer("builtin:tiny-random")
 
@@ -344,8 +345,8 @@ def test_mc_labelling_continues_each_prefix_from_the_sampled_token_ids(monkeypat
     not from its text re-rendered through the chat template (which tokenizes differently: here the
     policy sampled the separator as two "\\n" tokens, and the tokenizer merges "4\\n\\n" into one)."""
     from frugal.recipes.label_prm import HFPolicy, LabelPRMConfig, label_problems
-    from frugal.train import decoding
-    from frugal.train.models import load_model
+    from frugal.inference import decoding
+    from frugal.inference.models import load_model
     from frugal.train.rollout import GenerationConfig
 
     model, tok = load_model(TINY, torch.device("cpu"))

@@ -5,7 +5,8 @@ a hand-worked example and against a plain forward pass of the model; on builtin:
 import pytest
 import torch
 
-from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.lora import LoraConfig
+from frugal.inference.models import ModelConfig
 from frugal.train.prm import PRMConfig, build_prm, load_prm
 from frugal.train.prm_steps import collate
 
@@ -78,7 +79,7 @@ def test_a_head_without_feature_weights_is_refused(lp_prm, tmp_path):
 
 
 def test_the_lm_head_is_charged_for_every_step_token(lp_prm):
-    from frugal.evaluator.engine import Candidate, CountingPRM
+    from frugal.inference.engine import Candidate, CountingPRM
     from frugal.evaluator.flops import prm_shape
 
     problems = [{"prompt": "What is 2 + 3?"}, {"prompt": "What is 7 - 1?"}]

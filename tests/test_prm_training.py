@@ -3,7 +3,8 @@ held-out generated set that does not move when the training corruption mix chang
 
 import torch
 
-from frugal.train.models import LoraConfig, ModelConfig
+from frugal.train.lora import LoraConfig
+from frugal.inference.models import ModelConfig
 from frugal.train.prm import PRMConfig, build_prm
 from frugal.conf import CONF_DIR
 
@@ -12,7 +13,7 @@ TINY = ModelConfig(name_or_path="builtin:tiny-random", dtype="float32")
 
 def test_group_rows_keeps_a_problems_solutions_together():
     from frugal.recipes.train_prm import group_rows
-    from frugal.train.runtime import batch_for_step
+    from frugal.train.schedule import batch_for_step
 
     prompts = ["p1", "p2", "p1", "p3", "p2", "p1"]
     rows = ["a", "b", "c", "d", "e", "f"]
@@ -115,7 +116,7 @@ def test_recipe_with_logprob_features_saves_the_training_vocabulary(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from frugal.recipes.train_prm import TrainPRMConfig, load_drills, load_examples, run
-    from frugal.train.config import to_config
+    from frugal.runtime.config import to_config
     from frugal.train.prm import load_prm
     from frugal.train.tracking import read_jsonl
 

@@ -4,7 +4,7 @@ prefilled once for their G samples, stop strings."""
 import torch
 
 from conftest import tiny_lora
-from frugal.train.decoding import eos_token_ids
+from frugal.inference.decoding import eos_token_ids
 from frugal.train.rollout import GenerationConfig, encode_prompts, generate
 
 

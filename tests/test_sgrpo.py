@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from frugal.train.advantages import group_advantages
-from frugal.train.models import LoraConfig, ModelConfig, apply_lora, load_model
+from frugal.train.lora import LoraConfig, apply_lora
+from frugal.inference.models import ModelConfig, load_model
 from frugal.train.policy_loss import clipped_pg_loss, full_logits_logprobs, selected_logprobs
 from frugal.train.token_selection import (Selection, expected_keep_fraction, expected_last_position, select_all,
                                           select_stochastic)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from frugal.evaluator.engine import Counts
+from frugal.inference.engine import Counts
 from frugal.evaluator.strategies.ssr import SSRConfig, Scored, decode, score_steps, select_strategies, with_hint
 from frugal.train.prm_steps import split_steps
 
@@ -286,8 +286,8 @@ def test_judge_criteria_by_hand():
 def test_score_steps_matches_full_logits_on_tiny_model():
     """Verification is one pass over the drafted tokens on the target's cached prefix: hand-counted tokens
     run, and the log-probs of a full forward pass over prompt + path + step."""
-    from frugal.evaluator.engine import Candidate, Engine, EngineConfig
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.engine import Candidate, Engine, EngineConfig
+    from frugal.inference.models import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
     engine = Engine(model, tok, EngineConfig(max_step_tokens=5))
@@ -331,7 +331,7 @@ def test_score_steps_matches_full_logits_on_tiny_model():
 
 
 def test_fast_mode_reads_answers_only_at_step_ends():
-    from frugal.evaluator.engine import Candidate
+    from frugal.inference.engine import Candidate
     from frugal.evaluator.strategies.ssr import Path, _stop
 
     cut = Path(0, "", Candidate(0, "so it is 1"))  # a one-token regeneration stopped inside "12"
@@ -375,7 +375,7 @@ def test_draft_identical_to_target_is_accepted_whole_and_verification_runs_only_
     the one token before them (the accepted path is in the target's KV store), never the path again."""
     from conftest import tiny_lora
 
-    from frugal.evaluator.engine import Engine, EngineConfig
+    from frugal.inference.engine import Engine, EngineConfig
 
     model, tok = tiny_lora(1.0)
     problems = [{"prompt": [{"role": "user", "content": f"What is {a} + 3?"}], "answer": "5",
@@ -397,8 +397,8 @@ def test_draft_identical_to_target_is_accepted_whole_and_verification_runs_only_
 def test_spm_hints_share_their_problems_prompt_prefill():
     """The selective parallel module scores one problem's hints in one target pass: the prompt they share
     (system prompt + question) is prefilled once, each hint's own tokens over it."""
-    from frugal.evaluator.engine import Engine, EngineConfig
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.engine import Engine, EngineConfig
+    from frugal.inference.models import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
     ecfg = EngineConfig(max_step_tokens=3, max_new_tokens=6)
@@ -430,7 +430,7 @@ def test_prm_gate_accepts_by_prm_score_and_the_target_runs_only_on_rejections():
     steps and ranks the SPM's hints; the target is never asked to score, and rewrites a rejected step
     whole (no regen_tokens cap). Hand-worked: step 0 "good" (0.9 ≥ 0.5) kept, step 1 "bad" (0.1) rewritten
     by the target, step 2 has no "good": rewritten."""
-    from frugal.evaluator.engine import CountingPRM
+    from frugal.inference.engine import CountingPRM
     from frugal.evaluator.strategies.ssr import ssr
 
     def never(*a, **k):
@@ -460,7 +460,7 @@ def test_prm_gate_all_accepted_never_runs_the_target_and_all_rejected_is_the_tar
     reading each token once (its prefill is the target-only run's)."""
     from conftest import tiny_lora
 
-    from frugal.evaluator.engine import CountingPRM, Engine, EngineConfig
+    from frugal.inference.engine import CountingPRM, Engine, EngineConfig
 
     class Constant:
         def __init__(self, p):
@@ -497,7 +497,8 @@ def test_prm_gate_all_accepted_never_runs_the_target_and_all_rejected_is_the_tar
 
 
 def _tiny_prm_folder(path):
-    from frugal.train.models import LoraConfig, ModelConfig
+    from frugal.train.lora import LoraConfig
+    from frugal.inference.models import ModelConfig
     from frugal.train.prm import PRMConfig, build_prm
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 
 from conftest import ROOT, TINY, compose_train, regraded_accuracy
 from frugal.tasks import load_task
-from frugal.train.config import to_config
+from frugal.runtime.config import to_config
 from frugal.train.tracking import read_jsonl
 
 
@@ -120,7 +120,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 
 def test_offline_uncached_model_error_names_it_and_says_what_to_do():
     # A fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE when it is imported.
-    code = ("import torch\nfrom frugal.train.models import ModelConfig, load_model\n"
+    code = ("import torch\nfrom frugal.inference.models import ModelConfig, load_model\n"
             "load_model(ModelConfig(name_or_path='no-such-org/no-such-model'), torch.device('cpu'))")
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"), HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
@@ -129,7 +129,7 @@ def test_offline_uncached_model_error_names_it_and_says_what_to_do():
 
 
 def test_atomic_dir_replaces_whole_or_leaves_the_old_folder(tmp_path):
-    from frugal.train.checkpoint import atomic_dir
+    from frugal.runtime.io import atomic_dir
 
     target = tmp_path / "out"
     with atomic_dir(target) as tmp:

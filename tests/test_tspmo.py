@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY, compose_train
-from frugal.train.config import to_config
-from frugal.train.models import LoraConfig, ModelConfig, apply_lora, load_model
+from frugal.runtime.config import to_config
+from frugal.train.lora import LoraConfig, apply_lora
+from frugal.inference.models import ModelConfig, load_model
 from frugal.train.policy_loss import clipped_pg_loss, full_logits_logprobs, selected_logprobs
 from frugal.train.rollout import GenerationConfig, Rollout
 from frugal.train.tracking import read_jsonl

@@ -206,7 +206,7 @@ class _FakeEngine:
         self.drawn = {}
 
     def extend(self, problems, cands, stop_at_step=False):
-        from frugal.evaluator.engine import Candidate
+        from frugal.inference.engine import Candidate
 
         out = []
         for c in cands:

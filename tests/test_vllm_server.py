@@ -14,7 +14,7 @@ pytestmark = pytest.mark.vllm
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("vllm")
-    from frugal.train.models import smollm2_path
+    from frugal.inference.models import smollm2_path
 
     srv = LocalServer(str(smollm2_path()), tmp_path_factory.mktemp("server") / "vllm-serve.log", max_lora_rank=8)
     yield srv
@@ -45,8 +45,8 @@ def test_server_rejecting_an_adapter_says_why(server, tmp_path):
     reason."""
     from peft import LoraConfig, get_peft_model
 
-    from frugal.train.models import ModelConfig, load_model
-    from frugal.train.vllm_backend import AdapterPublisher, ServerEngine
+    from frugal.inference.models import ModelConfig, load_model
+    from frugal.inference.vllm_setup import AdapterPublisher, ServerEngine
 
     model, _ = load_model(ModelConfig(dtype="float32"))
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, target_modules=["q_proj"]))

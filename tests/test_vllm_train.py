@@ -64,9 +64,9 @@ def test_colocate_run_defaults_on_cpu(tmp_path, caplog):
     import logging
 
     from frugal.recipes.train import run
-    from frugal.train.vllm_backend import cpu_has_native_bf16
+    from frugal.inference.vllm_setup import cpu_has_native_bf16
 
-    with caplog.at_level(logging.INFO, logger="frugal.train.vllm_backend"):
+    with caplog.at_level(logging.INFO, logger="frugal.inference.vllm_setup"):
         run(compose_train(RUN + ["max_steps=2"]), run_dir=tmp_path)
     assert "vllm_sync=auto on CPU" in caplog.text
     assert ("vllm_dtype=auto on a CPU with native bf16" in caplog.text) == cpu_has_native_bf16()

@@ -111,7 +111,7 @@ def test_eval_summary_and_plots(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from frugal.train.config import LoggerConfig
+    from frugal.runtime.config import LoggerConfig
     from frugal.train.tracking import Tracker
 
     plot = tmp_path / "accuracy_vs_flops.png"

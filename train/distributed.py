@@ -100,7 +100,7 @@ def load_args(model_cfg, device: torch.device, accelerator) -> tuple[Any, torch.
     as it goes, so loading never puts the whole base on a GPU (sampling does, see ``full_parameters``)."""
     if not is_sharded(accelerator) or torch.device(device).type == "cpu":
         return model_cfg, device
-    from frugal.train.models import resolve_dtype
+    from frugal.inference.models import resolve_dtype
 
     dtype = str(resolve_dtype(model_cfg.dtype, torch.device(device))).removeprefix("torch.")
     return dataclasses.replace(model_cfg, dtype=dtype), torch.device("cpu")

@@ -33,9 +33,12 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from frugal.train.checkpoint import STEP_DIR, atomic_dir, atomic_write_text, list_checkpoints
-from frugal.train.config import ALGO_VARIANTS, SECRET_ENV, RunConfig, scrub_secrets
-from frugal.train.models import ModelConfig, load_model, load_tokenizer
+from frugal.runtime.checkpoints import STEP_DIR, list_checkpoints
+from frugal.runtime.io import atomic_dir, atomic_write_text
+from frugal.train.config import ALGO_VARIANTS
+from frugal.runtime.secrets import SECRET_ENV, scrub_secrets
+from frugal.runtime.config import RunConfig
+from frugal.inference.models import ModelConfig, load_model, load_tokenizer
 from frugal.train.tracking import flatten
 
 log = logging.getLogger(__name__)
@@ -132,7 +135,7 @@ def missing_files(src: Source) -> list[str]:
     needs the adapter (config + weights), the tokenizer and the run's ``summary.json`` (written last: a
     run killed during its final save has no summary); a PRM folder needs ``prm.json`` and its adapter
     head; a checkpoint must pass its manifest (:func:`frugal.train.checkpoint.verify_checkpoint`)."""
-    from frugal.train.checkpoint import verify_checkpoint
+    from frugal.runtime.checkpoints import verify_checkpoint
 
     folder, missing = src.folder, []
     # a training run's final/ (the run dir has its config.yaml), not a bare folder that happens to be named so

@@ -6,7 +6,7 @@ gather the hidden states that predict the selected tokens, and apply the LM head
 Because attention is causal, each row is cropped after its own last selected position (later tokens cannot
 influence earlier log-probs), and rows of similar length run together so little padding is computed
 (:func:`length_buckets`). The G completions of a group share their prompt, so the prompt is run once per
-group into a KV cache that its rows reuse (``frugal.train.decoding.PromptKV``, the helper the sampler, the
+group into a KV cache that its rows reuse (``frugal.inference.decoding.PromptKV``, the helper the sampler, the
 evaluator and the PRM use too; exact, gradients included).
 
 **Loss** (GRPO's clipped surrogate, DeepSeekMath eq. 3, restricted to the selected set S):
@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from frugal.train.decoding import PromptKV, cache_kw
+from frugal.inference.decoding import PromptKV, cache_kw
 from frugal.train.token_selection import Selection
 
 

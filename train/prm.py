@@ -51,7 +51,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from frugal.train.decoding import PromptKV, cache_kw, left_pad
+from frugal.inference.decoding import PromptKV, cache_kw, left_pad
 from frugal.train.prm_steps import (AGGREGATIONS, PROMPT_SUFFIX, Encoded, aggregate, collate, encode, prompt_text,
                                     separator_ids, split_steps, step_starts, token_budget_batches)
 
@@ -247,7 +247,7 @@ class PRM(torch.nn.Module):
         Prompt sharing (``share_prompt``, the default): every sequence starts with its prompt's tokens
         (the layout tokenizes the prompt on its own), so each distinct prompt runs through the backbone
         once per call, its KV cache is kept, and each solution runs only its own step tokens on top of it
-        (the prefix cache of :class:`frugal.evaluator.engine.Engine`, on the PRM side). Exact up to float
+        (the prefix cache of :class:`frugal.inference.engine.Engine`, on the PRM side). Exact up to float
         round-off: attention is causal, so a prompt token's state never depends on what follows it.
         ``share_prompt=False`` runs every full sequence (the reference). Compute accounting: tokens run
         (each distinct prompt once, plus every solution's step tokens) in ``last_tokens`` /
@@ -295,7 +295,7 @@ class PRM(torch.nn.Module):
 
     def _shared_prompt_logits(self, encoded: Sequence[Encoded], idx: Sequence[int], keys: Sequence[str],
                               head_len: dict, prompt_kv: dict) -> tuple[torch.Tensor, int, int]:
-        """Step logits of rows ``idx`` over their prompts' cached KV (``frugal.train.decoding.PromptKV``).
+        """Step logits of rows ``idx`` over their prompts' cached KV (``frugal.inference.decoding.PromptKV``).
         Prompts not in ``prompt_kv`` are run first (one left-padded forward; positions from the mask) and
         stored. The rows' step tokens then run in one forward: [left-padded prompt KV | right-padded
         steps], positions continuing each row's prompt. Returns (logits, tokens run, attention sum)."""
@@ -380,7 +380,7 @@ class PRM(torch.nn.Module):
     def save(self, out_dir: str | Path) -> Path:
         """Write a PRM folder: ``adapter/`` (peft adapter + ``head.safetensors``) and ``prm.json`` (backbone,
         separator, aggregation, …). Written to a temporary folder renamed into place (atomic)."""
-        from frugal.train.checkpoint import atomic_dir
+        from frugal.runtime.io import atomic_dir
 
         out_dir = Path(out_dir)
         with atomic_dir(out_dir) as tmp:
@@ -439,9 +439,10 @@ def bce_loss(prm: PRM, batch: list[tuple], normalizer: int) -> torch.Tensor:
 # ---------------------------------------------------------------------- building and loading
 
 def build_prm(model_cfg, lora_cfg, prm_cfg: PRMConfig, device: Optional[torch.device] = None) -> PRM:
-    """A fresh PRM: backbone from ``model_cfg`` (``frugal.train.models.load_model``), a new LoRA adapter
+    """A fresh PRM: backbone from ``model_cfg`` (``frugal.inference.models.load_model``), a new LoRA adapter
     (unless ``lora.enabled=false``: then the backbone is frozen and only the head trains)."""
-    from frugal.train.models import apply_lora, load_model
+    from frugal.train.lora import apply_lora
+    from frugal.inference.models import load_model
 
     model, tok = load_model(model_cfg, device)
     tok.padding_side = "right"  # scoring gathers by position; right padding keeps positions natural
@@ -461,7 +462,7 @@ def load_prm(path: str | Path, device: Optional[torch.device] = None, dtype: str
     ``prm.json``; scores are identical to the saved PRM's at the same dtype)."""
     from peft import PeftModel
 
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.models import ModelConfig, load_model
 
     path = Path(path)
     meta_path = path / PRM_CONFIG_FILE

@@ -254,6 +254,6 @@ def equation_drills(rows: list[dict], seed: int = 0, wrong_per_fact: int = 2) ->
 
 
 def write_jsonl(path: Path, examples: list[dict]) -> None:
-    from frugal.train.checkpoint import atomic_write_text
+    from frugal.runtime.io import atomic_write_text
 
     atomic_write_text(Path(path), "".join(json.dumps(e) + "\n" for e in examples))

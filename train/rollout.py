@@ -1,10 +1,10 @@
 """Batched sampling of completions for chat prompts (the part that dominates a CPU training step).
 
 :func:`generate` templates chat prompts and samples them in chunks through the decoding core
-(``frugal.train.decoding.sample``: each prompt prefilled once for its G samples, finished rows leaving the
+(``frugal.inference.decoding.sample``: each prompt prefilled once for its G samples, finished rows leaving the
 batch, the LoRA adapter merged while sampling); a completion ends at its first EOS (or stop string) and
 everything after is masked. With ``generation.backend=vllm`` training samples through
-``frugal.train.vllm_backend.VLLMSampler`` instead.
+``frugal.inference.vllm_setup.VLLMSampler`` instead.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from frugal.train import decoding
-from frugal.train.decoding import eos_token_ids
+from frugal.inference import decoding
+from frugal.inference.decoding import eos_token_ids
 
 
 @dataclass
@@ -136,7 +136,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: GenerationConfig,
              greedy: bool = False) -> Rollout:
     """Sample ``num_samples`` completions per chat prompt (greedy decoding if ``greedy``)."""
     # This is the HF backend for every caller; with generation.backend=vllm the training loop samples through
-    # frugal.train.vllm_backend.VLLMSampler instead and evaluation (greedy, small) stays here.
+    # frugal.inference.vllm_setup.VLLMSampler instead and evaluation (greedy, small) stays here.
     device = next(model.parameters()).device
     max_new = (cfg.eval_max_new_tokens or cfg.max_new_tokens) if greedy else cfg.max_new_tokens
     chunk_rows = cfg.eval_batch_size if greedy else cfg.batch_size

@@ -11,8 +11,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from frugal.train.checkpoint import atomic_write_text
-from frugal.train.config import LoggerConfig, scrub_secrets
+from frugal.runtime.io import atomic_write_text
+from frugal.runtime.config import LoggerConfig
+from frugal.runtime.secrets import scrub_secrets
 
 log = logging.getLogger(__name__)
 

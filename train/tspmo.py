@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from frugal.train import decoding
+from frugal.inference import decoding
 from frugal.train.rollout import GenerationConfig, Rollout
 from frugal.train.token_selection import Selection
 

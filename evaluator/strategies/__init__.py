@@ -6,8 +6,8 @@ gets it from :func:`prepare`, built fresh for each ``run_strategy`` (no module-l
 from one run to the next).
 
 ``problems`` are task rows (``prompt``, ``answer_format``…), ``budget`` is N (samples, beams or
-particles), ``engine`` an :class:`frugal.evaluator.engine.Engine`, ``prm`` an
-:class:`frugal.evaluator.engine.CountingPRM` (None for greedy and majority), ``cfg`` the ``search``
+particles), ``engine`` an :class:`frugal.inference.engine.Engine`, ``prm`` an
+:class:`frugal.inference.engine.CountingPRM` (None for greedy and majority), ``cfg`` the ``search``
 config. Results are graded by the harness.
 
 The registry below is a plain mapping so that ``search=particle_filter`` can be followed to its module

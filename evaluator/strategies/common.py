@@ -7,7 +7,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from frugal.evaluator.engine import Candidate
+from frugal.inference.engine import Candidate
 from frugal.rewards.verify import answers_match, extract_answer
 from frugal.train.prm_steps import aggregate
 

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from frugal.evaluator.engine import Candidate
+from frugal.inference.engine import Candidate
 from frugal.evaluator.strategies.common import Result, best, has_answer, logit, solution_score, vote
 
 

@@ -65,7 +65,7 @@ one in its text — for ``answer_format=number`` that is the first step containi
     fast=1   stop as soon as any path has an answer; that answer (best-ranked hint first)
     fast=2   stop as soon as two paths' answers agree; if none ever do, majority over the finished paths
 
-Accounting: one :class:`frugal.evaluator.engine.Engine` per model. The draft engine counts draft tokens, the
+Accounting: one :class:`frugal.inference.engine.Engine` per model. The draft engine counts draft tokens, the
 target engine counts target tokens — its generated tokens (what it wrote after rejections) and, as
 prefill, every token it ran while verifying (the drafted tokens and the one before them: the prompt and
 the accepted path come from its KV store); with ``score=prm`` the PRM counts what it read. The harness
@@ -87,7 +87,7 @@ from typing import Optional, Sequence
 import torch
 
 from frugal.evaluator.config import DEFAULT_HINTS, SSRConfig  # noqa: F401  (re-exported for callers)
-from frugal.evaluator.engine import Candidate, Engine
+from frugal.inference.engine import Candidate, Engine
 from frugal.evaluator.strategies.common import Result, vote
 from frugal.rewards.verify import answers_match, extract_answer
 
@@ -149,7 +149,7 @@ def gate_steps(prm, questions: Sequence, prefixes: Sequence[str], steps: Sequenc
     """Judge each drafted ``steps[i]`` with the PRM: one ``score_partial`` call over the partial solutions
     ``prefixes[i] + steps[i]`` under the problems' own prompts (``questions``, without the SPM hint the PRM
     was not trained on); the score is the last step's (an unfinished step counts as a step). The PRM's
-    tokens and FLOPs go to its own counts (:class:`frugal.evaluator.engine.CountingPRM`)."""
+    tokens and FLOPs go to its own counts (:class:`frugal.inference.engine.CountingPRM`)."""
     rows = [i for i, s in enumerate(steps) if s.strip()]
     scores = prm.score_partial([questions[i] for i in rows], [prefixes[i] + steps[i] for i in rows]) if rows else []
     out = [Gated(float("-inf"), n) for n in tokens]
@@ -484,7 +484,7 @@ def _result(p: int, group: list[Path], problems: Sequence[dict], fast: int, reas
 
 def ssr(problems: Sequence[dict], k: int, draft: Engine, target: Engine, cfg: SSRConfig, prm=None) -> list[Result]:
     """SPM then SSD (or, with ``cfg.speculative=False``, SPM then target-only decoding of the same paths);
-    ``prm`` (a :class:`frugal.evaluator.engine.CountingPRM`) is read only with ``score=prm``."""
+    ``prm`` (a :class:`frugal.inference.engine.CountingPRM`) is read only with ``score=prm``."""
     if cfg.score == "prm" and prm is None:
         raise ValueError("search.ssr.score=prm judges drafted steps with a PRM: set prm_path=<PRM folder or Hub id>")
     paths = select_strategies(problems, k, draft, target, cfg, prm=prm)
@@ -503,7 +503,7 @@ def draft_engine(scfg: SSRConfig, target: Engine) -> Engine:
     """A new draft engine (with its own counts) for one run: ``draft_layers`` > 0 cuts the target to its
     first k decoder layers (:func:`self_draft`, sharing the target's weights and tokenizer); else
     ``draft_model`` / ``draft_adapter`` is loaded."""
-    from frugal.evaluator.backends import hf_config
+    from frugal.inference.backends import hf_config
 
     if scfg.draft_layers:
         if target.cfg.backend != "hf":  # the cut target is a view of weights in this process
@@ -511,7 +511,7 @@ def draft_engine(scfg: SSRConfig, target: Engine) -> Engine:
                              f"engine.backend={target.cfg.backend}; name a draft_model instead")
         return Engine(self_draft(target.model, scfg.draft_layers), target.tokenizer, target.cfg, name="draft",
                       seed=target.seed)
-    from frugal.train.models import ModelConfig, load_model
+    from frugal.inference.models import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name_or_path=scfg.draft_model, adapter=scfg.draft_adapter), target.device)
     return Engine(model, tok, hf_config(target.cfg), name="draft", seed=target.seed)  # the draft runs here (HF)

@@ -1,18 +1,18 @@
-"""Engine backends: ``engine.backend=hf|vllm|openai`` behind the one :class:`~frugal.evaluator.engine.Engine`
+"""Engine backends: ``engine.backend=hf|vllm|openai`` behind the one :class:`~frugal.inference.engine.Engine`
 interface, and :func:`make_engine`, which every recipe and script that evaluates a policy builds its
 engine with.
 
-* ``hf`` — :class:`~frugal.evaluator.engine.Engine` itself (Frugal's decoding core, a model in this
+* ``hf`` — :class:`~frugal.inference.engine.Engine` itself (Frugal's decoding core, a model in this
   process).
-* ``vllm`` — :class:`frugal.evaluator.vllm_engine.VLLMEngine`: an in-process ``vllm.LLM``.
-* ``openai`` — :class:`frugal.evaluator.openai_engine.OpenAIEngine`: any OpenAI-compatible completions
+* ``vllm`` — :class:`frugal.inference.vllm_engine.VLLMEngine`: an in-process ``vllm.LLM``.
+* ``openai`` — :class:`frugal.inference.openai_engine.OpenAIEngine`: any OpenAI-compatible completions
   server (``vllm serve``, SGLang, TGI, a hosted API).
 
 The served backends subclass :class:`ServedEngine`, which keeps everything of ``Engine.extend`` that does
 not depend on where the model runs — candidate bookkeeping, cutting the new tokens at the step delimiter
 or a stop string (``Engine._apply``), continuing from the ids a candidate was sampled with
 (``Engine._partial_ids``: never re-encoded text, which BPE does not round-trip), the candidates' random
-stream keys and the :class:`~frugal.evaluator.engine.Counts` — and overrides only the model-running seam
+stream keys and the :class:`~frugal.inference.engine.Counts` — and overrides only the model-running seam
 ``Engine._generate`` (plus the HF prompt-KV store, which a server's own prefix cache replaces).
 
 Sampling on a served backend: a candidate's request carries the seed
@@ -39,24 +39,24 @@ from typing import Optional, Sequence
 
 import torch
 
-from frugal.evaluator.engine import Engine, EngineConfig
-from frugal.train.decoding import mix
+from frugal.inference.engine import Engine, EngineConfig
+from frugal.inference.decoding import mix
 
 
 def make_engine(model_cfg, cfg: EngineConfig, device: Optional[torch.device] = None, name: str = "policy",
                 seed: int = 0) -> Engine:
-    """The policy's engine for ``cfg.backend`` (``model_cfg``: a ``frugal.train.models.ModelConfig``)."""
+    """The policy's engine for ``cfg.backend`` (``model_cfg``: a ``frugal.inference.models.ModelConfig``)."""
     if cfg.backend == "hf":
-        from frugal.train.models import load_model
+        from frugal.inference.models import load_model
 
         model, tok = load_model(model_cfg, device)
         return Engine(model, tok, cfg, name=name, seed=seed)
     if cfg.backend == "vllm":
-        from frugal.evaluator.vllm_engine import VLLMEngine
+        from frugal.inference.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_cfg, cfg, device, name=name, seed=seed)
     if cfg.backend == "openai":
-        from frugal.evaluator.openai_engine import OpenAIEngine
+        from frugal.inference.openai_engine import OpenAIEngine
 
         return OpenAIEngine(model_cfg, cfg, device, name=name, seed=seed)
     raise ValueError(f"engine.backend must be hf|vllm|openai, got {cfg.backend!r}")
@@ -67,7 +67,7 @@ def hf_config(cfg: EngineConfig) -> EngineConfig:
     backend keys at their defaults."""
     from dataclasses import replace
 
-    from frugal.evaluator.engine import BACKEND_KEYS
+    from frugal.inference.engine import BACKEND_KEYS
 
     defaults = EngineConfig()
     served = [k for b, keys in BACKEND_KEYS.items() for k in keys]
@@ -79,13 +79,13 @@ def model_skeleton(model_cfg, tokenizer):
     adapter's factors included, for FLOPs and the EOS ids."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from frugal.train.models import tiny_random_model
+    from frugal.inference.models import tiny_random_model
 
     if model_cfg.name_or_path == "builtin:tiny-random":
         with torch.device("meta"):
             model = tiny_random_model(len(tokenizer), tokenizer)
     else:
-        from frugal.train.vllm_backend import vllm_model_path
+        from frugal.inference.vllm_setup import vllm_model_path
 
         where = vllm_model_path(model_cfg.name_or_path)
         config = AutoConfig.from_pretrained(where, revision=model_cfg.revision,
@@ -130,7 +130,7 @@ class ServedEngine(Engine):
 
     def __init__(self, model_cfg, cfg: EngineConfig, device: Optional[torch.device] = None, name: str = "policy",
                  seed: int = 0):
-        from frugal.train.models import load_tokenizer
+        from frugal.inference.models import load_tokenizer
 
         tok = load_tokenizer(model_cfg.name_or_path, model_cfg.revision, model_cfg.trust_remote_code)
         cfg = copy.copy(cfg)  # not `replace`: __post_init__ refuses batch_size on a served backend, by design

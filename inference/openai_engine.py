@@ -4,7 +4,7 @@ SGLang, TGI, a hosted API), through the ``openai`` client package (``pip install
     frugal eval engine.backend=openai engine.base_url=http://127.0.0.1:8000/v1 engine.served_model=<name> ...
 
 One ``/completions`` request per candidate (each carries its own seed: (run seed, prompt, candidate
-stream, tokens so far), :class:`frugal.evaluator.backends.ServedEngine`), at most
+stream, tokens so far), :class:`frugal.inference.backends.ServedEngine`), at most
 ``engine.max_concurrency`` in flight; the client retries a failed request (connection errors, 408, 409,
 429, 5xx) ``engine.max_retries`` times with exponential backoff and gives each try ``engine.timeout_s``.
 An unreachable server is an error naming ``engine.base_url``. The API key is read from the environment
@@ -38,8 +38,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from frugal.evaluator.backends import ServedEngine
-from frugal.evaluator.engine import EngineConfig
+from frugal.inference.backends import ServedEngine
+from frugal.inference.engine import EngineConfig
 
 log = logging.getLogger("frugal.eval")
 

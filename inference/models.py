@@ -9,7 +9,7 @@ Built-ins (``builtin:<name>``):
   ``~/.cache/frugal``): ~4 s to load instead of ~25 s. Every file is checked by sha256 and the cache is
   written to a temporary folder that is renamed into place, so a killed build never leaves a half cache.
 * ``builtin:tiny-random`` — a 2-layer Llama built from a config with SmolLM2's real tokenizer (shipped
-  in ``train/assets``), for fast tests. Weights are random but seeded, so runs are reproducible.
+  in ``inference/assets``), for fast tests. Weights are random but seeded, so runs are reproducible.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from frugal.train.checkpoint import sha256_file
+from frugal.runtime.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +57,6 @@ class ModelConfig:
                 f"model.name_or_path: unknown built-in {self.name_or_path!r}; "
                 f"choose one of {', '.join('builtin:' + b for b in BUILTINS)}"
             )
-
-
-@dataclass
-class LoraConfig:
-    enabled: bool = True
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    bias: str = "none"
-
-    def __post_init__(self):
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"lora.bias must be none|all|lora_only, got {self.bias!r}")
 
 
 def cache_dir() -> Path:
@@ -137,21 +119,6 @@ def load_model(cfg: ModelConfig, device: Optional[torch.device] = None):
             raise FileNotFoundError(f"model.adapter: no adapter folder at {cfg.adapter}")
         model = PeftModel.from_pretrained(model, cfg.adapter, is_trainable=True)
     return model, tok
-
-
-def apply_lora(model, cfg: LoraConfig):
-    """Wrap ``model`` with a fresh LoRA adapter (peft). A model that already has one is returned as is."""
-    from peft import LoraConfig as PeftLoraConfig, PeftModel, get_peft_model
-
-    if isinstance(model, PeftModel):
-        return model
-    targets = cfg.target_modules
-    target = "all-linear" if list(targets) == ["all-linear"] else list(targets)
-    peft_cfg = PeftLoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target,
-        bias=cfg.bias, task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_cfg)
 
 
 def tiny_random_model(vocab_size: int, tokenizer=None, dtype=torch.float32, seed: int = 0):
@@ -268,7 +235,7 @@ def _build_smollm2_cache(gguf: Path, target: Path) -> None:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    from frugal.train.checkpoint import atomic_dir
+    from frugal.runtime.io import atomic_dir
 
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -67,7 +67,7 @@ def vllm_model_path(name_or_path: str) -> str:
     """What vLLM loads for a ``model.name_or_path``: the embedded SmolLM2's safetensors folder for the
     built-in, the id or path itself otherwise (the tiny random test model exists only in memory)."""
     if name_or_path == "builtin:smollm2-135m-instruct":
-        from frugal.train.models import smollm2_path
+        from frugal.inference.models import smollm2_path
 
         return str(smollm2_path())
     if name_or_path.startswith("builtin:"):
@@ -452,7 +452,7 @@ class VLLMSampler:
         ``<run_dir>/vllm_adapters``)."""
         import uuid
 
-        from frugal.train.decoding import eos_token_ids
+        from frugal.inference.decoding import eos_token_ids
 
         folder = Path(cfg.vllm_adapter_dir) if cfg.vllm_adapter_dir else Path(run_dir) / "vllm_adapters"
         publisher = AdapterPublisher(folder, prefix=f"frugal-{uuid.uuid4().hex[:8]}-r{rank}")

@@ -1,5 +1,5 @@
 """The one decoding core: every completion Frugal samples with transformers goes through :func:`decode`
-(only ``generation.backend=vllm`` hands training rollouts to vLLM, ``frugal.train.vllm_backend.VLLMSampler``).
+(only ``generation.backend=vllm`` hands training rollouts to vLLM, ``frugal.inference.vllm_setup.VLLMSampler``).
 
 Callers: training rollouts and greedy held-out evaluation (``frugal.train.rollout.generate``), T-SPMO
 replay (``frugal.train.tspmo``), Monte-Carlo step labelling (``frugal.recipes.label_prm``), all through

@@ -8,7 +8,7 @@ problem) and ask the engine to extend a whole batch of them at once:
     engine.extend(problems, cands, stop_at_step=False)                  # to the end (best-of-N, majority)
 
 All unfinished candidates of all problems go through batched calls of the decoding core that training
-samples with too (``frugal.train.decoding.decode``; ``batch_size`` rows each, rows of one prompt side by
+samples with too (``frugal.inference.decoding.decode``; ``batch_size`` rows each, rows of one prompt side by
 side and sorted by length so little padding is wasted); finished candidates are returned untouched and
 cost nothing. Within a call a row leaves the batch as soon as it stops (EOS, a stop string, the step
 delimiter, its own token limit). A candidate finishes at EOS, at one of ``stop_strings``, after
@@ -42,7 +42,7 @@ charged so (``shared_prefix_min_tokens``).
 
 Per-candidate KV reuse (``kv_cache_tokens`` > 0, the default): a candidate's KV (its prompt's last token and
 everything it generated or accepted) is kept across calls in a radix tree of token segments per prompt
-(:mod:`frugal.evaluator.kv_cache`), keyed by the exact ids the engine continues it from: ``Candidate.ids``
+(:mod:`frugal.inference.kv_cache`), keyed by the exact ids the engine continues it from: ``Candidate.ids``
 (the ids this engine sampled for its text, :meth:`Engine._partial_ids`), not its text re-tokenised, which
 would not round-trip. Forks share their parent's segments. Each row's cache is [its prompt's KV | the
 longest stored prefix of its tail], stacked per row. The rest — the token it ended on last call (generated,
@@ -71,9 +71,9 @@ from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
-from frugal.evaluator.kv_cache import KVTree
-from frugal.train import decoding
-from frugal.train.decoding import (PromptKV, StreamSampling, cache_kw, eos_token_ids, left_pad, lora_merged, mix,
+from frugal.inference.kv_cache import KVTree
+from frugal.inference import decoding
+from frugal.inference.decoding import (PromptKV, StreamSampling, cache_kw, eos_token_ids, left_pad, lora_merged, mix,
                                    sampling_warpers, stop_criteria)
 from frugal.train.prm_steps import split_steps
 
@@ -92,11 +92,11 @@ class EngineConfig:
     # Prompts whose token prefix of at least this many tokens is the same (a system prompt, few-shot
     # examples) prefill that prefix once and their own rest over it (0 = off; see `Engine._prefill`).
     shared_prefix_min_tokens: int = 32
-    # Per-candidate KV kept across calls (evaluator/kv_cache.py): at most this many tokens over all
+    # Per-candidate KV kept across calls (inference/kv_cache.py): at most this many tokens over all
     # candidates, least recently used dropped first (their tokens are prefilled again, and counted as
     # `reprefill`). 0 = off: each call encodes each candidate's partial solution again.
     kv_cache_tokens: int = 100_000
-    # ---- which backend runs the policy (evaluator/backends.py; docs/evaluator.md "Engine backends").
+    # ---- which backend runs the policy (inference/backends.py; docs/evaluator.md "Engine backends").
     # hf: this class (Frugal's decoding core) | vllm: an in-process vLLM `LLM` | openai: any
     # OpenAI-compatible completions server. A key of another backend is refused (BACKEND_KEYS).
     backend: str = "hf"
@@ -320,7 +320,7 @@ class Engine:
 
     def _prompt_kv(self, prompts: list[str], heads: list[list[int]]) -> PromptKV:
         """Each prompt's KV (all but its last token) from the store, left-padded into one
-        :class:`~frugal.train.decoding.PromptKV`. Prompts not seen since the last
+        :class:`~frugal.inference.decoding.PromptKV`. Prompts not seen since the last
         :meth:`clear_prompt_cache` are prefilled (batched) and charged; the others are reused for free — the
         prefix cache of a serving engine."""
         new = [(p, h) for p, h in zip(prompts, heads) if p not in self._kv and h]
@@ -368,11 +368,11 @@ class Engine:
 
     def _generate(self, items: list[tuple[str, list[int]]], max_new: int, stop_at_step: bool, greedy: bool,
                   streams: Sequence[tuple[int, int]], limits: Optional[Sequence[int]] = None):
-        """One batched call of the decoding core (``frugal.train.decoding.decode``) with prompt-prefix reuse
+        """One batched call of the decoding core (``frugal.inference.decoding.decode``) with prompt-prefix reuse
         and, when ``engine.kv_cache_tokens`` > 0, per-candidate KV reuse (:meth:`_layout`): each row
         starts from the KV of its prompt (all but its last token) and of the longest stored prefix of its
         tail, and runs only the rest of its tail. Sampled rows draw from their ``streams`` ((key, tokens
-        generated before), :class:`~frugal.train.decoding.StreamSampling`); row r stops at EOS, a stop
+        generated before), :class:`~frugal.inference.decoding.StreamSampling`); row r stops at EOS, a stop
         string, or after ``limits[r]`` tokens (default ``max_new``) and then leaves the batch, handing its
         KV (every token it fed: all but its last generated one) to the store. Returns, per row, its
         generated ids and the context length before them."""

@@ -1,6 +1,6 @@
-"""What every recipe needs around its loop: run dirs (Hydra's or a default), resume lookup, the run lock,
-signal handling, CPU threads, device, seeds, the data order and the LR schedule. One copy here, so
-`frugal train`, `train-prm`, `label-prm`, `eval` and `plan` behave the same way.
+"""The run lifecycle every recipe shares: run dirs (Hydra's or a default), resume lookup, the run lock and
+signal handling. One copy here, so `frugal train`, `train-prm`, `label-prm`, `eval` and `plan` behave the
+same way.
 
 Run directories. Hydra's pattern is ``outputs/<recipe>/<date>/<time>-<launch id>`` (the ``launch_id``
 resolver, ``conf/__init__.py``): two runs started in the same second get two folders. A run holds
@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 import socket
@@ -31,12 +30,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
-import torch
 
 from frugal.conf import launch_id
-from frugal.train.checkpoint import (_intact_or_raise, clean_temporary, find_resume_checkpoint,
-                                     list_checkpoints, verify_checkpoint)
+from frugal.runtime.checkpoints import (intact_or_raise, clean_temporary, find_resume_checkpoint, list_checkpoints, verify_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +84,7 @@ def resolve_run_dir(cfg: Any, run_dir, recipe: str) -> tuple[Path, Optional[Path
     elif resume is not None and explicit:
         target = Path(explicit)
         if list_checkpoints(target):
-            resume_from = _intact_or_raise(target, resume)
+            resume_from = intact_or_raise(target, resume)
         else:
             log.warning("resume=%s: %s has no checkpoint; starting a fresh run there", resume, target)
     elif resume is not None:
@@ -248,121 +244,3 @@ def interrupted(signum: int, step: int, checkpoint: Optional[Path], run_dir: Pat
     where = f"checkpoint of step {step} saved to {checkpoint}" if checkpoint else "no step had finished; nothing saved"
     return Interrupted(f"{name}: training stopped after step {step}; {where}. Continue with: "
                        f"frugal {recipe} resume={run_dir}", 128 + signum, checkpoint)
-
-
-# ---------------------------------------------------------------------- CPU threads
-
-def free_cores() -> int:
-    """Cores this process may use (its CPU affinity) minus those other work keeps busy (the 1-minute
-    load average, rounded down), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = int(os.getloadavg()[0])
-    except OSError:
-        busy = 0
-    return max(1, min(cores, cores - busy))
-
-
-def set_cpu_threads(num_threads: Optional[int], device: torch.device) -> int:
-    """torch's intra-op threads: ``num_threads`` when set; on CPU otherwise no more than the cores free
-    now (:func:`free_cores`). Why: OpenMP threads that outnumber the free cores wait on each other at
-    every parallel region (a step ran ~15x slower beside one busy process). Returns the count in use."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    elif device.type == "cpu":
-        free = free_cores()
-        if free < torch.get_num_threads():
-            log.info("using %d torch thread(s): the cores free now (set num_threads=... to override)", free)
-            torch.set_num_threads(free)
-    return torch.get_num_threads()
-
-
-# ---------------------------------------------------------------------- secrets in what Hydra writes
-
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover
-    _HydraCallback = object
-
-
-class ScrubSecrets(_HydraCallback):
-    """Hydra callback (``hydra.callbacks.scrub_secrets`` in every recipe's primary config).
-
-    Hydra writes ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` before the recipe runs and
-    before any Frugal code could refuse a bad override, so a token passed on the command line would be
-    on disk already. ``on_job_start`` runs right after those writes and before the recipe: it rewrites
-    them through :func:`frugal.train.config.scrub_secrets`, scrubs ``sys.argv`` (W&B records the command
-    line) and adds a filter that scrubs every log record (Hydra's ``<job>.log`` included). Chosen over
-    ``hydra.output_subdir=null`` (which would lose the record of the run) and over a rewrite at recipe
-    start (which each recipe would have to remember, and which runs after config validation can fail)."""
-
-    def on_job_start(self, config, **kwargs) -> None:
-        from omegaconf import OmegaConf
-
-        from frugal.train.checkpoint import atomic_write_text
-        from frugal.train.config import scrub_secrets
-
-        sys.argv[:] = scrub_secrets(list(sys.argv))
-        install_log_scrubber()
-        subdir = config.hydra.output_subdir
-        if subdir is None:
-            return
-        folder = Path(config.hydra.runtime.output_dir) / str(subdir)
-        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-            path = folder / name
-            if path.exists():
-                data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-                atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(scrub_secrets(data))))
-
-
-class _ScrubFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        from frugal.train.config import scrub_secrets
-
-        message = record.getMessage()
-        clean = scrub_secrets(message, "message")
-        if clean != message:
-            record.msg, record.args = clean, ()
-        return True
-
-
-def install_log_scrubber() -> None:
-    """Scrub secrets from every record reaching the root logger's handlers (files and console)."""
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _ScrubFilter) for f in handler.filters):
-            handler.addFilter(_ScrubFilter())
-
-
-def device_from(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but CUDA is not available; use device=auto or device=cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def batch_for_step(train_rows: list, step: int, size: int, seed: int) -> list:
-    """The rows of step ``step`` (1-based): consecutive slices of a per-epoch shuffle. A pure function of
-    (seed, step), which is what makes resuming exact."""
-    n = len(train_rows)
-    out = []
-    for pos in range((step - 1) * size, step * size):
-        epoch, index = divmod(pos, n)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(train_rows[order[index]])
-    return out
-
-
-def make_scheduler(optimizer, cfg: Any):
-    """transformers' LR schedule from ``cfg.optim`` (schedule, warmup_steps) over ``cfg.max_steps``."""
-    from transformers import get_scheduler
-
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.optim.schedule]
-    return get_scheduler(name, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                         num_training_steps=max(cfg.max_steps, 1))

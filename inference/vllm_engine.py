@@ -1,4 +1,4 @@
-"""``engine.backend=vllm``: the policy in an in-process ``vllm.LLM`` (``frugal.train.vllm_backend.make_llm``).
+"""``engine.backend=vllm``: the policy in an in-process ``vllm.LLM`` (``frugal.inference.vllm_setup.make_llm``).
 
 Each ``Engine.extend`` call is one ``llm.generate`` over every unfinished candidate (vLLM batches and
 schedules them itself). A candidate is continued from token ids (``TokensPrompt(prompt_token_ids=templated
@@ -7,7 +7,7 @@ prompt ids + the ids it was sampled with)``, never re-encoded text); the step de
 policy's EOS ids are stop token ids; ``Engine._apply`` then cuts each row exactly as on the HF backend. The
 policy's LoRA adapter (``model.adapter``) is served as a ``LoRARequest`` over the base weights (not
 merged). Each request's seed is (run seed, prompt, candidate stream, tokens so far)
-(:class:`frugal.evaluator.backends.ServedEngine`), so runs reproduce.
+(:class:`frugal.inference.backends.ServedEngine`), so runs reproduce.
 
 Prefix caching is on: a step-wise strategy's partial solution is the next call's prompt, and its KV
 blocks, computed when the previous step was generated, are reused, so a continuation costs (nearly) its
@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from frugal.evaluator.backends import ServedEngine, adapter_folder, adapter_rank
-from frugal.evaluator.engine import EngineConfig
+from frugal.inference.backends import ServedEngine, adapter_folder, adapter_rank
+from frugal.inference.engine import EngineConfig
 
 
 class VLLMEngine(ServedEngine):
@@ -41,8 +41,8 @@ class VLLMEngine(ServedEngine):
 
             self.lora = LoRARequest(f"{name}-adapter", 1, adapter_folder(model_cfg))
         if llm is None:
-            from frugal.train.models import resolve_dtype
-            from frugal.train.vllm_backend import make_llm
+            from frugal.inference.models import resolve_dtype
+            from frugal.inference.vllm_setup import make_llm
 
             # explicit dtype: `auto` is Frugal's rule (bf16 on a bf16 GPU, else float32), never vLLM's
             # own `auto`, which turns a float32 checkpoint into bfloat16 and parts from the HF backend.
