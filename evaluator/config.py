@@ -1,93 +1,75 @@
-"""Structured configs of ``frugal eval`` (registered in Hydra's ConfigStore like ``train/config.py``)."""
+"""Structured configs of ``frugal eval`` (registered in Hydra's ConfigStore like ``train/config.py``).
+
+A search strategy is one module, ``evaluator/strategies/<name>.py``: its config dataclass (derived from
+:class:`SearchConfig`, :class:`BudgetedConfig` or :class:`PRMSearchConfig` here, registered with
+``@register("search")``) and its ``run(problems, budget, engine, prm, cfg)``; plus
+``conf/search/<name>.yaml`` (``defaults: [<name>_schema]``). ``frugal.evaluator.strategies`` imports every
+module of its folder, so the new strategy is a choice of ``search=`` with nothing else edited. The
+strategies' configs stay importable from here (``from frugal.evaluator.config import BeamConfig``: a lazy
+re-export, since the strategy modules import this one)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from frugal.inference.engine import EngineConfig
+from frugal.inference.vllm_setup import RENAMED as VLLM_RENAMED, VLLMConfig
 from frugal.tasks.config import TaskConfig
-from frugal.runtime.config import (LoggerConfig, SeededRunConfig, Variant, make_variant, fill_variants, register_variants, variant_field)
+from frugal.runtime.config import (LoggerConfig, SeededRunConfig, Variant, make_variant, fill_variants, register_variants, store_open_choice, variant_field)
+from frugal.runtime import registry
 from frugal.inference.models import ModelConfig
 from frugal.train.prm import PRM_CONFIG_FILE, PRMConfig
 from frugal.train.prm_steps import AGGREGATIONS
 
 
-DEFAULT_HINTS = (
-    "",  # the plain problem is always a candidate strategy
-    "Compute it step by step.",
-    "Write the calculation as an equation first.",
-    "Work it out with the numbers one at a time.",
-    "Give the result directly.",
-    "Check the result before answering.",
-)
-
-
-# SSR's own knobs (evaluator/strategies/ssr.py explains each), under `search.ssr.*` of search=ssr.
-@dataclass
-class SSRConfig:
-    draft_model: str = "builtin:smollm2-135m-instruct"  # the draft (`run` loads it; the target is the policy)
-    draft_adapter: Optional[str] = None
-    # > 0: self-speculative draft, the target cut to its first k decoder layers (LayerSkip; ssr.self_draft),
-    # sharing its weights and tokenizer; draft_model / draft_adapter are then not loaded.
-    draft_layers: int = 0
-    # Tokens the draft proposes per round (null: up to the end of the step, SSR's step-level blocks). A
-    # weak draft (few tokens accepted) wastes less target verification with short blocks (γ of token-level
-    # speculative decoding).
-    draft_tokens: Optional[int] = None
-    hints: list[str] = field(default_factory=lambda: list(DEFAULT_HINTS))  # the strategy pool
-    # How the target verifies a drafted step (ssr.py `Scored.judge`): mean (step mean log-prob >= threshold) |
-    # min (every token's log-prob >= threshold) | margin (every token within `threshold` nats of the target's
-    # greedy token; 0 = exactly the greedy token, lossless for a greedy target) | prm (the PRM of `prm_path`
-    # judges each step, the target only rewrites rejected ones: reward-guided speculative decoding).
-    score: str = "margin"
-    threshold: float = 0.0  # log-prob units (<= 0); with score=prm a PRM probability in [0, 1]
-    keep_prefix: bool = True  # token-level criteria: keep the accepted prefix of a rejected step
-    regen_tokens: Optional[int] = 1  # after a rejection the target writes this many tokens (None: rest of the step)
-    fast: int = 1  # 0: majority over all paths | 1: first answer | 2: two agreeing answers
-    speculative: bool = True  # false: the target writes every step (the target-only baseline)
-    greedy: bool = True  # greedy steps (false: sample at the engines' temperature)
-    score_batch_size: int = 32  # rows per target scoring forward pass
-
-    def __post_init__(self):
-        if not self.hints:
-            raise ValueError("search.ssr.hints must hold at least one strategy hint")
-        if self.fast not in (0, 1, 2):
-            raise ValueError(f"search.ssr.fast must be 0, 1 or 2, got {self.fast}")
-        if self.score not in ("mean", "min", "margin", "prm"):
-            raise ValueError(f"search.ssr.score must be mean|min|margin|prm, got {self.score!r}")
-        if self.score == "prm" and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"search.ssr.threshold with score=prm is a PRM probability in [0, 1], got {self.threshold}")
-        if self.regen_tokens is not None and self.regen_tokens < 1:
-            raise ValueError(f"search.ssr.regen_tokens must be >= 1 or null, got {self.regen_tokens}")
-        if self.score_batch_size < 1:
-            raise ValueError(f"search.ssr.score_batch_size must be >= 1, got {self.score_batch_size}")
-        if self.draft_tokens is not None and self.draft_tokens < 1:
-            raise ValueError(f"search.ssr.draft_tokens must be >= 1 or null, got {self.draft_tokens}")
-        if self.draft_layers < 0:
-            raise ValueError(f"search.ssr.draft_layers must be >= 0 (0 = load draft_model), got {self.draft_layers}")
-
-
 # ---------------------------------------------------------------------- search=<strategy>
-# One dataclass per strategy, holding only the knobs that strategy reads (the module docstring of
-# train/config.py says how `to_config` refuses another strategy's knob, naming the strategy it belongs to).
+# One dataclass per strategy, holding only the knobs that strategy reads, in the strategy's module (the
+# module docstring of runtime/config.py says how `to_config` refuses another strategy's knob, naming the
+# strategy it belongs to). The bases every strategy derives from are here.
 
 @dataclass
 class SearchConfig(Variant):
-    """Base of the strategies' configs (``search.name`` picks one: :data:`SEARCH_VARIANTS`)."""
+    """Base of the strategies' configs (``search.name`` picks one: :data:`SEARCH_VARIANTS`).
+
+    The behaviour goes with the config: :meth:`runner` is the strategy's run function — ``RUN`` when a
+    class sets it, otherwise the ``run`` of the module that defines the class (one module per strategy) —
+    and :meth:`prepare` builds what a run needs besides the policy (SSR's draft overrides it)."""
 
     GROUP: ClassVar[str] = "search"
+    RUN: ClassVar[Optional[Callable]] = None  # None: `run` of the module defining the config class
+    name: str
+
+    @classmethod
+    def runner(cls) -> Callable:
+        """``run(problems, budget, engine, prm, cfg) -> list[Result]`` of this strategy."""
+        if cls.RUN is not None:
+            return cls.RUN
+        run = getattr(sys.modules[cls.__module__], "run", None)
+        if run is None:
+            raise TypeError(f"search={cls.name}: {cls.__module__} defines no run(problems, budget, engine, prm, "
+                            f"cfg), and {cls.__name__}.RUN is not set")
+        return run
+
+    def prepare(self, engine, prm) -> tuple:
+        """``(run, models)``: the run function (extra models bound) and every model it runs, by role
+        (:func:`frugal.evaluator.strategies.prepare`)."""
+        models = {"policy": engine}
+        if prm is not None:
+            models["prm"] = prm
+        return self.runner(), models
+
+    def needs_prm(self) -> Optional[str]:
+        """Why this config needs ``prm_path`` (a sentence), or None when it does not."""
+        return None
 
 
-@dataclass
-class GreedyConfig(SearchConfig):
-    """Greedy decoding: one solution per problem (no budget, no PRM)."""
-
-    name: str = "greedy"
+registry.discover("search", "frugal.evaluator.strategies")  # imports every strategy module: they register
+registry.discover("prm_family", "frugal.evaluator.hub_prm")
 
 
 @dataclass
@@ -103,13 +85,6 @@ class BudgetedConfig(SearchConfig):
 
 
 @dataclass
-class MajorityConfig(BudgetedConfig):
-    """Self-consistency: majority vote over N samples (no PRM)."""
-
-    name: str = "majority"
-
-
-@dataclass
 class PRMSearchConfig(BudgetedConfig):
     """A PRM-guided strategy (``prm_path`` required)."""
 
@@ -120,128 +95,32 @@ class PRMSearchConfig(BudgetedConfig):
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"search.aggregation must be one of {'|'.join(AGGREGATIONS)}, got {self.aggregation!r}")
 
-
-@dataclass
-class BestOfNConfig(PRMSearchConfig):
-    name: str = "best_of_n"
-    weighted: bool = False  # weighted majority (sum of solution scores per answer)
-    # TTSPM (evaluator/ttspm.py): budget=auto stops sampling a problem once the predicted gain of one more
-    # sample is below auto_eps (N in `budgets` is then the cap).
-    budget: str = "fixed"  # fixed | auto
-    # 0.005: on the one-digit × two-digit multiplication development split (482 problems, cap 32), 0.01
-    # wrote off failing problems after 25 samples and lost 1.7 points against the fixed budget; 0.005
-    # lost none at 0.68x its samples (scripts/bench_ttspm.py prints the trade-off over eps).
-    auto_eps: float = 0.005
-    auto_threshold: float = 0.5  # a solution whose PRM score reaches this ends a problem's sampling
-    auto_pilots: int = 4  # first-round samples per problem that fit the prior
-    auto_chunk: int = 2  # samples added per problem per round
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.budget not in ("fixed", "auto"):
-            raise ValueError(f"search.budget must be fixed|auto, got {self.budget!r}")
-        if not 0 < self.auto_eps < 1 or self.auto_pilots < 1 or self.auto_chunk < 1:
-            raise ValueError("search.auto_eps must be in (0, 1); search.auto_pilots and search.auto_chunk >= 1")
-        if not 0.0 <= self.auto_threshold <= 1.0:
-            raise ValueError(f"search.auto_threshold must be in [0, 1], got {self.auto_threshold}")
+    def needs_prm(self) -> Optional[str]:
+        return f"search={self.name} is PRM-guided"
 
 
-@dataclass
-class BeamConfig(PRMSearchConfig):
-    name: str = "beam"
-    beam_width: int = 4  # keep N / beam_width beams, each expands beam_width children
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.beam_width < 1:
-            raise ValueError(f"search.beam_width must be >= 1, got {self.beam_width}")
+SEARCH_VARIANTS = registry.view("search")  # name -> config class, live over the registry
+# Where the strategies' configs live now (re-exported lazily by __getattr__ below).
+MOVED = {"GreedyConfig": "greedy", "MajorityConfig": "majority", "BestOfNConfig": "best_of_n",
+         "BeamConfig": "beam", "DVTSConfig": "dvts", "EarlyRejectionConfig": "early_rejection",
+         "ParticleFilterConfig": "particle_filter", "ParticleGibbsConfig": "particle_gibbs",
+         "SSRSearchConfig": "ssr", "SSRConfig": "ssr", "DEFAULT_HINTS": "ssr"}
 
 
-@dataclass
-class DVTSConfig(BeamConfig):
-    """Diverse verifier tree search (evaluator/strategies/dvts.py): N / beam_width independent subtrees,
-    each keeping its best of beam_width children per step."""
+def __getattr__(name: str):
+    """``STRATEGIES`` (the registered strategies' names), ``NEEDS_PRM`` (the PRM-guided ones) and the
+    configs of the strategies, which their own modules define (:data:`MOVED`)."""
+    if name == "STRATEGIES":
+        return registry.names("search")
+    if name == "NEEDS_PRM":
+        return tuple(n for n, c in registry.variants("search").items() if issubclass(c, PRMSearchConfig))
+    if name in MOVED:
+        import importlib
 
-    name: str = "dvts"
-
-
-@dataclass
-class EarlyRejectionConfig(BeamConfig):
-    name: str = "early_rejection"
-    tau: int = 64  # tokens generated before the partial PRM score decides
-    threshold: Optional[float] = None  # keep partials scoring >= threshold (>= 1 kept)
-    # Share of the N candidates dropped at τ; keeps max(1, round(N·(1 − rate))). null: keep N // beam_width
-    # (rate 1 − 1/beam_width).
-    rejection_rate: Optional[float] = None
-    er_search: str = "best_of_n"  # early rejection on top of: best_of_n | beam
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.tau < 1:
-            raise ValueError(f"search.tau must be >= 1, got {self.tau}")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"search.threshold must be in [0, 1] or null, got {self.threshold}")
-        if self.rejection_rate is not None and not 0.0 <= self.rejection_rate < 1.0:
-            raise ValueError(f"search.rejection_rate must be in [0, 1) or null, got {self.rejection_rate}")
-        if self.er_search not in ("best_of_n", "beam"):
-            raise ValueError(f"search.er_search must be best_of_n|beam, got {self.er_search!r}")
+        return getattr(importlib.import_module(f"frugal.evaluator.strategies.{MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@dataclass
-class ParticleFilterConfig(PRMSearchConfig):
-    name: str = "particle_filter"
-    # Particle weights ∝ exp(logit(r) / weight_temperature). Not the sampling temperature (engine.temperature).
-    weight_temperature: float = 1.0
-    resampling: str = "systematic"  # multinomial | systematic
-    # Resample when ESS < ess_threshold·N (>= 1: every step, as Puri et al.). 0.5 is the usual adaptive
-    # rule (Doucet & Johansen 2009, §3.5): resample once the weights have degenerated, not while they are
-    # near-uniform, where resampling only throws away distinct particles (diversity) for nothing.
-    ess_threshold: float = 0.5
-    # The answer: weighted_majority (sum of final PRM scores per answer, over the final particles) | best
-    # (the highest final score). Weighted majority is the default because a small PRM ranks complete
-    # solutions poorly: on the search benchmark's development set (held-out problems 48–95) it beat best
-    # by 2–13 points at N = 4, 8 and 16 under all three particle-filter settings tried.
-    final: str = "weighted_majority"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.weight_temperature <= 0:
-            raise ValueError(f"search.weight_temperature must be > 0, got {self.weight_temperature}")
-        if self.resampling not in ("multinomial", "systematic"):
-            raise ValueError(f"search.resampling must be multinomial|systematic, got {self.resampling!r}")
-        if self.ess_threshold < 0:
-            raise ValueError(f"search.ess_threshold must be >= 0, got {self.ess_threshold}")
-        if self.final not in ("best", "weighted_majority"):
-            raise ValueError(f"search.final must be best|weighted_majority, got {self.final!r}")
-
-
-@dataclass
-class ParticleGibbsConfig(ParticleFilterConfig):
-    name: str = "particle_gibbs"
-    ess_threshold: float = 1.0  # every step, as Puri et al.'s particle Gibbs
-    sweeps: int = 2  # conditional SMC sweeps; each uses budget // sweeps particles
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.sweeps < 1:
-            raise ValueError(f"search.sweeps must be >= 1, got {self.sweeps}")
-
-
-@dataclass
-class SSRSearchConfig(BudgetedConfig):
-    """SSR (evaluator/strategies/ssr.py); budgets = k, the strategy paths kept per problem."""
-
-    name: str = "ssr"
-    budgets: list[int] = field(default_factory=lambda: [2])
-    ssr: SSRConfig = field(default_factory=SSRConfig)
-
-
-SEARCH_VARIANTS = {"greedy": GreedyConfig, "majority": MajorityConfig, "best_of_n": BestOfNConfig,
-                   "beam": BeamConfig, "dvts": DVTSConfig, "early_rejection": EarlyRejectionConfig,
-                   "particle_filter": ParticleFilterConfig, "particle_gibbs": ParticleGibbsConfig,
-                   "ssr": SSRSearchConfig}
-STRATEGIES = tuple(SEARCH_VARIANTS)
-NEEDS_PRM = tuple(n for n, c in SEARCH_VARIANTS.items() if issubclass(c, PRMSearchConfig))
 SEARCH_RENAMED = {"temperature": (
     "search.temperature was renamed search.weight_temperature (the particle weights' temperature, "
     "search=particle_filter|particle_gibbs); the sampling temperature is engine.temperature")}
@@ -250,15 +129,18 @@ SEARCH_RENAMED = {"temperature": (
 def search_config(name: str, **knobs) -> SearchConfig:
     """The config of strategy ``name`` from Python (scripts, tests), refusing another strategy's knob as
     ``frugal eval`` does: ``search_config("beam", beam_width=2)``."""
-    return make_variant("search", SEARCH_VARIANTS, name, SEARCH_RENAMED, **knobs)
+    return make_variant("search", name, SEARCH_RENAMED, **knobs)
 
 
 @dataclass
 class EvalConfig(SeededRunConfig):
+    RENAMED: ClassVar[dict[str, str]] = VLLM_RENAMED  # former keys, refused with their new names
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    search: Any = variant_field(SEARCH_VARIANTS, "best_of_n", SEARCH_RENAMED)  # one of SEARCH_VARIANTS, by search.name
+    engine: Any = variant_field("engine", "hf")  # a registered backend's config, by engine.backend
+    # the one vllm block (shared with frugal train; its training-only keys are refused here)
+    vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig(max_model_len=2048, gpu_memory_utilization=0.9))
+    search: Any = variant_field("search", "best_of_n", SEARCH_RENAMED)  # a registered strategy's config, by search.name
     # A PRM: a folder from `frugal train-prm`, or a Hub checkpoint (an id or its downloaded folder; see
     # evaluator/hub_prm.py); PRM-guided strategies need one. Not called `prm`: that name is the PRM recipe's
     # config group, and Hydra would read `prm=<path>` as a choice in that group.
@@ -281,16 +163,14 @@ class EvalConfig(SeededRunConfig):
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         if self.problems_per_call < 1:
             raise ValueError(f"problems_per_call must be >= 1, got {self.problems_per_call}")
-        gated = isinstance(self.search, SSRSearchConfig) and self.search.ssr.score == "prm"
-        if (isinstance(self.search, PRMSearchConfig) or gated) and not self.prm_path:
-            what = "search.ssr.score=prm judges drafted steps with a PRM" if gated else \
-                f"search={self.search.name} is PRM-guided"
-            raise ValueError(f"{what}: set prm_path=<PRM folder or Hub id> "
+        check_vllm_block(self.vllm, self.engine.backend)
+        why = self.search.needs_prm()  # PRM-guided, or SSR judging drafted steps with a PRM
+        if why and not self.prm_path:
+            raise ValueError(f"{why}: set prm_path=<PRM folder or Hub id> "
                              "(a folder written by `frugal train-prm`, or e.g. Qwen/Qwen2.5-Math-PRM-7B)")
-        from frugal.evaluator.hub_prm import FAMILIES
-
-        if self.prm_family is not None and self.prm_family not in FAMILIES:
-            raise ValueError(f"prm_family must be one of {'|'.join(FAMILIES)} or null, got {self.prm_family!r}")
+        families = registry.names("prm_family")  # evaluator/hub_prm.py registers them
+        if self.prm_family is not None and self.prm_family not in families:
+            raise ValueError(f"prm_family must be one of {'|'.join(families)} or null, got {self.prm_family!r}")
 
 
 def check_prm_separator(cfg: EvalConfig) -> None:
@@ -326,4 +206,20 @@ def check_prm_separator(cfg: EvalConfig) -> None:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
-    register_variants("search", SEARCH_VARIANTS)
+    register_variants("search")
+    store_open_choice("engine", "hf")
+
+
+def check_vllm_block(vllm: VLLMConfig, backend: str) -> None:
+    """The ``vllm`` block of an evaluation recipe: its training-only keys are refused, and its keys apply
+    with ``engine.backend=vllm`` only."""
+    default = VLLMConfig(max_model_len=2048, gpu_memory_utilization=0.9)
+    training = vllm.changed(default, VLLMConfig.TRAINING_ONLY)
+    if training:
+        raise ValueError(f"{', '.join('vllm.' + k for k in training)}: frugal train's (its rollouts); an evaluation "
+                         "reaches a server with engine.backend=openai engine.base_url=<url>/v1")
+    if backend != "vllm":
+        changed = vllm.changed(default, [k for k in ("dtype", "max_model_len", "gpu_memory_utilization", "kv_cache_gib")])
+        if changed:
+            raise ValueError(f"{', '.join('vllm.' + k for k in changed)}: the vllm block applies with "
+                             f"engine.backend=vllm, not engine.backend={backend}")

@@ -31,7 +31,8 @@ from typing import Optional, Sequence
 import torch
 
 from frugal.evaluator import strategies
-from frugal.inference.engine import Counts, CountingPRM, Engine
+from frugal.inference.engine import Counts, Engine
+from frugal.evaluator.prm_counts import CountingPRM
 from frugal.evaluator.flops import ModelShape, policy_shape, prm_shape
 from frugal.evaluator.strategies.common import answer_of, solution_score
 from frugal.rewards.verify import is_correct
@@ -107,7 +108,7 @@ def run_strategy(name: str, problems: Sequence[dict], budgets: Sequence[int], en
             torch.manual_seed(seed * 1_000_003 + budget * 1_009 + start)
             for m in models.values():  # every (strategy, budget, chunk) pays its own prompt prefills
                 if isinstance(m, Engine):
-                    m.clear_prompt_cache()
+                    m.clear_cache()
             results = run(chunk, budget, engine, prm, search_cfg)
             for row, res in zip(chunk, results):
                 ok = is_correct(res.chosen.text, str(row["answer"]), row.get("answer_format", "boxed"))
@@ -230,7 +231,7 @@ def prepare(cfg, run_dir: Path):
     config_dict = scrub_secrets(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config_dict)))
     problems = load_problems(cfg)
-    return run_dir, device, config_dict, problems, make_engine(cfg.model, cfg.engine, device)
+    return run_dir, device, config_dict, problems, make_engine(cfg.model, cfg.engine, device, vllm=cfg.vllm)
 
 
 def evaluate(cfg, run_dir: Path) -> dict:

@@ -1,7 +1,9 @@
 """PRMs from the Hugging Face Hub behind the evaluator's PRM interface (``score`` / ``score_partial``,
 the compute counters ``last_tokens`` / ``last_attention``): ``prm_path=<Hub id or folder>``.
 
-Families (``prm_family=``, or detected from the checkpoint by :func:`detect_family`):
+Families (``prm_family=``, or detected from the checkpoint by :func:`detect_family`), each a
+:class:`PRMFamily` registered with ``@register("prm_family")`` (:mod:`frugal.runtime.registry`; a new
+family is one more registered class: its ``architectures`` and its ``load``):
 
 * ``frugal`` — a folder written by ``frugal train-prm`` (has ``prm.json``): :func:`frugal.train.prm.load_prm`.
 * ``qwen2_math_prm`` — ``Qwen/Qwen2.5-Math-PRM-7B`` / ``-72B`` (``config.json`` architectures
@@ -29,7 +31,7 @@ tokens at most per pass). With ``share_prompt`` (the default), the rows of one p
 longest common token prefix once (left-padded, one pass for all prompts of the batch) and then only
 their own tokens over that KV (:class:`frugal.inference.decoding.PromptKV`): exact, since the prefix is the
 same tokens and attention is causal. Compute: ``last_tokens`` = tokens run (each shared prefix once),
-``last_attention`` = Σ over them of the keys attended to, so :class:`frugal.inference.engine.CountingPRM`
+``last_attention`` = Σ over them of the keys attended to, so :class:`frugal.evaluator.prm_counts.CountingPRM`
 charges what ran. The two-token softmax of the causal-LM families reads two rows of the LM head at the
 scored positions only (exactly the full-vocabulary logits of those two tokens), so no LM head is charged.
 
@@ -42,17 +44,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
 from frugal.inference.decoding import PromptKV, cache_kw
-from frugal.train.prm_steps import Encoded, aggregate, prompt_text, split_steps, token_budget_batches
+from frugal.train.prm_steps import Encoded, aggregate, prompt_text, token_budget_batches
+from frugal.rewards.steps import split_steps
+from frugal.runtime import registry
+from frugal.runtime.registry import register
 
-FAMILIES = ("frugal", "qwen2_math_prm", "math_shepherd", "rlhflow")
-# config.json architectures -> family (a Frugal folder is recognised by its prm.json first)
-ARCHITECTURES = {"Qwen2ForProcessRewardModel": "qwen2_math_prm", "MistralForCausalLM": "math_shepherd",
-                 "LlamaForCausalLM": "rlhflow"}
+FAMILIES = registry.view("prm_family")  # name -> PRMFamily, live over the registry (registration order)
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_STEP_TAG = "<extra_0>"
 SHEPHERD_TAG = "ки"
@@ -83,23 +85,31 @@ def resolve(path: str) -> Path:
                                 f"({type(err).__name__}: {err})") from None
 
 
+def architectures() -> dict[str, str]:
+    """``config.json`` architectures -> family, over the registered families."""
+    return {a: name for name, fam in registry.variants("prm_family").items() for a in fam.architectures}
+
+
 def detect_family(folder: Path) -> str:
-    """``frugal`` when the folder has ``prm.json``, else from ``config.json``'s ``architectures``."""
+    """The first family that recognises the folder itself (``frugal``: it has ``prm.json``), else the one
+    of ``config.json``'s ``architectures``."""
     from frugal.train.prm import PRM_CONFIG_FILE
 
     folder = Path(folder)
-    if (folder / PRM_CONFIG_FILE).is_file():
-        return "frugal"
+    for name, fam in registry.variants("prm_family").items():
+        if fam.recognises(folder):
+            return name
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{folder}: neither {PRM_CONFIG_FILE} (a `frugal train-prm` folder) nor "
                                 "config.json (a Hub checkpoint); set prm_path to a PRM")
     arch = json.loads(config.read_text()).get("architectures") or []
+    known = architectures()
     for a in arch:
-        if a in ARCHITECTURES:
-            return ARCHITECTURES[a]
+        if a in known:
+            return known[a]
     raise ValueError(f"{config}: architectures {arch} is no PRM family this evaluator knows "
-                     f"({', '.join(f'{a} -> {f}' for a, f in ARCHITECTURES.items())}); set "
+                     f"({', '.join(f'{a} -> {f}' for a, f in known.items())}); set "
                      f"prm_family={'|'.join(FAMILIES)}")
 
 
@@ -109,29 +119,120 @@ def load_any_prm(path: str, family: Optional[str] = None, device: Optional[torch
     ``separator`` splits solutions into steps for the Hub families (Frugal folders keep their own).
     ``dtype``: None = float32 for a Frugal folder (its scores as saved), ``auto`` for a Hub checkpoint
     (bfloat16 on a CUDA device that has it, else float32: a 7B PRM on a GPU)."""
-    from frugal.inference.models import resolve_dtype
-
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"prm_family must be one of {'|'.join(FAMILIES)}, got {family!r}")
+    if family is not None:
+        registry.get("prm_family", family)  # refuses an unknown family, listing the registered ones
     folder = resolve(path)
     family = family or detect_family(folder)
     device = device or torch.device("cpu")
-    if family == "frugal":
+    return registry.get("prm_family", family).load(folder, str(path), device, dtype, separator)
+
+
+# ---------------------------------------------------------------------- the families
+
+class PRMFamily:
+    """A PRM family, ``prm_family=<name>``: how to recognise its checkpoints and load one. Registered with
+    ``@register("prm_family")``; :func:`detect_family` asks the families in registration order."""
+
+    name: ClassVar[str] = ""
+    architectures: ClassVar[tuple[str, ...]] = ()  # config.json architectures that mean this family
+
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        """Whether ``folder`` is of this family whatever its ``config.json`` says (asked before the
+        architectures)."""
+        return False
+
+    @classmethod
+    def load(cls, folder: Path, source: str, device: torch.device, dtype: Optional[str], separator: str):
+        """The PRM in ``folder`` (``source``: the path or Hub id it came from) on ``device``."""
+        raise NotImplementedError(f"prm_family={cls.name} does not say how to load it")
+
+
+@register("prm_family")
+class FrugalFamily(PRMFamily):
+    """A folder written by ``frugal train-prm`` (``prm.json``): :func:`frugal.train.prm.load_prm`, float32
+    unless ``dtype`` says otherwise (its scores as saved). Its steps split on its own saved separator."""
+
+    name = "frugal"
+
+    @classmethod
+    def recognises(cls, folder: Path) -> bool:
+        from frugal.train.prm import PRM_CONFIG_FILE
+
+        return (folder / PRM_CONFIG_FILE).is_file()
+
+    @classmethod
+    def load(cls, folder, source, device, dtype, separator):
         from frugal.train.prm import load_prm
 
         return load_prm(folder, device, dtype or "float32")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = resolve_dtype(dtype or "auto", device)
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    cfg = HubPRMConfig(separator=separator)
-    if family == "qwen2_math_prm":
+
+class HubFamily(PRMFamily):
+    """A Hub checkpoint: its tokenizer, ``dtype`` ``auto`` unless given, and :meth:`build`."""
+
+    @classmethod
+    def load(cls, folder, source, device, dtype, separator):
+        from transformers import AutoTokenizer
+
+        from frugal.inference.models import resolve_dtype
+
+        torch_dtype = resolve_dtype(dtype or "auto", device)
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        return cls.build(folder, tok, torch_dtype, device, HubPRMConfig(separator=separator), source)
+
+    @classmethod
+    def build(cls, folder: Path, tok, torch_dtype: torch.dtype, device: torch.device, cfg: HubPRMConfig,
+              source: str) -> "HubPRM":
+        raise NotImplementedError
+
+
+@register("prm_family")
+class Qwen2MathPRMFamily(HubFamily):
+    name = "qwen2_math_prm"
+    architectures = ("Qwen2ForProcessRewardModel",)
+
+    @classmethod
+    def build(cls, folder, tok, torch_dtype, device, cfg, source):
         body, head = _load_qwen_prm(folder, torch_dtype)
-        return HubPRM(QwenMathPRM(tok), body.to(device), head.to(device), tok, cfg, str(path))
-    lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device)
-    fmt = MathShepherd(tok, separator) if family == "math_shepherd" else RLHFlow(tok)
-    head = _TokenPair(lm.get_output_embeddings().weight, fmt.candidates)
-    return HubPRM(fmt, lm, head, tok, cfg, str(path))
+        return HubPRM(QwenMathPRM(tok), body.to(device), head.to(device), tok, cfg, source)
+
+
+class CausalLMFamily(HubFamily):
+    """A causal LM scored by the softmax over two tokens' logits (:class:`_TokenPair`) in a layout."""
+
+    @classmethod
+    def layout(cls, tok, separator: str):
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, folder, tok, torch_dtype, device, cfg, source):
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype).to(device)
+        fmt = cls.layout(tok, cfg.separator)
+        head = _TokenPair(lm.get_output_embeddings().weight, fmt.candidates)
+        return HubPRM(fmt, lm, head, tok, cfg, source)
+
+
+@register("prm_family")
+class MathShepherdFamily(CausalLMFamily):
+    name = "math_shepherd"
+    architectures = ("MistralForCausalLM",)
+
+    @classmethod
+    def layout(cls, tok, separator):
+        return MathShepherd(tok, separator)
+
+
+@register("prm_family")
+class RLHFlowFamily(CausalLMFamily):
+    name = "rlhflow"
+    architectures = ("LlamaForCausalLM",)
+
+    @classmethod
+    def layout(cls, tok, separator):
+        return RLHFlow(tok)
 
 
 # ---------------------------------------------------------------------- checkpoint reading

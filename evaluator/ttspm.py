@@ -48,27 +48,19 @@ Estimation from pilots (k samples per problem, c_i of them correct):
   posterior probability π_k = F·B(a, b+k)/B(a, b) / (1 − F + F·B(a, b+k)/B(a, b)) and predicts
   π_k · (1 − B(a, b + k + N) / B(a, b + k)).
 
-Which form (chosen on a development set, then checked on held-out problems; ``scripts/bench_ttspm.py``):
-on the train split of single-digit arithmetic (140 problems, SmolLM2-135M, 36 samples each), forecasting
-coverage at N ∈ {8, 16, 32} from each of the 9 disjoint 4-column pilot sets against the other 32 samples,
-the max error was 1.6–14.5 points (mean 7.1) for ``beta``, 1.7–39.9 (mean 16.9) for ``mixture``, mean
-26.8 for ``pooled`` and 47.7 for ``plugin``; on the train split of one-digit × two-digit multiplication
-(482 problems, the same protocol) 0.6–7.4 (mean 2.96) for ``beta``, 0.5–15.6 (mean 5.39) for ``mixture``,
-16.2 for ``pooled`` and 23.4 for ``plugin``. With k = 4 the zero-inflation is weakly identified: the
-zero-inflated fit sometimes puts a third of the problems at p = 0 with a near point mass for the rest and
-then flattens the curve. The spread across pilot sets of the same problems is sampling error of the
-pilots; it shrinks only with more problems or more pilots per problem.
+Which form: ``beta`` is the headline fit, chosen on development splits and checked on held-out problems
+with ``scripts/bench_ttspm.py`` (the forecast errors per form: docs/benchmarks.md). With k = 4 the
+zero-inflation is weakly identified: the zero-inflated fit can put many problems at p = 0 with a near
+point mass for the rest and then flatten the curve. The spread across pilot sets of the same problems is
+sampling error of the pilots; it shrinks only with more problems or more pilots per problem.
 
 What k pilots cannot tell. They identify the first k moments of the distribution of p over problems (the
 pass@1..k curve) and nothing more, so coverage at N ≫ k is an extrapolation whose accuracy depends on
-the task: how much of its mass near p = 0 is "hard but solvable" and how much is "never". On the train
-split of one-digit × three-digit multiplication (200 problems, both orders; ``scripts/bench_ttspm.py
---split train --digits-b 3 --problems 200``) ``beta`` over-predicts coverage@32 by 7.7 points on average
-over the 9 pilot sets (max error mean 8.2; ``mixture`` 7.9) while ``pooled`` missed by 3.9 on the first
-set: many problems there are never solved and coverage flattens early. A logit-normal prior (p_i =
-σ(z_i), z_i ~ N(μ, σ²), tried on the same development splits) puts more mass at small but non-zero p and
-over-predicts more (mean max error 8.8 on the two-digit split, against 2.96 for ``beta``; 13.8 on the
-three-digit one), so it is not offered. Check a forecast on your own task before trusting N ≫ k.
+the task: how much of its mass near p = 0 is "hard but solvable" and how much is "never". On a task
+where many problems are never solved, coverage flattens early and ``beta`` over-predicts it. A
+logit-normal prior (p_i = σ(z_i), z_i ~ N(μ, σ²)) puts more mass at small but non-zero p and
+over-predicts more, so it is not offered (docs/benchmarks.md). Check a forecast on your own task before
+trusting N ≫ k.
 
 Automatic budget (:class:`AutoBudget`). For one problem that has drawn n samples without a verified
 success, the chance that sample n + 1 is the first success is the posterior predictive

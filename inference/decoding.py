@@ -1,5 +1,5 @@
 """The one decoding core: every completion Frugal samples with transformers goes through :func:`decode`
-(only ``generation.backend=vllm`` hands training rollouts to vLLM, ``frugal.inference.vllm_setup.VLLMSampler``).
+(only ``generation.backend=vllm`` hands training rollouts to vLLM, ``frugal.train.rollout.EngineSampler``).
 
 Callers: training rollouts and greedy held-out evaluation (``frugal.train.rollout.generate``), T-SPMO
 replay (``frugal.train.tspmo``), Monte-Carlo step labelling (``frugal.recipes.label_prm``), all through
@@ -198,8 +198,7 @@ class StreamSampling:
     position, a row writes the same tokens whatever else shares its batch and however its generation is
     split into calls: common random numbers (the quantile coupling; Glasserman 2004, "Monte Carlo Methods
     in Financial Engineering", §4.2). One number per row instead of a generator shared by the batch; a
-    softmax and a cumulative sum cost less than ``generate``'s multinomial (2-core CPU, 64 rows × 49k
-    tokens: ~25 ms against ~100 ms).
+    softmax and a cumulative sum cost less than ``generate``'s multinomial (docs/benchmarks.md).
 
     :meth:`choose` is what :func:`decode` calls. Called as a transformers ``LogitsProcessor`` (rows that
     began ``width`` tokens before the first generated one), it leaves only the drawn token finite, so
@@ -217,7 +216,7 @@ class StreamSampling:
         return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
 
     def _draw(self, logits: torch.Tensor, t: int, rows, ids: torch.Tensor) -> torch.Tensor:
-        cdf = torch.softmax(self.warpers(ids, logits).float(), dim=-1).cumsum(-1)  # (float64: 6x slower)
+        cdf = torch.softmax(self.warpers(ids, logits).float(), dim=-1).cumsum(-1)  # float32 (float64 is far slower here)
         u = torch.tensor([[mix(self.keys[r], self.starts[r] + t) / 2.0**63] for r in rows],
                          dtype=torch.float32, device=cdf.device)
         return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[1] - 1)[:, 0]
@@ -266,7 +265,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new: int, eo
     completing a stop string).
 
     A row that has finished leaves the batch (its KV rows are dropped), so short completions stop costing
-    compute: with 32-token budgets and ~27-token completions that is ~1/6 of the sampling work.
+    compute (``model.generate`` keeps decoding them to the longest row).
 
     ``on_leave(rows, cache, mask, index)``: called as rows leave (finished, or the last step ran) with
     their row numbers ``rows``, the cache, the mask (as wide as the cache: every token fed so far; the

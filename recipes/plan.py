@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 import hydra
 import numpy as np
@@ -31,11 +31,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from frugal.conf import CONF_DIR
-from frugal.inference.engine import EngineConfig
+from frugal.evaluator.config import check_vllm_block
+from frugal.inference.vllm_setup import RENAMED as VLLM_RENAMED, VLLMConfig
 from frugal.evaluator.ttspm import FORMS, TTSPM, pass_at_n, sample_correctness
 from frugal.tasks.config import TaskConfig
 from frugal.runtime.io import atomic_write_text
-from frugal.runtime.config import SeededRunConfig, to_config
+from frugal.runtime.config import SeededRunConfig, fill_variants, store_open_choice, to_config, variant_field
 from frugal.inference.models import ModelConfig
 from frugal.runtime.run_dir import default_run_dir
 
@@ -44,9 +45,11 @@ log = logging.getLogger("frugal.plan")
 
 @dataclass
 class PlanConfig(SeededRunConfig):
+    RENAMED: ClassVar[dict[str, str]] = VLLM_RENAMED  # former keys, refused with their new names
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: Any = variant_field("engine", "hf")  # a registered backend's config, by engine.backend
+    vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig(max_model_len=2048, gpu_memory_utilization=0.9))
     pilots: int = 4  # k samples per problem
     eps: float = 0.01  # saturation threshold: stop when one more sample gains less than this (accuracy, 0..1)
     form: str = "beta"  # the headline fit: beta | mixture | pooled | plugin (all are written)
@@ -59,6 +62,8 @@ class PlanConfig(SeededRunConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        fill_variants(self)
+        check_vllm_block(self.vllm, self.engine.backend)
         if self.pilots < 1:
             raise ValueError(f"pilots must be >= 1, got {self.pilots}")
         if not 0 < self.eps < 1:
@@ -76,6 +81,7 @@ class PlanConfig(SeededRunConfig):
 
 
 ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
+store_open_choice("engine", "hf")
 
 
 def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:

@@ -29,24 +29,21 @@ from frugal.conf import CONF_DIR
 from frugal.rewards.combine import Rewards, build_reward_model
 from frugal.rewards.verify import validate_gold_answers
 from frugal.tasks import check_prompt_lengths, load_task, require_train
-from frugal.train.advantages import group_advantages
 from frugal.runtime.io import atomic_dir, atomic_write_text
 from frugal.train.checkpoint import load_checkpoint, save_checkpoint
-from frugal.train.config import (GroupAdvantageConfig, GRPOConfig, SGRPOConfig, TrainConfig, TSPMOConfig, register_configs)
+from frugal.train.config import TrainConfig, register_configs
 from frugal.runtime.secrets import scrub_secrets
 from frugal.runtime.config import to_config
 from frugal.train import distributed as dist
 from frugal.train.evaluation import greedy_accuracy
 from frugal.train.lora import apply_lora
 from frugal.inference.models import load_model
-from frugal.train.policy_loss import clipped_pg_loss, reference_logprobs, selected_logprobs
 from frugal.train.rollout import generate
 from frugal.runtime.run_dir import Interrupted, interrupted, on_signals, release_lock, resolve_run_dir, stop_signal
 from frugal.train.schedule import batch_for_step, make_scheduler
 from frugal.runtime.system import device_from, seed_everything, set_cpu_threads
-from frugal.train.token_selection import Selection, select_all, select_stochastic
-from frugal.train.tspmo import replay_rollout, select_prefix_matching
 from frugal.train.tracking import Tracker
+from frugal.train.update import select_tokens, update_policy
 
 log = logging.getLogger("frugal.train")
 register_configs()
@@ -55,7 +52,7 @@ register_configs()
 @on_signals  # SIGINT / SIGTERM: finish the step, save it, raise Interrupted (runtime/run_dir.py)
 def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     # ------------------------------------------------------------------ setup
-    cfg: TrainConfig = to_config(raw_cfg)  # validates every key and range before anything heavy
+    cfg: TrainConfig = to_config(raw_cfg, TrainConfig)  # validates every key and range before anything heavy
     # One process: a no-op. Under `accelerate launch`: ranks shard the prompts and sum LoRA gradients
     # (train/distributed.py); only the main process evaluates, logs and writes the run dir.
     accelerator = dist.setup_accelerator(cfg.prompts_per_step)
@@ -96,11 +93,11 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
     tracker = Tracker(run_dir, cfg.logger, config_dict, resume_step=start_step if resume_from else None,
                       enabled=main)
     sampler = None
-    if cfg.generation.backend == "vllm":  # vLLM samples the training completions (inference/vllm_setup.py)
-        from frugal.inference.vllm_setup import VLLMSampler
+    if cfg.generation.backend == "vllm":  # vLLM samples the training completions (the `vllm` block)
+        from frugal.train.rollout import vllm_sampler
 
-        sampler = VLLMSampler.build(model, tokenizer, cfg.generation, cfg.model, cfg.lora.r, run_dir, cfg.seed,
-                                    cfg.num_threads, rank=accelerator.process_index)
+        sampler = vllm_sampler(model, tokenizer, cfg.generation, cfg.vllm, cfg.model, cfg.lora.r, run_dir, cfg.seed,
+                               cfg.num_threads, rank=accelerator.process_index)
 
     eval_seconds = 0.0  # how long one held-out evaluation takes: max_minutes keeps room for the final one
     if cfg.eval_before and resume_from is None:
@@ -143,22 +140,21 @@ def run(raw_cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
         # 2. rewards (TRL convention) and group-relative advantages
         rows, rewards = _score(reward_model, batch, rollout)
-        if isinstance(cfg.algo, TSPMOConfig) and cfg.algo.replay_samples:
+        if cfg.algo.replays:
             # T-SPMO replay: continue each group's most decisive prefix, then score the grown groups.
             with dist.full_parameters(policy):
-                rollout = replay_rollout(model, tokenizer, rollout, rewards.total, cfg.generation,
-                                         cfg.algo.replay_samples, cfg.algo.min_visits)
+                rollout = cfg.algo.replay(model, tokenizer, rollout, rewards.total, cfg.generation)
             G = rollout.group_size
             rows, rewards = _score(reward_model, batch, rollout)
-        # (T-SPMO credits trie transitions instead: it uses only the zero-variance counts of these.)
-        adv = group_advantages(torch.tensor(rewards.total), G, cfg.algo.adv_eps,
-                               cfg.algo.scale_by_std if isinstance(cfg.algo, GroupAdvantageConfig) else True)
+        # (Each algorithm's config computes them, train/config.py; T-SPMO credits trie transitions
+        # instead: it uses only the zero-variance counts of these.)
+        adv = cfg.algo.advantages(rewards.total, G)
 
         # 3. which tokens enter the loss
-        selection = _select(cfg, rollout, rewards.total, adv.advantages)
+        selection = select_tokens(cfg, rollout, rewards.total, adv.advantages)
 
         # 4. policy-gradient update on the selected tokens only
-        stats = _update(policy, optimizer, scheduler, rollout, selection, cfg, accelerator)
+        stats = update_policy(policy, optimizer, scheduler, rollout, selection, cfg, accelerator)
         step_time = time.time() - t0
 
         # 5. log, evaluate, checkpoint (the numbers cover the whole step, i.e. every rank's shard)
@@ -261,77 +257,6 @@ def _score(reward_model, batch: list[dict], rollout) -> tuple[list[dict], Reward
     completions = [[{"role": "assistant", "content": t}] for t in rollout.texts]
     columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
     return rows, reward_model([r["prompt"] for r in rows], completions, columns)
-
-
-def _select(cfg: TrainConfig, rollout, rewards: list[float], advantages: torch.Tensor) -> Selection:
-    completion_mask, a = rollout.completion_mask, cfg.algo
-    if isinstance(a, GRPOConfig):
-        return select_all(completion_mask, advantages)
-    if isinstance(a, TSPMOConfig):  # per-token advantages from each group's prefix trie (train/tspmo.py)
-        return select_prefix_matching(rollout.completion_ids, completion_mask, rewards, rollout.group_size,
-                                      a.min_visits, a.weighting, a.adv_norm, a.max_selected, a.adv_eps)
-    assert isinstance(a, SGRPOConfig), type(a)
-    return select_stochastic(completion_mask, advantages, a.k_early, a.p_keep, a.decay)
-
-
-def _update(model, optimizer, scheduler, rollout, selection: Selection, cfg: TrainConfig, accelerator=None) -> dict:
-    """``num_iterations`` passes over the batch; each pass accumulates gradients over micro-batches of rows
-    and takes one optimizer step. The loss is normalised by the step's total selected tokens (over all
-    ranks), so the result depends neither on the micro-batch size nor on how the batch is sharded."""
-    model.train()
-    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-    width = rollout.prompt_ids.shape[1]
-    chunks = _row_chunks(selection, cfg.optim.micro_batch_size)
-    total = max(int(dist.sum_over_ranks([len(selection)], accelerator)[0]), 1)
-    old_logp, ref_logp = {}, {}
-    if cfg.algo.num_iterations > 1 or cfg.algo.beta > 0:
-        with torch.no_grad():
-            for i, sel in enumerate(chunks):
-                if cfg.algo.num_iterations > 1:
-                    old_logp[i] = selected_logprobs(model, input_ids, attention_mask, width, sel)
-                if cfg.algo.beta > 0:
-                    ref_logp[i] = reference_logprobs(model, input_ids, attention_mask, width, sel)
-    # vLLM sampled the tokens: its log-probs are the behaviour policy of the truncated IS weights.
-    behaviour = rollout.behaviour_logprobs
-    stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
-    for _ in range(cfg.algo.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, kl_sum, clip_sum, gap_sum, w_sum = 0.0, 0.0, 0.0, 0.0, 0.0
-        for i, sel in enumerate(chunks):
-            logp = selected_logprobs(model, input_ids, attention_mask, width, sel)
-            out = clipped_pg_loss(logp, old_logp.get(i), ref_logp.get(i), sel.advantages.to(logp.device),
-                                  cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.beta, normalizer=total,
-                                  behaviour_logp=None if behaviour is None else behaviour[sel.rows, sel.positions],
-                                  is_cap=cfg.generation.vllm_is_cap)
-            out.loss.backward()
-            loss_sum += out.loss.item()
-            kl_sum += out.kl * len(sel) / total
-            clip_sum += out.clip_fraction * len(sel) / total
-            gap_sum += out.logprob_gap
-            w_sum += out.is_weight * len(sel)
-        params = [p for p in model.parameters() if p.requires_grad]
-        # Sum the LoRA gradients over ranks explicitly: selected_logprobs bypasses DDP's forward hooks.
-        dist.sync_gradients(params, accelerator)
-        loss_sum, kl_sum, clip_sum, gap_sum, w_sum = dist.sum_over_ranks(
-            [loss_sum, kl_sum, clip_sum, gap_sum, w_sum], accelerator)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or float("inf"))
-        optimizer.step()
-        stats = {"loss": loss_sum, "kl": kl_sum, "clip_frac": clip_sum, "grad_norm": float(grad_norm)}
-        if behaviour is not None and len(selection):  # over the loss's tokens (none: nothing to report)
-            stats.update({"vllm/logprob_gap": gap_sum / total, "vllm/is_weight": w_sum / total})
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return stats
-
-
-def _row_chunks(selection: Selection, rows_per_chunk: int) -> list[Selection]:
-    """Split the selected triples into micro-batches of at most ``rows_per_chunk`` distinct rows."""
-    rows = torch.unique(selection.rows)
-    chunks = []
-    for start in range(0, rows.numel(), rows_per_chunk):
-        keep = torch.isin(selection.rows, rows[start:start + rows_per_chunk])
-        chunks.append(Selection(selection.rows[keep], selection.positions[keep], selection.advantages[keep]))
-    return chunks
 
 
 def _nanmean(values) -> float:

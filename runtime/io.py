@@ -1,12 +1,14 @@
 """Atomic writes: a file or a folder is replaced in one rename, so a reader (or a resumed job) sees the old
 complete version or the new complete one, never a torn one, whenever the writer is killed (SIGKILL
 included). ``manifest.json`` (every file's size and sha256, written last) lets a reader tell a complete
-folder from one damaged after the rename."""
+folder from one damaged after the rename. JSONL logs (``metrics.jsonl``, ``samples.jsonl``) are read
+back with :func:`read_jsonl` and cut back to a resumed step with :func:`truncate_after`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -14,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -60,3 +63,32 @@ def write_manifest(folder: Path) -> None:
     files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep the rows of ``path`` up to ``step`` (a resumed run redoes the later ones)."""
+    if not Path(path).exists():
+        return
+    kept = [row for row in read_jsonl(path) if row["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL log. A torn last line (the process was killed while appending it) is dropped
+    with a warning; a bad line anywhere else is an error naming the file and line."""
+    path = Path(path)
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == last:
+                log.warning("%s line %d: dropping a torn last line (a write cut short by a kill): %r",
+                            path, i + 1, line[:80])
+                continue
+            raise ValueError(f"{path} line {i + 1}: not valid JSON ({err.msg})") from None
+    return rows

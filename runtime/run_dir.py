@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 
 from frugal.conf import launch_id
 from frugal.runtime.checkpoints import (intact_or_raise, clean_temporary, find_resume_checkpoint, list_checkpoints, verify_checkpoint)
+from frugal.runtime.io import truncate_after
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,6 @@ def resolve_run_dir(cfg: Any, run_dir, recipe: str) -> tuple[Path, Optional[Path
     lock_run_dir(target)
     if resume_from is None and resume is not None:
         # Steps an earlier attempt logged before its first checkpoint are about to be redone.
-        from frugal.train.tracking import truncate_after
-
         for name in ("metrics.jsonl", "samples.jsonl"):
             truncate_after(target / name, 0)
     elif resume_from is None:

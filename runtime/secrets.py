@@ -86,7 +86,7 @@ class ScrubSecrets(_HydraCallback):
     Hydra writes ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` before the recipe runs and
     before any Frugal code could refuse a bad override, so a token passed on the command line would be
     on disk already. ``on_job_start`` runs right after those writes and before the recipe: it rewrites
-    them through :func:`frugal.train.config.scrub_secrets`, scrubs ``sys.argv`` (W&B records the command
+    them through :func:`scrub_secrets`, scrubs ``sys.argv`` (W&B records the command
     line) and adds a filter that scrubs every log record (Hydra's ``<job>.log`` included). Chosen over
     ``hydra.output_subdir=null`` (which would lose the record of the run) and over a rewrite at recipe
     start (which each recipe would have to remember, and which runs after config validation can fail)."""

@@ -27,7 +27,7 @@ def free_cores() -> int:
 def set_cpu_threads(num_threads: Optional[int], device: torch.device) -> int:
     """torch's intra-op threads: ``num_threads`` when set; on CPU otherwise no more than the cores free
     now (:func:`free_cores`). Why: OpenMP threads that outnumber the free cores wait on each other at
-    every parallel region (a step ran ~15x slower beside one busy process). Returns the count in use."""
+    every parallel region (docs/benchmarks.md). Returns the count in use."""
     if num_threads:
         torch.set_num_threads(num_threads)
     elif device.type == "cpu":

@@ -13,7 +13,7 @@ the trainer reads at start-up counts it): ``--competitor python`` is a pure-Pyth
 
 The trainer's thread settings are Frugal's defaults unless overridden: ``OMP_WAIT_POLICY=PASSIVE`` (set by
 the ``frugal`` CLI and ``make demo``; ``--wait-policy`` sets it for the trainer) and, with ``num_threads``
-unset, torch threads = the cores free at start-up (``frugal.runtime.run_dir.set_cpu_threads``; ``--threads``
+unset, torch threads = the cores free at start-up (``frugal.runtime.system.set_cpu_threads``; ``--threads``
 sets ``num_threads``). The goal (issue 21): slowdown <= 2.5x. Ends with exactly one line::
 
     BENCH demo_load alone_s=<x> loaded_s=<y> slowdown=<r>

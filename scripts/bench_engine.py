@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def parse_args(argv=None):
@@ -117,9 +116,10 @@ def worker(args) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # vLLM's CPU worker: OMP_NUM_THREADS threads
     import torch
 
-    from frugal.inference.backends import make_engine
+    from frugal.inference.backends import engine_config, make_engine
     from frugal.evaluator.config import search_config
-    from frugal.inference.engine import CountingPRM, EngineConfig
+    from frugal.evaluator.prm_counts import CountingPRM
+    from frugal.inference.vllm_setup import VLLMConfig
     from frugal.evaluator.harness import run_strategy, write_outputs
     from frugal.tasks import load_task
     from frugal.tasks.config import PromptConfig, TaskConfig
@@ -136,14 +136,13 @@ def worker(args) -> None:
     prm = CountingPRM(load_prm(args.prm, device, task.prompt.step_separator))
     common = dict(max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens, max_steps=args.max_steps,
                   temperature=args.temperature)
-    if backend == "vllm":
-        common.update(dtype=args.dtype, max_model_len=args.max_model_len)
+    vllm = VLLMConfig(dtype=args.dtype, max_model_len=args.max_model_len) if backend == "vllm" else None
     print(f"[{backend}] policy={args.model} prm={args.prm or 'newest outputs/train_prm'} problems={len(problems)} "
           f"(held-out {args.first}-{args.first + len(problems) - 1}) N={args.budget} strategies={args.strategies} "
           f"threads={args.threads} device={device}", flush=True)
     started = time.time()
-    engine = make_engine(ModelConfig(name_or_path=args.model), EngineConfig(backend=backend, **common), device,
-                         seed=args.seed)
+    engine = make_engine(ModelConfig(name_or_path=args.model), engine_config(backend, **common), device,
+                         seed=args.seed, vllm=vllm)
     startup = time.time() - started
     torch.set_num_threads(args.threads)  # vLLM's start-up may have changed it
     print(f"[{backend}] engine start-up {startup:.1f}s (torch threads {torch.get_num_threads()})", flush=True)
@@ -205,7 +204,7 @@ def load_prm(path, device, separator):
         prm = build_prm(ModelConfig(name_or_path="builtin:tiny-random"), LoraConfig(r=4, alpha=8),
                         PRMConfig(separator=separator))
     else:
-        from bench_search import find_prm
+        from bench_search import find_prm  # a sibling script: Python puts a script's own folder on sys.path
 
         from frugal.evaluator.hub_prm import load_any_prm
 

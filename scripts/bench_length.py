@@ -29,7 +29,7 @@ model solves almost no GSM8K problem, so real rewards would give zero advantages
 does not depend on which rows are right. The accuracy check below uses real rewards.
 
 Per length and algorithm: the median **update** seconds over ``--repeats`` updates after one warm-up
-update (token selection + ``frugal.recipes.train._update``: micro-batched forward/backward over the
+update (token selection + ``frugal.train.update.update_policy``: micro-batched forward/backward over the
 selected tokens, clip, AdamW; sampling excluded), the **whole-step** seconds (this length's sampling time,
 measured once, + selection + update), the **peak RSS** of the child process (ru_maxrss: imports, model,
 rollout and every update) and the update's own **peak RSS increase** over the RSS just before it (sampled
@@ -42,7 +42,7 @@ and the **mean position of each row's last selected token** (0-based; the decode
 *Profile* (``--profile``, on by default): one more S-GRPO update with the decayed schedule at the longest
 length, split into the decoder's forward passes (the shared prompt prefill and the cropped rows), the LM
 head at the selected positions (+ log-softmax), the loss, the backward pass and the optimizer (grad clip +
-AdamW), with timers around the same library calls ``_update`` makes.
+AdamW), with timers around the same library calls ``update_policy`` makes.
 
 **Accuracy** (``--accuracy``, a separate run): held-out greedy accuracy after the same ``--acc-steps``
 steps of ``frugal train`` (the task recipe's own lr, LoRA and batch, the same for every algorithm) for grpo / sgrpo / sgrpo_decay (and tspmo with ``--acc-algos``) with seeds 0 and 1
@@ -155,13 +155,13 @@ def parse_schedule(text: str) -> dict:
 
 def algo_config(name: str, args, group: int):
     """The algorithm's config dataclass, as ``frugal train algo=...`` would build it."""
-    from frugal.train.config import ALGO_VARIANTS
+    import frugal.train.config  # noqa: F401  (registers the algorithms)
     from frugal.runtime.config import make_variant
 
     knobs = {"group_size": group, "beta": 0.0, "num_iterations": 1}
     if name.startswith("sgrpo"):
-        return make_variant("algo", ALGO_VARIANTS, "sgrpo", **knobs, **schedule(name, args))
-    return make_variant("algo", ALGO_VARIANTS, name, **knobs)
+        return make_variant("algo", "sgrpo", **knobs, **schedule(name, args))
+    return make_variant("algo", name, **knobs)
 
 
 def algo_overrides(name: str, args) -> list[str]:
@@ -295,7 +295,7 @@ def child_update(spec: dict, args) -> dict:
     """Time 1 + ``repeats`` updates of one algorithm on the saved rollout; optionally profile one more."""
     import torch
 
-    from frugal.recipes.train import _select, _update
+    from frugal.train.update import select_tokens, update_policy
     from frugal.train.advantages import group_advantages
     from frugal.train.rollout import Rollout
     from frugal.train.schedule import make_scheduler
@@ -319,10 +319,10 @@ def child_update(spec: dict, args) -> dict:
     for rep in range(1 + args.repeats):
         torch.manual_seed(args.seed * 1_000_003 + rep)  # S-GRPO draws its selection from the global stream
         t0 = time.perf_counter()
-        selection = _select(cfg, rollout, rewards, adv)
+        selection = select_tokens(cfg, rollout, rewards, adv)
         t1 = time.perf_counter()
         with rss_watch() as mem:
-            _update(model, optimizer, scheduler, rollout, selection, cfg)
+            update_policy(model, optimizer, scheduler, rollout, selection, cfg)
         t2 = time.perf_counter()
         select_s.append(t1 - t0)
         update_s.append(t2 - t1)
@@ -339,16 +339,16 @@ def child_update(spec: dict, args) -> dict:
 
 
 def profile_update(model, optimizer, rollout, cfg, rewards, adv) -> dict:
-    """One update split by phase, with timers around the calls ``_update`` makes (one pass, beta = 0):
+    """One update split by phase, with timers around the calls ``update_policy`` makes (one pass, beta = 0):
     per micro-batch ``selected_logprobs`` (decoder forward: the shared prompt prefill and the cropped rows,
     by hooks on the decoder; LM head at the selected positions + log-softmax: the rest of the call), the
     clipped loss, ``backward``; then grad clip and AdamW."""
     import torch
 
-    from frugal.recipes.train import _row_chunks, _select
-    from frugal.train.policy_loss import _decoder_and_head, clipped_pg_loss, selected_logprobs
+    from frugal.train.policy_loss import clipped_pg_loss, decoder_and_head, selected_logprobs
+    from frugal.train.update import row_chunks, select_tokens
 
-    decoder, _ = _decoder_and_head(model)
+    decoder, _ = decoder_and_head(model)
     calls, starts = [], []
     pre = decoder.register_forward_pre_hook(lambda m, a, kw: starts.append(time.perf_counter()), with_kwargs=True)
     post = decoder.register_forward_hook(  # (attention-mask shape = rows x columns up to the crop, ids, seconds)
@@ -360,12 +360,12 @@ def profile_update(model, optimizer, rollout, cfg, rewards, adv) -> dict:
     try:
         torch.manual_seed(12345)
         model.train()
-        selection = _select(cfg, rollout, rewards, adv)
+        selection = select_tokens(cfg, rollout, rewards, adv)
         ids, mask, width = rollout.input_ids, rollout.attention_mask, rollout.prompt_ids.shape[1]
         total = max(len(selection), 1)
         optimizer.zero_grad(set_to_none=True)
         t_all = time.perf_counter()
-        for sel in _row_chunks(selection, cfg.optim.micro_batch_size):
+        for sel in row_chunks(selection, cfg.optim.micro_batch_size):
             calls.clear()
             t0 = time.perf_counter()
             logp = selected_logprobs(model, ids, mask, width, sel)

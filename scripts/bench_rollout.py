@@ -13,7 +13,7 @@ size, ``max_new_tokens``, LoRA (r=16, all linear layers), lr 2e-4, temperature 1
 
 1. ``generation.backend=hf``: Frugal's decoding core (KV cache, finished rows leave the batch).
 2. ``generation.backend=vllm`` colocate, once per ``--vllm`` variant ``<dtype>/<sync>``
-   (``generation.vllm_dtype`` / ``generation.vllm_sync``; default ``auto/auto float32/auto``: the library's
+   (``vllm.dtype`` / ``vllm.sync``; default ``auto/auto float32/auto``: the library's
    defaults — on a CPU with native bf16, vLLM in bf16 beside the fp32 trainer — then vLLM in the trainer's
    float32): an in-process vLLM engine (1024-token context, 1 GiB KV cache); after every step the policy
    moves to it (sync ``auto`` on CPU: merged weights reloaded; ``lora``: the adapter as a new
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument("--vllm", nargs="+", default=["auto/auto", "float32/auto"], metavar="DTYPE/SYNC",
-                   help="vLLM variants: generation.vllm_dtype (auto|float32|bfloat16|float16) / generation.vllm_sync "
+                   help="vLLM variants: vllm.dtype (auto|float32|bfloat16|float16) / vllm.sync "
                         "(auto|lora|full); the BENCH line is the first's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 2 prompts x 4, 16 new tokens")
@@ -82,8 +82,8 @@ def overrides(args, backend: str) -> list[str]:
     ]
     if backend != "hf":  # a --vllm variant, dtype/sync
         dtype, _, sync = backend.partition("/")
-        common += ["generation.backend=vllm", f"generation.vllm_dtype={dtype}", f"generation.vllm_sync={sync}",
-                   "generation.vllm_max_model_len=1024", "generation.vllm_cpu_kv_cache_gib=1"]
+        common += ["generation.backend=vllm", f"vllm.dtype={dtype}", f"vllm.sync={sync}",
+                   "vllm.max_model_len=1024", "vllm.kv_cache_gib=1"]
     return common
 
 

@@ -29,7 +29,7 @@ serving engine does; ``engine.shared_prefix_min_tokens``), so FLOPs measure the 
 the examples.
 
 Every strategy at every budget is measured in this run, with the same seed, and the engine samples each
-candidate from its own random stream (``frugal.inference.engine.StreamSampling``), so the comparisons are paired:
+candidate from its own random stream (``frugal.inference.decoding.StreamSampling``), so the comparisons are paired:
 early rejection's survivors are best-of-N's own candidates and particle filtering's first steps are
 theirs. With 12 problems one problem is ~8 accuracy points, so the accuracy deltas are noisy: scale up
 with --problems (and --budgets, --max-new-tokens) on a bigger machine.
@@ -122,6 +122,7 @@ def weighted_best_of_n(records, problems, budget, aggregation) -> float:
     best-of-N drew at ``budget``: the same samples, picked by particle filtering's default answer rule."""
     from frugal.evaluator.config import search_config
     from frugal.inference.engine import Candidate
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.evaluator.strategies.best_of_n import select
     from frugal.rewards.verify import is_correct
 
@@ -143,7 +144,9 @@ def main(argv=None) -> None:
     import torch
 
     from frugal.evaluator.config import SEARCH_VARIANTS, search_config
-    from frugal.inference.engine import CountingPRM, Engine, EngineConfig
+    from frugal.evaluator.prm_counts import CountingPRM
+    from frugal.inference.engine import EngineConfig
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.evaluator.harness import run_strategy, write_outputs
     from frugal.tasks import load_task
     from frugal.tasks.config import PromptConfig, TaskConfig
@@ -167,8 +170,8 @@ def main(argv=None) -> None:
                 temperature=args.temperature)
     if args.kv_cache_tokens is not None:
         ecfg["kv_cache_tokens"] = args.kv_cache_tokens
-    engine = Engine(model, tok, EngineConfig(**ecfg))
-    before_engine = Engine(model, tok, EngineConfig(**{**ecfg, "kv_cache_tokens": 0})) if args.before else None
+    engine = HFEngine(model, tok, HFEngineConfig(**ecfg))
+    before_engine = HFEngine(model, tok, HFEngineConfig(**{**ecfg, "kv_cache_tokens": 0})) if args.before else None
     prm = CountingPRM(load_prm(prm_path, device))
     print(f"policy={args.model} prm={prm_path} problems={len(problems)} budgets={args.budgets} "
           f"max_new_tokens={args.max_new_tokens} tau={args.tau} beam_width={args.beam_width} "

@@ -123,7 +123,9 @@ def main(argv=None):
 
     import torch
 
-    from frugal.inference.engine import CountingPRM, Counts, Engine, EngineConfig
+    from frugal.evaluator.prm_counts import CountingPRM
+    from frugal.inference.engine import Counts, Engine
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.evaluator.flops import policy_shape, prm_shape
     from frugal.tasks import load_task
     from frugal.tasks.config import PromptConfig, TaskConfig
@@ -137,12 +139,12 @@ def main(argv=None):
     task = TaskConfig(name="arith", ops=list(args.ops), num_operands=args.operands, digits=1, test_fraction=0.3,
                       prompt=PromptConfig(answer_format="number", num_fewshot=args.fewshot))
     problems = load_task(task).test[:args.problems]
-    ecfg = EngineConfig(max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens,
+    ecfg = HFEngineConfig(max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens,
                         max_steps=args.max_steps, batch_size=64)
     dev = torch.device("cpu")
     dm, dt = load_model(ModelConfig(name_or_path=args.draft), dev)
     tm, tt = load_model(ModelConfig(name_or_path=args.target, adapter=adapter), dev)
-    draft, target = Engine(dm, dt, ecfg, "draft"), Engine(tm, tt, ecfg, "target")
+    draft, target = HFEngine(dm, dt, ecfg, "draft"), HFEngine(tm, tt, ecfg, "target")
     dshape, tshape = policy_shape(dm), policy_shape(tm)
 
     prm = pshape = None
@@ -158,7 +160,7 @@ def main(argv=None):
 
     def fresh_caches(*engines):  # every run pays its own prompt prefills and candidate KV
         for e in engines:
-            e.clear_prompt_cache()
+            e.clear_cache()
 
     # SPM once for the paths that the target-only baseline decodes (not charged to it)
     # (ranked by the target's mean log-prob, whatever the criteria: the paths do not depend on their order)
@@ -199,7 +201,7 @@ def main(argv=None):
     runs = [run_ssr(spec, cfg, draft, dshape) for spec, cfg in zip(args.criteria, configs)]
     selfs = []
     for k in args.self_draft_layers:  # self-speculative: the target cut to its first k layers drafts
-        drafter = Engine(self_draft(tm, k), tt, ecfg, "draft")
+        drafter = HFEngine(self_draft(tm, k), tt, ecfg, "draft")
         scfg = replace(self_cfg, draft_tokens=args.self_draft_tokens or None)
         selfs.append(run_ssr(f"self[:{k}] {args.self_draft_criterion}", scfg, drafter, policy_shape(drafter.model)))
         selfs[-1]["layers"] = k

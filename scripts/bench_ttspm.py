@@ -120,14 +120,14 @@ def load_problems(args) -> list[dict]:
 def draw_samples(args) -> tuple[np.ndarray, dict]:
     import torch
 
-    from frugal.inference.engine import Engine, EngineConfig
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.inference.models import ModelConfig, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     problems = load_problems(args)
     model, tok = load_model(ModelConfig(name_or_path=args.model, adapter=args.adapter), torch.device("cpu"))
-    engine = Engine(model, tok, EngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                              batch_size=args.batch_size))
     torch.manual_seed(args.seed)
     t0 = time.time()

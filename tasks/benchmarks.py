@@ -23,12 +23,13 @@ recipe refuses them (:func:`frugal.tasks.require_train`). Gold answers are LaTeX
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from frugal.tasks.config import TaskConfig
-from frugal.tasks.rows import TaskData, collect, make_row
+from frugal.tasks.rows import BadRow, TaskData, collect, make_row, record_field
 
 
 @dataclass(frozen=True)
@@ -81,11 +82,9 @@ def _rows(split_rows, name: str, source: str, spec: Benchmark, cfg: TaskConfig) 
             where = f"{source} row {i}"
 
             def build(rec=rec, where=where, i=i):
-                from frugal.tasks.files import _field
-
                 rid = rec.get("unique_id") or rec.get("id") or i
-                return make_row(f"{name}:{rid}", _field(rec, spec.question, where), _field(rec, spec.answer, where),
-                                cfg.prompt)
+                return make_row(f"{name}:{rid}", record_field(rec, spec.question, where),
+                                record_field(rec, spec.answer, where), cfg.prompt)
             yield where, build
     return collect(items(), cfg.on_bad_row, source)
 
@@ -104,11 +103,23 @@ def benchmark(cfg: TaskConfig) -> TaskData:
     return TaskData([], test, skipped=skipped, info={"source": path, "split": split, "eval_only": True})
 
 
+GSM8K_CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+def gsm8k_record(rec: Any, where: str, row_id: str, cfg: TaskConfig) -> dict:
+    """One GSM8K record (``question``, ``answer`` = worked solution, ``#### n``) as a task row (the local
+    file's rows, :func:`frugal.tasks.files.gsm8k`, and the Hub's ``openai/gsm8k`` rows alike)."""
+    solution = str(record_field(rec, "answer", where))
+    if "####" not in solution:
+        raise BadRow(f"{where}: no '####' before the final answer")
+    work, answer = solution.rsplit("####", 1)
+    steps = [GSM8K_CALCULATOR.sub("", s).strip() for s in work.strip().split("\n") if s.strip()]
+    return make_row(row_id, record_field(rec, "question", where), answer.strip(), cfg.prompt, steps)
+
+
 def gsm8k_hub(cfg: TaskConfig) -> TaskData:
     """GSM8K from the Hub (``openai/gsm8k``, config ``main``): its own train (7,473) and test (1,319)
     splits, each answer's worked solution and ``#### n`` read as the local file's rows are."""
-    from frugal.tasks.files import gsm8k_record
-
     path = cfg.path or GSM8K_HUB.repo
     loaded = load_splits(path, cfg.config_name or GSM8K_HUB.config_name)
     out, skipped = {}, 0

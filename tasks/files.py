@@ -8,8 +8,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from frugal.tasks.benchmarks import gsm8k_hub, gsm8k_record, load_splits
 from frugal.tasks.config import TaskConfig
-from frugal.tasks.rows import BadRow, TaskData, collect, hash_split, make_row, require_rows
+from frugal.tasks.rows import BadRow, TaskData, collect, hash_split, make_row, record_field, require_rows
 
 SVAMP_TRAIN_ROWS = 700  # fixed split: rows 0-699 train, 700-999 test (the common SVAMP split)
 
@@ -48,16 +49,6 @@ def read_jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
                 yield number, BadRow(f"{path} line {number}: not valid JSON ({err.msg})")
 
 
-def _field(record: Any, key: str, where: str) -> Any:
-    if isinstance(record, BadRow):  # an unreadable line (read_jsonl_records)
-        raise record
-    if not isinstance(record, dict):
-        raise BadRow(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if key not in record:
-        raise BadRow(f"{where}: missing key {key!r} (has {sorted(record)[:8]})")
-    return record[key]
-
-
 def _regex_answer(text: Any, pattern: Optional[str], where: str) -> Any:
     if pattern is None:
         return text
@@ -91,8 +82,8 @@ def svamp(cfg: TaskConfig) -> TaskData:
             where = f"{path} row {i}"
 
             def build(rec=records[i], where=where, i=i):
-                question = f"{_field(rec, 'Body', where).strip()} {_field(rec, 'Question', where).strip()}"
-                return make_row(f"svamp:{rec.get('ID', i)}", question, _field(rec, "Answer", where), cfg.prompt,
+                question = f"{record_field(rec, 'Body', where).strip()} {record_field(rec, 'Question', where).strip()}"
+                return make_row(f"svamp:{rec.get('ID', i)}", question, record_field(rec, "Answer", where), cfg.prompt,
                                 equation=rec.get("Equation"))
             yield where, build
 
@@ -100,20 +91,6 @@ def svamp(cfg: TaskConfig) -> TaskData:
     train, s1 = collect(items(range(split)), cfg.on_bad_row, str(path))
     test, s2 = collect(items(range(split, len(records))), cfg.on_bad_row, str(path))
     return TaskData(train, test, skipped=s1 + s2)
-
-
-GSM8K_CALCULATOR = re.compile(r"<<[^>]*>>")
-
-
-def gsm8k_record(rec: Any, where: str, row_id: str, cfg: TaskConfig) -> dict:
-    """One GSM8K record (``question``, ``answer`` = worked solution, ``#### n``) as a task row (the local
-    file's rows and the Hub's ``openai/gsm8k`` rows alike)."""
-    solution = str(_field(rec, "answer", where))
-    if "####" not in solution:
-        raise BadRow(f"{where}: no '####' before the final answer")
-    work, answer = solution.rsplit("####", 1)
-    steps = [GSM8K_CALCULATOR.sub("", s).strip() for s in work.strip().split("\n") if s.strip()]
-    return make_row(row_id, _field(rec, "question", where), answer.strip(), cfg.prompt, steps)
 
 
 def _gsm8k_rows(path: Path, cfg: TaskConfig) -> tuple[list[dict], int]:
@@ -132,8 +109,6 @@ def gsm8k(cfg: TaskConfig) -> TaskData:
     copy in the Hub's layout); auto = the local file when there is one, else the Hub."""
     local = Path(cfg.path) if cfg.path else data_dir() / "gsm8k_train.jsonl"
     if cfg.source == "hub" or (cfg.source == "auto" and not cfg.path and not local.exists()):
-        from frugal.tasks.benchmarks import gsm8k_hub
-
         return gsm8k_hub(cfg)
     path = _default_path(cfg, "gsm8k_train.jsonl")
     rows, skipped = _gsm8k_rows(path, cfg)
@@ -150,8 +125,8 @@ def _mapped_rows(records, cfg: TaskConfig, source: str) -> tuple[list[dict], int
     def items():
         for where, rec in records:
             def build(rec=rec, where=where):
-                answer = _regex_answer(_field(rec, cfg.answer_field, where), cfg.answer_regex, where)
-                return make_row(f"{cfg.name}:{where}", _field(rec, cfg.question_field, where), answer, cfg.prompt)
+                answer = _regex_answer(record_field(rec, cfg.answer_field, where), cfg.answer_regex, where)
+                return make_row(f"{cfg.name}:{where}", record_field(rec, cfg.question_field, where), answer, cfg.prompt)
             yield where, build
     return collect(items(), cfg.on_bad_row, source)
 
@@ -178,8 +153,6 @@ def hf(cfg: TaskConfig) -> TaskData:
     and no train split is evaluation-only: its rows are the test rows and there are no train rows."""
     if not cfg.path:
         raise ValueError("task=hf needs task.path=<dataset id or saved folder>")
-    from frugal.tasks.benchmarks import load_splits
-
     loaded = load_splits(cfg.path, cfg.config_name, single_split=cfg.train_split)
 
     def records(split):

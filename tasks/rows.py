@@ -111,6 +111,18 @@ def normalize_answer(value: Any) -> str:
     return text
 
 
+def record_field(record: Any, key: str, where: str) -> Any:
+    """``record[key]`` of a dict record; a :class:`BadRow` naming ``where`` otherwise (an unreadable line,
+    a record that is not a JSON object, a missing key)."""
+    if isinstance(record, BadRow):  # an unreadable line (files.read_jsonl_records)
+        raise record
+    if not isinstance(record, dict):
+        raise BadRow(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise BadRow(f"{where}: missing key {key!r} (has {sorted(record)[:8]})")
+    return record[key]
+
+
 def make_row(row_id: str, question: Any, answer: Any, prompt_cfg: PromptConfig,
              steps: Iterable[str] = (), **extra) -> dict:
     """One task row; raises :class:`BadRow` naming ``row_id`` if the question or answer is unusable."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -41,7 +40,7 @@ class HashPRM:
     last_tokens = 0
 
     def score_partial(self, prompts, texts):
-        from frugal.train.prm_steps import split_steps
+        from frugal.rewards.steps import split_steps
 
         out = []
         for p, t in zip(prompts, texts):
@@ -55,16 +54,15 @@ class HashPRM:
 
 
 def engine_config(**kw):
-    from frugal.inference.engine import EngineConfig
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
 
-    return EngineConfig(max_new_tokens=14, max_step_tokens=5, max_steps=4, temperature=0.25, **kw)
+    return HFEngineConfig(max_new_tokens=14, max_step_tokens=5, max_steps=4, temperature=0.25, **kw)
 
 
 def models():
     from frugal.inference.models import ModelConfig, load_model
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import tiny_lora
+    from conftest import tiny_lora  # tests/ is on sys.path: pytest's pythonpath, or this file run as a script
 
     policy = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
     return policy, tiny_lora(1.0)
@@ -73,7 +71,8 @@ def models():
 def run_all(policy, target, **engine_kw) -> dict[str, list[str]]:
     """Texts of every candidate of every strategy and budget (and SSR's paths), keyed ``name@N``."""
     from frugal.evaluator.config import SSRConfig, search_config
-    from frugal.inference.engine import CountingPRM, Engine
+    from frugal.evaluator.prm_counts import CountingPRM
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.evaluator.strategies import get
     from frugal.evaluator.strategies import ssr
 
@@ -81,14 +80,14 @@ def run_all(policy, target, **engine_kw) -> dict[str, list[str]]:
     for name, (knobs, budgets) in STRATEGIES.items():
         strategy = "early_rejection" if name.startswith("early_rejection") else name
         for n in budgets:
-            engine = Engine(*target, engine_config(**engine_kw), seed=3)  # the LoRA model: varied text
+            engine = HFEngine(*target, engine_config(**engine_kw), seed=3)  # the LoRA model: varied text
             torch.manual_seed(11)
             cfg = search_config(strategy, **knobs)
             results = get(strategy)(PROBLEMS, n, engine, CountingPRM(HashPRM()), cfg)
             out[f"{name}@{n}"] = [[c.text for c in r.candidates] + [r.chosen.text] for r in results]
     for speculative in (True, False):
-        draft = Engine(*policy, engine_config(**engine_kw), name="draft", seed=3)
-        tgt = Engine(*target, engine_config(**engine_kw), seed=3)
+        draft = HFEngine(*policy, engine_config(**engine_kw), name="draft", seed=3)
+        tgt = HFEngine(*target, engine_config(**engine_kw), seed=3)
         cfg = SSRConfig(hints=["", "Think step by step.", "Use small numbers."], speculative=speculative)
         results = ssr.ssr(PROBLEMS, 2, draft, tgt, cfg)
         out[f"ssr_{'spec' if speculative else 'target'}@2"] = [[c.text for c in r.candidates] + [r.chosen.text]

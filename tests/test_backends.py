@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from frugal.inference.backends import make_engine
-from frugal.inference.engine import Candidate, Engine, EngineConfig
+from frugal.inference.backends import engine_config, make_engine
+from frugal.inference.engine import Candidate, Engine
+from frugal.inference.hf_engine import HFEngine, HFEngineConfig
 from frugal.inference.models import ModelConfig, load_tokenizer
 
 torch.set_num_threads(1)
@@ -115,7 +116,7 @@ def stub(tok):
 
 
 def openai_engine(url, **knobs):
-    cfg = EngineConfig(backend="openai", base_url=url, max_new_tokens=64, max_step_tokens=32, **knobs)
+    cfg = engine_config(backend="openai", base_url=url, max_new_tokens=64, max_step_tokens=32, **knobs)
     return make_engine(TINY, cfg, seed=3)
 
 
@@ -127,7 +128,8 @@ PROBLEMS = [{"prompt": [{"role": "user", "content": f"What is 3 + {i}?"}], "answ
 @pytest.mark.parametrize("knobs, message", [
     (dict(backend="vllm", batch_size=8), "engine.batch_size belongs to engine.backend=hf, not engine.backend=vllm"),
     (dict(base_url="http://127.0.0.1:8000/v1"), "engine.base_url belongs to engine.backend=openai"),
-    (dict(backend="openai", base_url="http://x/v1", max_model_len=512), "engine.max_model_len belongs to engine.backend=vllm"),
+    (dict(backend="openai", base_url="http://x/v1", max_model_len=512), "engine.max_model_len is now vllm.max_model_len"),
+    (dict(backend="vllm", kv_cache_tokens=1000), "engine.kv_cache_tokens belongs to engine.backend=hf, not engine.backend=vllm"),
     (dict(backend="openai"), "needs engine.base_url"),
     (dict(backend="sglang"), "engine.backend must be one of hf|vllm|openai"),
     (dict(backend="openai", base_url="http://x/v1", prompt_format="tokens"), "engine.prompt_format"),
@@ -135,26 +137,34 @@ PROBLEMS = [{"prompt": [{"role": "user", "content": f"What is 3 + {i}?"}], "answ
 ])
 def test_engine_config_refuses_other_backends_keys(knobs, message):
     with pytest.raises(ValueError, match=message.replace("|", r"\|").replace(".", r"\.")):
-        EngineConfig(**knobs)
+        engine_config(**knobs)
 
 
 def test_eval_config_composes_backends():
     from test_configs import eval_config
 
-    cfg = eval_config(["engine.backend=vllm", "engine.max_model_len=1024", "engine.kv_cache_gib=2"])
-    assert (cfg.engine.backend, cfg.engine.max_model_len) == ("vllm", 1024)
+    cfg = eval_config(["engine.backend=vllm", "vllm.max_model_len=1024", "vllm.kv_cache_gib=2"])
+    assert (cfg.engine.backend, cfg.vllm.max_model_len, cfg.vllm.kv_cache_gib) == ("vllm", 1024, 2)
+    with pytest.raises(ValueError, match=r"engine\.max_model_len is now vllm\.max_model_len"):
+        eval_config(["engine.backend=vllm", "engine.max_model_len=1024"])
+    with pytest.raises(ValueError, match=r"vllm\.max_model_len: the vllm block applies with engine\.backend=vllm"):
+        eval_config(["vllm.max_model_len=1024"])
+    with pytest.raises(ValueError, match=r"vllm\.sync: frugal train's"):
+        eval_config(["engine.backend=vllm", "vllm.sync=full"])
+    with pytest.raises(ValueError, match="engine.kv_cache_tokens belongs to engine.backend=hf, not engine.backend=vllm"):
+        eval_config(["engine.backend=vllm", "engine.kv_cache_tokens=500"])
     with pytest.raises(ValueError, match="engine.shared_prefix_min_tokens belongs to engine.backend=hf"):
         eval_config(["engine.backend=openai", "engine.base_url=http://127.0.0.1:1/v1", "engine.shared_prefix_min_tokens=8"])
 
 
 def test_make_engine_hf_is_the_engine():
-    engine = make_engine(TINY, EngineConfig(), torch.device("cpu"), seed=5)
-    assert type(engine) is Engine and engine.seed == 5
+    engine = make_engine(TINY, HFEngineConfig(), torch.device("cpu"), seed=5)
+    assert type(engine) is HFEngine and engine.seed == 5
 
 
 def test_vllm_backend_refuses_tiny_random():
     with pytest.raises(ValueError, match="builtin:tiny-random exists only in memory; vLLM cannot load it"):
-        make_engine(TINY, EngineConfig(backend="vllm"))
+        make_engine(TINY, engine_config("vllm"))
 
 
 # ---------------------------------------------------------------------- openai backend
@@ -169,7 +179,7 @@ def test_openai_extends_steps_with_ids_seeds_and_usage(stub, tok):
     assert len(stub.requests) == 6 and engine.counts.calls == 1
     for c in out:
         assert c.text in {r.split("\n\n")[0] + "\n\n" for r in REPLIES} and not c.finished
-        assert c.ids is not None and c.ids[0] is engine  # continued from ids next time
+        assert c.ids is not None and c.ids.owner is engine  # continued from ids next time
     body = stub.requests[0]
     assert isinstance(body["prompt"], list) and body["stop"] == ["\n\n"] and body["include_stop_str_in_output"]
     assert body["return_token_ids"] and body["stop_token_ids"] == engine.eos_ids and body["model"] == "builtin:tiny-random"
@@ -190,7 +200,7 @@ def test_openai_extends_steps_with_ids_seeds_and_usage(stub, tok):
     # the second step continues from the first step's ids (prompt + sampled ids), finishing at EOS
     more = engine.extend(PROBLEMS, out, stop_at_step=False)
     last = stub.requests[-6:]
-    continued = {tuple(c.ids[2]) for c in out}
+    continued = {tuple(c.ids.ids) for c in out}
     for r in last:  # templated prompt + exactly the ids sampled for the first step
         assert tuple(r["prompt"][len(stub.requests[0]["prompt"]) - 1 + 1:]) in continued or \
             any(tuple(r["prompt"][-len(ids):]) == ids for ids in continued)
@@ -200,7 +210,7 @@ def test_openai_extends_steps_with_ids_seeds_and_usage(stub, tok):
 
 def body_problem(body, engine):
     for i, p in enumerate(PROBLEMS):
-        ids = engine._prompt_ids(engine.prompt_text(p["prompt"]))
+        ids = engine.core.prompt_ids(engine.prompt_text(p["prompt"]))
         if body["prompt"] == ids:
             return i
     raise AssertionError("the request's prompt is no problem's templated prompt")

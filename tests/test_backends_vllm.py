@@ -12,7 +12,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 vllm = pytest.importorskip("vllm")
 
 from frugal.inference.backends import hf_config  # noqa: E402
-from frugal.inference.engine import Candidate, CountingPRM, Engine, EngineConfig  # noqa: E402
+from frugal.inference.engine import Candidate
+from frugal.inference.hf_engine import HFEngine, HFEngineConfig
+from frugal.evaluator.prm_counts import CountingPRM  # noqa: E402
 from frugal.inference.vllm_engine import VLLMEngine  # noqa: E402
 from frugal.train.lora import LoraConfig
 from frugal.inference.models import ModelConfig, load_model  # noqa: E402
@@ -49,8 +51,9 @@ def adapter(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(adapter):
-    from frugal.inference.backends import adapter_rank
-    from frugal.inference.vllm_setup import make_llm, vllm_model_path
+    from frugal.inference.models import adapter_rank
+    from frugal.inference.vllm_setup import make_llm
+    from frugal.inference.models import vllm_model_path
 
     llm = make_llm(vllm_model_path(SMOL.name_or_path), dtype="float32", max_model_len=1024, seed=0, enable_lora=True,
                    max_lora_rank=adapter_rank(ModelConfig(adapter=adapter)), cpu_kv_cache_gib=1,
@@ -64,7 +67,7 @@ class TextPRM:
     What these tests check is the policy's backend; the PRM stays in this process whatever the backend."""
 
     def score_partial(self, prompts, texts):
-        from frugal.train.prm_steps import split_steps
+        from frugal.rewards.steps import split_steps
 
         return [[sum(ch in "0123456789+-=" for ch in st) / max(1, len(st)) for st in split_steps(t, "\n\n")]
                 for t in texts]
@@ -92,24 +95,24 @@ def hf_policy():
 def test_steps_from_ids_prefix_cache_and_counts(llm):
     engine = vengine(llm)
     problems = arith(2)
-    prompt_lens = [len(engine._prompt_ids(engine.prompt_text(p["prompt"]))) for p in problems]
+    prompt_lens = [len(engine.core.prompt_ids(engine.prompt_text(p["prompt"]))) for p in problems]
     cands = [Candidate(p, stream=k) for p in range(2) for k in range(3)]
     first = engine.extend(problems, cands)
     c1 = engine.counts.snapshot()
     # every prompt token is either prefilled or served from the prefix cache
     assert c1.prefill + c1.cached == 3 * sum(prompt_lens) and c1.calls == 1
     assert c1.decode == sum(c.tokens for c in first) > 0
-    assert all(c.ids is not None and c.ids[0] is engine for c in first)
+    assert all(c.ids is not None and c.ids.owner is engine for c in first)
     second = engine.extend(problems, first)
     c2 = engine.counts.since(c1)
     # step 2's prompt = templated prompt + step 1's own ids; the prefix cache serves most of it
-    assert c2.prefill + c2.cached == sum(prompt_lens[c.problem] + len(engine._partial_ids(c)) for c in first
+    assert c2.prefill + c2.cached == sum(prompt_lens[c.problem] + len(engine.continuation_ids(c)) for c in first
                                          if not c.finished)
     assert c2.cached > c2.prefill
     for a, b in zip(first, second):
         assert b.text.startswith(a.text)
         if not a.finished and b.ids is not None:
-            assert list(b.ids[2][:len(a.ids[2])]) == list(a.ids[2])  # continued from ids, not re-encoded text
+            assert list(b.ids.ids[:len(a.ids.ids)]) == list(a.ids.ids)  # continued from ids, not re-encoded text
 
 
 def test_seeds_reproduce_and_pair(llm):
@@ -137,11 +140,11 @@ def test_greedy_and_lora_match_transformers(llm, adapter, hf_policy):
     merged = merged.merge_and_unload().eval()
     same_base = same_lora = 0
     for p, b, l in zip(problems, vb, vl):
-        ids = base._prompt_ids(base.prompt_text(p["prompt"]))
+        ids = base.core.prompt_ids(base.prompt_text(p["prompt"]))
         hb = hf_greedy(hf_policy[0].eval(), tok, ids, CFG["max_new_tokens"])
         hl = hf_greedy(merged, tok, ids, CFG["max_new_tokens"])
-        same_base += list(b.ids[2]) == hb[:len(b.ids[2])] if b.ids else False
-        same_lora += list(l.ids[2]) == hl[:len(l.ids[2])] if l.ids else False
+        same_base += list(b.ids.ids) == hb[:len(b.ids.ids)] if b.ids else False
+        same_lora += list(l.ids.ids) == hl[:len(l.ids.ids)] if l.ids else False
     assert same_base >= 3 and same_lora >= 3, (same_base, same_lora)
     assert [c.text for c in vb] != [c.text for c in vl]  # the adapter acts
     # the shape for FLOPs includes the LoRA factors, read from adapter_config.json (no weights loaded)
@@ -187,7 +190,7 @@ def test_hf_and_vllm_agree(llm, hf_policy):
     from frugal.evaluator.harness import run_strategy
 
     problems = arith(12, first=48)
-    hf = Engine(*hf_policy, hf_config(EngineConfig(**CFG)))
+    hf = HFEngine(*hf_policy, hf_config(HFEngineConfig(**CFG)))
     v = vengine(llm)
     fresh = [Candidate(p, stream=0) for p in range(len(problems))]
     gh = hf.extend(problems, fresh, stop_at_step=False, greedy=True)

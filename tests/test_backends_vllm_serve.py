@@ -16,8 +16,10 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 pytest.importorskip("vllm")
 
 from frugal.inference.backends import make_engine  # noqa: E402
-from frugal.inference.vllm_setup import vllm_model_path  # noqa: E402
-from frugal.inference.engine import Candidate, CountingPRM, EngineConfig  # noqa: E402
+from frugal.inference.models import vllm_model_path  # noqa: E402
+from frugal.inference.engine import Candidate
+from frugal.inference.hf_engine import HFEngine
+from frugal.evaluator.prm_counts import CountingPRM  # noqa: E402
 from frugal.inference.models import ModelConfig  # noqa: E402
 
 torch.set_num_threads(1)
@@ -86,8 +88,8 @@ def test_openai_steps_ids_cache_and_seeds(server):
     second = engine.extend(problems, first)
     c2 = engine.counts.since(c1)
     assert c2.cached > 0  # usage.prompt_tokens_details.cached_tokens: step 1's prompt and ids were cached
-    prompt_lens = [len(engine._prompt_ids(engine.prompt_text(p["prompt"]))) for p in problems]
-    assert c2.prefill + c2.cached == sum(prompt_lens[c.problem] + len(engine._partial_ids(c)) for c in first
+    prompt_lens = [len(engine.core.prompt_ids(engine.prompt_text(p["prompt"]))) for p in problems]
+    assert c2.prefill + c2.cached == sum(prompt_lens[c.problem] + len(engine.continuation_ids(c)) for c in first
                                          if not c.finished)
     assert all(b.text.startswith(a.text) for a, b in zip(first, second))
     again = engine_for(server).extend(problems, cands)
@@ -107,11 +109,11 @@ def test_openai_best_of_n_and_ssr_verification(server):
                                  search_config("particle_filter", budgets=[2]), progress=False)
     assert rows[0].problems == 2 and rows[0].policy_generated_tokens > 0 and all(r["chosen"] for r in records)
     # SSR's target verification through the server equals the HF forward pass (float32)
-    from frugal.inference.engine import Engine
+    from frugal.inference.hf_engine import HFEngine
     from frugal.inference.backends import hf_config
     from frugal.inference.models import load_model
 
-    hf = Engine(*load_model(SMOL, torch.device("cpu")), hf_config(engine.cfg))
+    hf = HFEngine(*load_model(SMOL, torch.device("cpu")), hf_config(engine.cfg))
     prompts, prefixes, steps = [arith(1)[0]["prompt"]] * 2, ["", ""], ["3 + 4 = 7\n\n", "The answer is 12."]
     served, local = score_steps(engine, prompts, prefixes, steps), score_steps(hf, prompts, prefixes, steps)
     for a, b in zip(served, local):

@@ -113,9 +113,9 @@ def test_algo_unknown_key_wrong_type_and_contradicting_name():
     (["search=early_rejection", "search.final=best"], "search.final", "search=particle_filter|particle_gibbs",
      "search=early_rejection"),
     (["search=greedy", "search.budgets=[1,2]"], "search.budgets",
-     "search=majority|best_of_n|beam|dvts|early_rejection|particle_filter|particle_gibbs|ssr", "search=greedy"),
+     "search=beam|best_of_n|dvts|early_rejection|majority|particle_filter|particle_gibbs|ssr", "search=greedy"),
     (["search=majority", "search.aggregation=min"], "search.aggregation",
-     "search=best_of_n|beam|dvts|early_rejection|particle_filter|particle_gibbs", "search=majority"),
+     "search=beam|best_of_n|dvts|early_rejection|particle_filter|particle_gibbs", "search=majority"),
     (["search=best_of_n", "search.ssr.fast=2"], "search.ssr", "search=ssr", "search=best_of_n"),
     (["search=ssr", "search.weighted=true"], "search.weighted", "search=best_of_n", "search=ssr"),
 ])

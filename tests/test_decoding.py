@@ -95,7 +95,8 @@ def test_every_sampler_goes_through_the_one_core(monkeypatch):
     """Training rollouts, greedy held-out evaluation, T-SPMO replay, Monte-Carlo labelling and the
     evaluator's Engine all decode with ``decoding.decode``; the sampler, the engine, the policy loss and
     the PRM all share prompts through ``decoding.PromptKV``."""
-    from frugal.inference.engine import Candidate, Engine, EngineConfig
+    from frugal.inference.engine import Candidate, Engine
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.recipes.label_prm import HFPolicy
     from frugal.train.evaluation import greedy_accuracy
     from frugal.train.lora import LoraConfig
@@ -125,7 +126,7 @@ def test_every_sampler_goes_through_the_one_core(monkeypatch):
     assert "decode" in uses(lambda: replay_rollout(model, tok, rollout, [1.0, 0.0, 0.0, 1.0], cfg, 2))
     policy = HFPolicy(model, tok, cfg)
     assert uses(lambda: policy.sample(PROMPTS[:1], 2)) == {"prefill", "decode"}
-    engine = Engine(model, tok, EngineConfig(max_new_tokens=4))
+    engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=4))
     assert uses(lambda: engine.extend([{"prompt": p} for p in PROMPTS], [Candidate(0), Candidate(1)])) == {
         "prefill", "decode"}
     sel = Selection(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 0]), torch.ones(3))

@@ -103,7 +103,7 @@ def test_vllm_backend_without_vllm_names_the_extra():
 
     from conftest import compose_train
     from frugal.runtime.config import to_config
-    from frugal.train.rollout import MissingExtraError
+    from frugal.inference.models import MissingExtraError
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
@@ -112,15 +112,14 @@ def test_vllm_backend_without_vllm_names_the_extra():
     assert isinstance(err.value, ImportError)
 
 
-def test_vllm_sampler_turns_vllm_outputs_into_a_rollout():
-    """The vLLM sampler's glue (engine replaced by a stand-in): the adapter handed over before every call,
+def test_engine_sampler_turns_engine_outputs_into_a_rollout():
+    """The training sampler's glue over an engine that takes adapters (engine replaced by a stand-in): the adapter handed over before every call,
     G samples per prompt requested, outputs padded and masked exactly like the HF backend's, and vLLM's
     per-token log-probs kept as the behaviour policy (0 where masked)."""
     import torch
 
     from frugal.inference.models import load_tokenizer, tiny_random_model
-    from frugal.train.rollout import GenerationConfig
-    from frugal.inference.vllm_setup import VLLMSampler
+    from frugal.train.rollout import EngineSampler
 
     tok = load_tokenizer("builtin:tiny-random")
     model = tiny_random_model(len(tok), tok)
@@ -131,15 +130,15 @@ def test_vllm_sampler_turns_vllm_outputs_into_a_rollout():
         def update(self, peft_model):
             calls.append(("update",))
 
-        def generate(self, prompt_ids, num_samples, cfg, seed):
-            calls.append(("generate", len(prompt_ids), num_samples, cfg.max_new_tokens))
+        def sample(self, prompt_ids, num_samples, seed):
+            calls.append(("sample", len(prompt_ids), num_samples))
             completions = [[11, 12, eos], [13], [14, eos], [15, 16, 17]]
             return [(c, [-0.5 - i for i in range(len(c))]) for c in completions]
 
-    sampler = VLLMSampler(FakeEngine(), tok, GenerationConfig(max_new_tokens=3), [eos])
+    sampler = EngineSampler(FakeEngine(), tok, [eos])
     prompts = [[{"role": "user", "content": "1+1?"}], [{"role": "user", "content": "What is 12 * 7 exactly?"}]]
     rollout = sampler(model, prompts, num_samples=2)
-    assert calls == [("update",), ("generate", 2, 2, 3)]
+    assert calls == [("update",), ("sample", 2, 2)]
     lens = [len(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
             for p in prompts]
     assert rollout.prompt_mask.sum(1).tolist() == [lens[0], lens[0], lens[1], lens[1]]
@@ -226,7 +225,7 @@ def _worker(out: Path) -> None:
     from frugal.train import distributed
 
     captured, seen = {}, {"questions": [], "selected": []}
-    apply_lora, shard, select = recipe.apply_lora, distributed.shard, recipe._select
+    apply_lora, shard, select = recipe.apply_lora, distributed.shard, recipe.select_tokens
 
     def capture_model(model, cfg):
         captured["model"] = apply_lora(model, cfg)
@@ -243,7 +242,7 @@ def _worker(out: Path) -> None:
         seen["selected"].append(len(selection))
         return selection
 
-    recipe.apply_lora, distributed.shard, recipe._select = capture_model, record_shard, record_select
+    recipe.apply_lora, distributed.shard, recipe.select_tokens = capture_model, record_shard, record_select
     # Evaluations, a checkpoint, a KL term and two passes per batch: every place the recipe uses the weights.
     cfg = compose_train(TINY + [f"max_steps={STEPS}", f"prompts_per_step={PROMPTS}", f"algo.group_size={G}",
                                 "eval_before=true", "eval_every=2", "save_every=2", "algo.beta=0.04",

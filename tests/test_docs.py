@@ -304,7 +304,9 @@ DEFAULT_TABLES = {
     ("algorithms.md", "### T-SPMO (`algo=tspmo`)"): ("train", ["algo=tspmo"], "algo."),
     ("evaluator.md", "## Other `frugal eval` keys"): ("eval", ["search=majority"], ""),
     ("evaluator.md", "## The engine"): ("eval", ["search=majority"], "engine."),
-    ("evaluator.md", "### Engine backends: `engine.backend=hf|vllm|openai`"): ("eval", ["search=majority"], "engine."),
+    ("evaluator.md", "### Engine backends: `engine.backend=hf|vllm|openai`"): ("eval", ["search=majority"], ""),
+    ("evaluator.md", "#### `engine.backend=openai` keys"): (
+        "eval", ["search=majority", "engine.backend=openai", "engine.base_url=http://127.0.0.1:1/v1"], "engine."),
     ("evaluator.md", "## Budget planning: `frugal plan`"): ("plan", [], ""),
     ("export.md", "## Keys"): ("export", ["source=runs/demo"], ""),
     ("training.md", "## `frugal train`"): ("train", [], ""),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_evaluator import DELIM, PROBLEMS, FakeEngine, FakePRM, _cfg
 
-from frugal.inference.engine import CountingPRM
+from frugal.evaluator.prm_counts import CountingPRM
 from frugal.evaluator.strategies import get
 from frugal.evaluator.strategies.dvts import widths
 

@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from frugal.evaluator.config import ParticleFilterConfig, search_config
-from frugal.inference.engine import Candidate, CountingPRM, Counts, Engine, EngineConfig
+from frugal.inference.engine import TokenIds
+from frugal.inference.engine import Candidate, Counts
+from frugal.inference.hf_engine import HFEngine, HFEngineConfig
+from frugal.evaluator.prm_counts import CountingPRM
 from frugal.evaluator.flops import ModelShape, policy_shape
 from frugal.evaluator.strategies import get
 from frugal.evaluator.strategies.common import best, logit, vote
 from frugal.evaluator.strategies.particle_filter import ess, multinomial_resample, smc, systematic_resample
-from frugal.train.prm_steps import split_steps
+from frugal.rewards.steps import split_steps
 
 DELIM = "\n\n"
 
@@ -26,7 +29,7 @@ class FakeEngine:
     Every call is recorded, and a finished candidate handed to it is an error."""
 
     def __init__(self, script, length=3, answer=None):
-        self.cfg = EngineConfig(max_steps=length)
+        self.cfg = HFEngineConfig(max_steps=length)
         self.script, self.length, self.answer = script, length, answer
         self.calls, self.counts = [], Counts()
 
@@ -361,7 +364,7 @@ def test_policy_shape_counts_tied_head_once(tiny):
 @pytest.mark.parametrize("kv_cache_tokens", [0, 100_000])
 def test_engine_counts_tokens_and_shares_prompt_prefill(tiny, kv_cache_tokens):
     model, tok = tiny
-    engine = Engine(model, tok, EngineConfig(max_new_tokens=6, max_step_tokens=4, batch_size=64,
+    engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=6, max_step_tokens=4, batch_size=64,
                                              kv_cache_tokens=kv_cache_tokens))
     cands = [Candidate(0), Candidate(0, "So"), Candidate(1)]
     torch.manual_seed(0)
@@ -378,7 +381,7 @@ def test_engine_counts_tokens_and_shares_prompt_prefill(tiny, kv_cache_tokens):
     assert all(c.finished and c.tokens <= 6 for c in again)
     # the prompts' KV is reused across calls: only [last prompt token + partial solution] is encoded, and
     # with the per-candidate store only the token each row ended on (its KV was never computed)
-    tails = [1 + len(c.ids[2]) if kv_cache_tokens == 0 else 1 for c in out if not c.finished]
+    tails = [1 + len(c.ids.ids) if kv_cache_tokens == 0 else 1 for c in out if not c.finished]
     assert engine.counts.prefill - before == sum(tails)
 
 
@@ -386,7 +389,7 @@ def test_engine_prefix_sharing_matches_plain_generate(tiny):
     from frugal.train.rollout import GenerationConfig, generate
 
     model, tok = tiny
-    engine = Engine(model, tok, EngineConfig(max_new_tokens=8))
+    engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=8))
     out = engine.extend(PROBLEMS, [Candidate(0), Candidate(1), Candidate(0)], stop_at_step=False, greedy=True)
     plain = generate(model, tok, [p["prompt"] for p in PROBLEMS], GenerationConfig(max_new_tokens=8), greedy=True)
     assert [c.text for c in out] == [plain.texts[0], plain.texts[1], plain.texts[0]]
@@ -405,7 +408,7 @@ def test_engine_shared_prefix_prefilled_once_same_output(tiny):
     assert shared >= 32
     texts, prefill, kv = {}, {}, {}
     for min_tokens in (32, 0):  # 0: sharing off
-        engine = Engine(model, tok, EngineConfig(max_new_tokens=8, shared_prefix_min_tokens=min_tokens))
+        engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=8, shared_prefix_min_tokens=min_tokens))
         out = engine.extend(problems, [Candidate(0), Candidate(1), Candidate(0)], stop_at_step=False, greedy=True)
         texts[min_tokens], prefill[min_tokens] = [c.text for c in out], engine.counts.prefill
         kv[min_tokens] = [engine._kv[engine.prompt_text(p["prompt"])] for p in problems]
@@ -443,7 +446,7 @@ def test_engine_shared_prefix_carries_over_to_the_next_calls_prompts(tiny):
     assert examples >= 32 and common(*h2) > examples
     kv = {}
     for min_tokens in (32, 0):
-        engine = Engine(model, tok, EngineConfig(max_new_tokens=4, shared_prefix_min_tokens=min_tokens))
+        engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=4, shared_prefix_min_tokens=min_tokens))
         engine._prompt_kv([engine.prompt_text(p["prompt"]) for p in first], h1)
         before = engine.counts.prefill
         engine._prompt_kv([engine.prompt_text(p["prompt"]) for p in second], h2)
@@ -457,21 +460,21 @@ def test_engine_shared_prefix_carries_over_to_the_next_calls_prompts(tiny):
 
 def test_engine_cuts_at_step_delimiter_and_eos(tiny):
     model, tok = tiny
-    engine = Engine(model, tok, EngineConfig(max_steps=3))
+    engine = HFEngine(model, tok, HFEngineConfig(max_steps=3))
     ids = tok("2 + 3 = 5\n\nSo the", add_special_tokens=False)["input_ids"]
     cand = Candidate(0)
-    engine._apply(cand, [], ids, context=20, stop_at_step=True)
+    engine.core.apply(cand, [], ids, context=20, stop_at_step=True)
     assert cand.text == "2 + 3 = 5\n\n" and not cand.finished
     # the token that completes the delimiter is the last one kept (and charged)
     kept = next(k for k in range(1, len(ids) + 1) if len(tok.decode(ids[:k])) >= len("2 + 3 = 5\n\n"))
     assert cand.tokens == kept
     if len(tok.decode(ids[:kept])) == len(cand.text):  # the cut fell between tokens: the ids are kept
-        assert cand.ids == (engine, cand.text, ids[:kept])
+        assert cand.ids == TokenIds(engine, cand.text, tuple(ids[:kept]))
     cand2 = Candidate(0)
     five = tok("5", add_special_tokens=False)["input_ids"]
-    engine._apply(cand2, [7], five + [tok.eos_token_id] * 3, context=20, stop_at_step=True)
+    engine.core.apply(cand2, [7], five + [tok.eos_token_id] * 3, context=20, stop_at_step=True)
     assert cand2.text == "5" and cand2.finished and cand2.tokens == 2
-    assert cand2.ids == (engine, "5", [7] + five)  # partial + generated, without the EOS
+    assert cand2.ids == TokenIds(engine, "5", tuple([7] + five))  # partial + generated, without the EOS
     assert engine.counts.decode == cand.tokens + 2
 
 
@@ -479,7 +482,7 @@ def test_engine_continues_from_the_ids_it_generated(tiny):
     """A candidate is continued from the very token ids the engine sampled for it, not from its text
     re-encoded (BPE does not round-trip); text written elsewhere (another model, an edit) is re-encoded."""
     model, tok = tiny
-    engine, other = (Engine(model, tok, EngineConfig(max_new_tokens=16)) for _ in range(2))
+    engine, other = (HFEngine(model, tok, HFEngineConfig(max_new_tokens=16)) for _ in range(2))
     seen = []  # per _generate call: the rows' tails (last prompt token + partial ids) and generated ids
 
     def spy(real):
@@ -489,18 +492,18 @@ def test_engine_continues_from_the_ids_it_generated(tiny):
             return rows
         return wrapped
 
-    engine._generate, other._generate = spy(engine._generate), spy(other._generate)
+    engine._run_rows, other._run_rows = spy(engine._run_rows), spy(other._run_rows)
     torch.manual_seed(0)
     first = engine.extend(PROBLEMS, [Candidate(0)], max_tokens=4, stop_at_step=False)[0]
     assert not first.finished and first.tokens == 4
     sampled = seen[0][1][0][:4]
     engine.extend(PROBLEMS, [first], max_tokens=4, stop_at_step=False)
-    assert first.ids == (engine, first.text, sampled) and seen[1][0][0][1:] == sampled
+    assert first.ids == TokenIds(engine, first.text, tuple(sampled)) and seen[1][0][0][1:] == sampled
     # ids that differ from the text's encoding (the model sampled "\n" twice, the tokenizer merges them)
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     twice = enc("4") + enc("\n") + enc("\n")
     assert twice != enc("4\n\n")
-    engine.extend(PROBLEMS, [Candidate(0, "4\n\n", ids=(engine, "4\n\n", twice))], max_tokens=1, stop_at_step=False)
+    engine.extend(PROBLEMS, [Candidate(0, "4\n\n", ids=TokenIds(engine, "4\n\n", tuple(twice)))], max_tokens=1, stop_at_step=False)
     assert seen[2][0][0][1:] == twice
     edited = first.copy()
     edited.text += " 7"
@@ -552,11 +555,12 @@ def test_stream_sampling_draws_from_the_tempered_softmax():
     """Inverse-transform sampling with a keyed uniform per row is an exact sampler: over many streams the
     token frequencies match softmax(z / T), one (stream, position) always gives the same token, and only
     that token is left finite for generate's argmax."""
-    from frugal.inference.engine import StreamSampling
+    from frugal.inference.decoding import StreamSampling
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.inference.decoding import sampling_warpers
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    warp = sampling_warpers(EngineConfig(temperature=0.5))
+    warp = sampling_warpers(HFEngineConfig(temperature=0.5))
     n = 4000
     sampler = StreamSampling(range(n), [0] * n, width=1, warpers=warp)
     picks = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1).clone()).argmax(-1)
@@ -565,7 +569,7 @@ def test_stream_sampling_draws_from_the_tempered_softmax():
     again = StreamSampling([7, 7], [3, 3], width=1, warpers=warp)(torch.zeros(2, 1, dtype=torch.long),
                                                                     torch.randn(1, 4).expand(2, -1).clone())
     assert again.argmax(-1)[0] == again.argmax(-1)[1] and torch.isfinite(again).sum() == 2
-    top1 = StreamSampling(range(50), [0] * 50, width=1, warpers=sampling_warpers(EngineConfig(top_k=1)))
+    top1 = StreamSampling(range(50), [0] * 50, width=1, warpers=sampling_warpers(HFEngineConfig(top_k=1)))
     assert (top1(torch.zeros(50, 1, dtype=torch.long), logits.expand(50, -1).clone()).argmax(-1) == 0).all()
 
 
@@ -574,7 +578,7 @@ def test_engine_sample_depends_on_the_candidate_not_its_batch_or_split(tiny):
     call or continued after τ tokens (so early rejection's survivors are best-of-N's candidates); other
     streams and forks write differently."""
     model, tok = tiny
-    engine = Engine(model, tok, EngineConfig(max_new_tokens=12))
+    engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=12))
     together = engine.extend(PROBLEMS, [Candidate(0, stream=0), Candidate(0, stream=1), Candidate(1, stream=0)],
                              stop_at_step=False)
     alone = engine.extend(PROBLEMS, [Candidate(1, stream=0)], stop_at_step=False)[0]
@@ -592,7 +596,7 @@ def test_early_rejection_that_rejects_nothing_is_best_of_n(tiny):
     """Paired strategies on the real engine: early rejection keeping every candidate completes exactly
     best-of-N's candidates and so picks the same solutions; best-of-N at 4 holds best-of-N at 2's samples."""
     model, tok = tiny
-    engine = Engine(model, tok, EngineConfig(max_new_tokens=10))
+    engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=10))
     prm = CountingPRM(FakePRM())
     bon = get("best_of_n")(PROBLEMS, 4, engine, prm, _cfg())
     er = get("early_rejection")(PROBLEMS, 4, engine, prm, _cfg(name="early_rejection", tau=3, rejection_rate=0.0))

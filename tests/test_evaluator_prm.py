@@ -5,7 +5,8 @@ CountingPRM / FLOPs use them. On builtin:tiny-random (fast)."""
 import pytest
 import torch
 
-from frugal.inference.engine import Candidate, CountingPRM, Counts
+from frugal.inference.engine import Candidate, Counts
+from frugal.evaluator.prm_counts import CountingPRM
 from frugal.evaluator.flops import prm_shape
 from frugal.train.lora import LoraConfig
 from frugal.inference.models import ModelConfig

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hub_prm_fixtures import BUILDERS
 
-from frugal.inference.engine import CountingPRM
+from frugal.evaluator.prm_counts import CountingPRM
 from frugal.evaluator.flops import prm_shape
 from frugal.evaluator.hub_prm import HubPRM, detect_family, load_any_prm
 

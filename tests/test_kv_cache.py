@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from frugal.inference.engine import Candidate, Engine, EngineConfig
+from frugal.inference.engine import Candidate
+from frugal.inference.hf_engine import HFEngine, HFEngineConfig
 from frugal.inference.kv_cache import KVTree
 
 PROBLEMS = [{"prompt": [{"role": "user", "content": "What is 3 + 4?"}], "answer": "7"},
@@ -22,12 +23,12 @@ def tiny():
 
 
 def _engine(model, tok, **kw):
-    return Engine(model, tok, EngineConfig(max_new_tokens=24, max_step_tokens=4, temperature=1.0, **kw))
+    return HFEngine(model, tok, HFEngineConfig(max_new_tokens=24, max_step_tokens=4, temperature=1.0, **kw))
 
 
 def _full_ids(engine, cand):
     prompt = engine.prompt_text(PROBLEMS[cand.problem]["prompt"])
-    return engine._prompt_ids(prompt) + list(cand.ids[2])
+    return engine.core.prompt_ids(prompt) + list(cand.ids.ids)
 
 
 def test_kv_tree_match_insert_split_and_evict():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-SUBPACKAGES = ("train", "rewards", "tasks", "evaluator", "recipes", "conf")
+SUBPACKAGES = ("train", "inference", "runtime", "rewards", "tasks", "evaluator", "recipes", "conf")
 
 
 def _user_project(tmp_path: Path) -> Path:

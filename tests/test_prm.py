@@ -12,7 +12,8 @@ from frugal.train.lora import LoraConfig
 from frugal.inference.models import ModelConfig
 from frugal.train.prm import PRMConfig, build_prm, load_prm
 from frugal.train.prm_metrics import auroc, step_metrics
-from frugal.train.prm_steps import aggregate, collate, encode, split_steps, token_budget_batches
+from frugal.train.prm_steps import aggregate, collate, encode, token_budget_batches
+from frugal.rewards.steps import split_steps
 from frugal.train.prm_data import corrupt_solution, generated_examples, load_stepwise, validate_example
 from frugal.conf import CONF_DIR
 

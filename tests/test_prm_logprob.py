@@ -79,7 +79,8 @@ def test_a_head_without_feature_weights_is_refused(lp_prm, tmp_path):
 
 
 def test_the_lm_head_is_charged_for_every_step_token(lp_prm):
-    from frugal.inference.engine import Candidate, CountingPRM
+    from frugal.inference.engine import Candidate
+    from frugal.evaluator.prm_counts import CountingPRM
     from frugal.evaluator.flops import prm_shape
 
     problems = [{"prompt": "What is 2 + 3?"}, {"prompt": "What is 7 - 1?"}]

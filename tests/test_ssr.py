@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from frugal.inference.engine import Counts
+from frugal.inference.hf_engine import HFEngine, HFEngineConfig
 from frugal.evaluator.strategies.ssr import SSRConfig, Scored, decode, score_steps, select_strategies, with_hint
-from frugal.train.prm_steps import split_steps
+from frugal.rewards.steps import split_steps
 
 
 class FakeEngine:
@@ -259,7 +260,7 @@ def test_rejected_step_keeps_its_accepted_prefix_and_the_target_writes_the_rest(
 
 def _reference_logps(model, engine, prompt, ids, step_ids):
     """Log-probs of ``step_ids`` after the templated prompt and ``ids`` by one full forward pass."""
-    full = engine._prompt_ids(engine.prompt_text(prompt)) + list(ids) + list(step_ids)
+    full = engine.core.prompt_ids(engine.prompt_text(prompt)) + list(ids) + list(step_ids)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
     at = len(full) - len(step_ids)
@@ -287,10 +288,11 @@ def test_score_steps_matches_full_logits_on_tiny_model():
     """Verification is one pass over the drafted tokens on the target's cached prefix: hand-counted tokens
     run, and the log-probs of a full forward pass over prompt + path + step."""
     from frugal.inference.engine import Candidate, Engine, EngineConfig
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.inference.models import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
-    engine = Engine(model, tok, EngineConfig(max_step_tokens=5))
+    engine = HFEngine(model, tok, HFEngineConfig(max_step_tokens=5))
     prompts = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "Hi"}]]
     problems = [{"prompt": p} for p in prompts]
     # path 0: five tokens the target wrote itself (their KV is cached); path 1: text it never saw
@@ -305,12 +307,12 @@ def test_score_steps_matches_full_logits_on_tiny_model():
     # hand count: path 0 runs its last token (its logits judge the first drafted token) + the drafted ones;
     # path 1 runs the prompt's last token, the text "First," and the step
     assert [sc.processed for sc in scored] == [1 + len(step_ids[0]), 1 + first + len(step_ids[1])]
-    new_prompt = len(engine._prompt_ids(engine.prompt_text(prompts[1]))) - 1  # "Hi" is prefilled once, first
+    new_prompt = len(engine.core.prompt_ids(engine.prompt_text(prompts[1]))) - 1  # "Hi" is prefilled once, first
     assert spent.prefill == sum(sc.processed for sc in scored) + new_prompt
     # the trailing delimiter token is run (its KV is the path's, if accepted) but not judged
     assert len(scored[0].logp) == len(step_ids[0]) - 1 and spent.scored == len(step_ids[0]) + len(step_ids[1])
     for prompt, prefix, ids, sc in zip(prompts, prefixes, step_ids, scored):
-        prefix_ids = prefix.ids[2] if isinstance(prefix, Candidate) else tok(prefix, add_special_tokens=False)["input_ids"]
+        prefix_ids = prefix.ids.ids if isinstance(prefix, Candidate) else tok(prefix, add_special_tokens=False)["input_ids"]
         lp, top = _reference_logps(model, engine, prompt, prefix_ids, ids)
         np.testing.assert_allclose(sc.logp, lp[:len(sc.logp)].numpy(), atol=1e-5)
         np.testing.assert_allclose(sc.top, top[:len(sc.top)].numpy(), atol=1e-5)
@@ -332,6 +334,7 @@ def test_score_steps_matches_full_logits_on_tiny_model():
 
 def test_fast_mode_reads_answers_only_at_step_ends():
     from frugal.inference.engine import Candidate
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.evaluator.strategies.ssr import Path, _stop
 
     cut = Path(0, "", Candidate(0, "so it is 1"))  # a one-token regeneration stopped inside "12"
@@ -376,13 +379,14 @@ def test_draft_identical_to_target_is_accepted_whole_and_verification_runs_only_
     from conftest import tiny_lora
 
     from frugal.inference.engine import Engine, EngineConfig
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
 
     model, tok = tiny_lora(1.0)
     problems = [{"prompt": [{"role": "user", "content": f"What is {a} + 3?"}], "answer": "5",
                  "answer_format": "number"} for a in range(3)]
     cfg = SSRConfig(hints=["", "Think."])
-    ecfg = EngineConfig(max_step_tokens=4, max_new_tokens=16)
-    draft, target = Engine(model, tok, ecfg, "draft"), Engine(model, tok, ecfg, "target")
+    ecfg = HFEngineConfig(max_step_tokens=4, max_new_tokens=16)
+    draft, target = HFEngine(model, tok, ecfg, "draft"), HFEngine(model, tok, ecfg, "target")
     paths = select_strategies(problems, 2, draft, target, cfg)
     d0, t0 = draft.counts.snapshot(), target.counts.snapshot()
     res = decode(problems, paths, draft, target, cfg)
@@ -398,16 +402,17 @@ def test_spm_hints_share_their_problems_prompt_prefill():
     """The selective parallel module scores one problem's hints in one target pass: the prompt they share
     (system prompt + question) is prefilled once, each hint's own tokens over it."""
     from frugal.inference.engine import Engine, EngineConfig
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
     from frugal.inference.models import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name_or_path="builtin:tiny-random", dtype="float32"), torch.device("cpu"))
-    ecfg = EngineConfig(max_step_tokens=3, max_new_tokens=6)
-    draft, target = Engine(model, tok, ecfg, "draft"), Engine(model, tok, ecfg, "target")
+    ecfg = HFEngineConfig(max_step_tokens=3, max_new_tokens=6)
+    draft, target = HFEngine(model, tok, ecfg, "draft"), HFEngine(model, tok, ecfg, "target")
     q = problem("A farmer has 12 cows and buys 7 more, then sells 4 of them at the market. How many cows now?")
     hints = ["Think step by step.", "Work backwards.", "Use small numbers."]
     firsts = select_strategies([q], 2, draft, target, SSRConfig(hints=hints, greedy=False))  # (greedy: "\n\n")
     assert all(path.cand.text.strip() for path in firsts[0])
-    heads = [target._prompt_ids(target.prompt_text(with_hint(q, h)["prompt"]))[:-1] for h in hints]
+    heads = [target.core.prompt_ids(target.prompt_text(with_hint(q, h)["prompt"]))[:-1] for h in hints]
     shared = next(i for i, col in enumerate(zip(*heads)) if len(set(col)) > 1)
     assert shared >= 32
     prompt_prefill = shared + sum(len(h) - shared for h in heads)
@@ -430,7 +435,7 @@ def test_prm_gate_accepts_by_prm_score_and_the_target_runs_only_on_rejections():
     steps and ranks the SPM's hints; the target is never asked to score, and rewrites a rejected step
     whole (no regen_tokens cap). Hand-worked: step 0 "good" (0.9 ≥ 0.5) kept, step 1 "bad" (0.1) rewritten
     by the target, step 2 has no "good": rewritten."""
-    from frugal.inference.engine import CountingPRM
+    from frugal.evaluator.prm_counts import CountingPRM
     from frugal.evaluator.strategies.ssr import ssr
 
     def never(*a, **k):
@@ -460,7 +465,9 @@ def test_prm_gate_all_accepted_never_runs_the_target_and_all_rejected_is_the_tar
     reading each token once (its prefill is the target-only run's)."""
     from conftest import tiny_lora
 
-    from frugal.inference.engine import CountingPRM, Engine, EngineConfig
+    from frugal.evaluator.prm_counts import CountingPRM
+    from frugal.inference.engine import Engine, EngineConfig
+    from frugal.inference.hf_engine import HFEngine, HFEngineConfig
 
     class Constant:
         def __init__(self, p):
@@ -472,9 +479,9 @@ def test_prm_gate_all_accepted_never_runs_the_target_and_all_rejected_is_the_tar
     model, tok = tiny_lora(1.0)
     problems = [{"prompt": [{"role": "user", "content": f"What is {a} + 3?"}], "answer": "5",
                  "answer_format": "number"} for a in range(3)]
-    ecfg = EngineConfig(max_step_tokens=4, max_new_tokens=12)
+    ecfg = HFEngineConfig(max_step_tokens=4, max_new_tokens=12)
     draft_model, _ = tiny_lora(0.5)  # a different draft, so that rejections change the text
-    draft, target = Engine(draft_model, tok, ecfg, "draft"), Engine(model, tok, ecfg, "target")
+    draft, target = HFEngine(draft_model, tok, ecfg, "draft"), HFEngine(model, tok, ecfg, "target")
     cfg = SSRConfig(hints=["", "Think."], score="prm", threshold=0.5, fast=0)
     res = decode(problems, select_strategies(problems, 2, draft, target, cfg, prm=CountingPRM(Constant(0.9))),
                  draft, target, cfg, prm=CountingPRM(Constant(0.9)))
@@ -482,11 +489,11 @@ def test_prm_gate_all_accepted_never_runs_the_target_and_all_rejected_is_the_tar
     assert all(r.info["accepted"] == r.info["proposed"] > 0 for r in res)
 
     paths = select_strategies(problems, 2, draft, target, cfg, prm=CountingPRM(Constant(0.1)))
-    target.clear_prompt_cache()
+    target.clear_cache()
     t0 = target.counts.snapshot()
     gated = decode(problems, paths, draft, target, cfg, prm=CountingPRM(Constant(0.1)))
     spent = target.counts.since(t0)
-    target.clear_prompt_cache()
+    target.clear_cache()
     t1 = target.counts.snapshot()
     alone = decode(problems, paths, None, target, SSRConfig(hints=cfg.hints, fast=0, speculative=False))
     base = target.counts.since(t1)

@@ -16,7 +16,7 @@ PROMPTS = [[{"role": "user", "content": "What is 2+3?"}], [{"role": "user", "con
 # ---------------------------------------------------------------------- error paths (no vLLM needed)
 
 def test_missing_vllm_names_what_to_install(monkeypatch):
-    from frugal.train.rollout import MissingExtraError
+    from frugal.inference.models import MissingExtraError
     from frugal.inference.vllm_setup import require_vllm
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
@@ -27,29 +27,38 @@ def test_missing_vllm_names_what_to_install(monkeypatch):
 def test_unreachable_server_names_the_url(tmp_path):
     from vllm_fixtures import free_port
 
-    from frugal.inference.vllm_setup import AdapterPublisher, ServerEngine
+    from frugal.inference.openai_engine import OpenAIEngine, OpenAIEngineConfig
+    from frugal.inference.models import load_tokenizer
+    from frugal.inference.vllm_setup import AdapterPublisher
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    engine = OpenAIEngine(load_tokenizer("builtin:tiny-random"), OpenAIEngineConfig(base_url=url + "/v1", timeout_s=5,
+                                                                                      max_retries=0), eos_ids=[0])
     with pytest.raises(ConnectionError, match=f"no vLLM server answers at {url}"):
-        ServerEngine(url, AdapterPublisher(tmp_path), timeout_s=5)
+        engine.attach_trainer(AdapterPublisher(tmp_path))
 
 
 def test_server_mode_needs_a_url():
-    from frugal.train.rollout import GenerationConfig
+    from conftest import compose_train
+    from frugal.runtime.config import to_config
+    from frugal.train.config import TrainConfig
 
-    with pytest.raises(ValueError, match="vllm_server_url"):
-        GenerationConfig(backend="vllm", vllm_mode="server")
+    with pytest.raises(ValueError, match="vllm.mode=server needs vllm.server_url"):
+        to_config(compose_train(["generation.backend=vllm", "vllm.mode=server"]), TrainConfig)
+    with pytest.raises(ValueError, match="generation.vllm_mode is now vllm.mode"):
+        to_config(compose_train(["+generation.vllm_mode=server"]), TrainConfig)
+    with pytest.raises(ValueError, match="vllm.dtype: the vllm block applies with generation.backend=vllm"):
+        to_config(compose_train(["vllm.dtype=float32"]), TrainConfig)
 
 
 def test_weight_sync_choice(monkeypatch):
-    """generation.vllm_sync: auto is adapter-only on GPU and merged full weights on CPU; a bad value is named."""
-    from frugal.train.rollout import GenerationConfig
-    from frugal.inference.vllm_setup import weight_sync
+    """vllm.sync: auto is adapter-only on GPU and merged full weights on CPU; a bad value is named."""
+    from frugal.inference.vllm_setup import VLLMConfig, weight_sync
 
-    with pytest.raises(ValueError, match="generation.vllm_sync must be auto|lora|full, got 'merged'"):
-        GenerationConfig(vllm_sync="merged")
-    with pytest.raises(ValueError, match="vllm_sync=full is for vllm_mode=colocate"):
-        GenerationConfig(vllm_mode="server", vllm_server_url="http://127.0.0.1:8000", vllm_sync="full")
+    with pytest.raises(ValueError, match="vllm.sync must be auto|lora|full, got 'merged'"):
+        VLLMConfig(sync="merged")
+    with pytest.raises(ValueError, match="vllm.sync=full is for vllm.mode=colocate"):
+        VLLMConfig(mode="server", server_url="http://127.0.0.1:8000", sync="full")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert [weight_sync(s) for s in ("auto", "lora", "full")] == ["full", "lora", "full"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -57,7 +66,7 @@ def test_weight_sync_choice(monkeypatch):
 
 
 def test_sampler_dtype_choice(monkeypatch):
-    """generation.vllm_dtype=auto: the trainer's dtype, but bf16 beside an fp32 trainer on a CPU with
+    """vllm.dtype=auto: the trainer's dtype, but bf16 beside an fp32 trainer on a CPU with
     native bf16; an explicit dtype is kept."""
     import frugal.inference.vllm_setup as vb
 
@@ -124,6 +133,15 @@ def _optimizer_step(model, tok, lr: float) -> None:
     model.eval()
 
 
+def _colocate(llm, tok, model, publisher, full_weights: bool = False):
+    """The training loop's vLLM engine over the shared ``llm``, taking ``model``'s adapter (or weights)."""
+    from frugal.inference.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+    engine = VLLMEngine(llm, tok, VLLMEngineConfig(max_new_tokens=8, temperature=1.0), model=model)
+    engine.attach_trainer(model, publisher, full_weights=full_weights)
+    return engine
+
+
 def _hf_greedy(model, tok, max_new: int) -> list[list[int]]:
     from frugal.train.rollout import GenerationConfig, generate
 
@@ -137,7 +155,7 @@ def llm():
     from frugal.inference.vllm_setup import make_llm
 
     engine = make_llm("builtin:smollm2-135m-instruct", dtype=torch.float32, max_model_len=512,
-                      cpu_kv_cache_gib=0.5, enable_lora=True, max_lora_rank=8, num_threads=1)
+                      kv_cache_gib=0.5, enable_lora=True, max_lora_rank=8, num_threads=1)
     yield engine
     del engine
 
@@ -152,7 +170,7 @@ def test_merged_state_dict_equals_merge_and_unload_and_leaves_the_trainer_alone(
     from peft import LoraConfig, get_peft_model
 
     from frugal.inference.models import load_tokenizer, tiny_random_model
-    from frugal.inference.vllm_setup import AdapterPublisher, _merged_state_dict
+    from frugal.inference.vllm_setup import AdapterPublisher, merged_state_dict
 
     tok = load_tokenizer("builtin:tiny-random")
     torch.manual_seed(0)
@@ -162,7 +180,7 @@ def test_merged_state_dict_equals_merge_and_unload_and_leaves_the_trainer_alone(
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = _merged_state_dict(model)
+    merged = merged_state_dict(model)
     expect = copy.deepcopy(model).merge_and_unload().state_dict()
     assert merged.keys() == expect.keys()
     assert all(torch.equal(merged[k], expect[k]) for k in expect)
@@ -176,7 +194,7 @@ def test_merged_state_dict_equals_merge_and_unload_and_leaves_the_trainer_alone(
     assert not (tmp_path / "never").exists()
     saved = get_peft_model(tiny_random_model(len(tok), tok), LoraConfig(r=4, target_modules=["q_proj"],
                                                                          modules_to_save=["norm"]))
-    merged, expect = _merged_state_dict(saved), copy.deepcopy(saved).merge_and_unload().state_dict()
+    merged, expect = merged_state_dict(saved), copy.deepcopy(saved).merge_and_unload().state_dict()
     assert merged.keys() == expect.keys() and all(torch.equal(merged[k], expect[k]) for k in expect)
 
 
@@ -195,11 +213,11 @@ def test_make_llm_keeps_num_threads_working(llm):
 def test_new_adapter_greedy_tokens_equal_hf(llm, tmp_path):
     """After an optimizer step the adapter (only) moves to vLLM as a new LoRARequest, the previous one
     retired; vLLM's greedy tokens equal HF's PeftModel's, in float32."""
-    from frugal.inference.vllm_setup import AdapterPublisher, ColocateEngine
+    from frugal.inference.vllm_setup import AdapterPublisher
 
     model, tok = _hf_model({"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
-    engine = ColocateEngine(llm, AdapterPublisher(tmp_path, prefix="t"), model)
-    assert engine.mode == "lora" and engine.unservable == []
+    engine = _colocate(llm, tok, model, AdapterPublisher(tmp_path, prefix="t"))
+    assert engine.sync_mode == "lora" and engine.unservable == []
     ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
            for p in PROMPTS]
     engine.update(model)  # v1: the fresh adapter (B = 0), i.e. the base model
@@ -207,15 +225,13 @@ def test_new_adapter_greedy_tokens_equal_hf(llm, tmp_path):
     assert base == _hf_greedy(model, tok, 16)
     _optimizer_step(model, tok, lr=5e-3)
     engine.update(model)  # v2 replaces v1
-    assert engine.current.lora_int_id == 2 and llm.llm_engine.list_loras() <= {2}
+    assert engine.lora.lora_int_id == 2 and llm.llm_engine.list_loras() <= {2}
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == ["t-v2"]  # v1's folder retired
     tuned = engine.greedy(ids, 16)
     assert tuned != base, "the optimizer step should change the greedy tokens (else the test proves nothing)"
     assert tuned == _hf_greedy(model, tok, 16)
     # Sampling returns vLLM's log-probs of the sampled tokens.
-    from frugal.train.rollout import GenerationConfig
-
-    samples = engine.generate(ids, 2, GenerationConfig(max_new_tokens=8), seed=1)
+    samples = engine.sample(ids, 2, seed=1)
     assert len(samples) == 4 and all(len(t) == len(lp) and all(x <= 0 for x in lp) for t, lp in samples)
 
 
@@ -223,14 +239,14 @@ def test_new_adapter_greedy_tokens_equal_hf(llm, tmp_path):
 def test_unservable_modules_fall_back_to_full_weights(llm, tmp_path, caplog):
     """A module vLLM's LoRA cannot serve (here a trained final norm, modules_to_save) switches to merged
     full-weight reloads, with a log line naming it; greedy tokens still equal HF's."""
-    from frugal.inference.vllm_setup import AdapterPublisher, ColocateEngine
+    from frugal.inference.vllm_setup import AdapterPublisher
 
     model, tok = _hf_model({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
                             "modules_to_save": ["norm"]})
     with caplog.at_level(logging.WARNING, logger="frugal.inference.vllm_setup"):
-        engine = ColocateEngine(llm, AdapterPublisher(tmp_path), model)
+        engine = _colocate(llm, tok, model, AdapterPublisher(tmp_path))
     # (peft matches modules_to_save by suffix: every *norm layer is trained in full)
-    assert engine.mode == "full_weights" and "norm" in engine.unservable and "q_proj" not in engine.unservable
+    assert engine.sync_mode == "full_weights" and "norm" in engine.unservable and "q_proj" not in engine.unservable
     assert "norm" in caplog.text and "reload" in caplog.text
     _optimizer_step(model, tok, lr=5e-3)
     with torch.no_grad():  # make the norm's change visible in the greedy tokens
@@ -243,14 +259,14 @@ def test_unservable_modules_fall_back_to_full_weights(llm, tmp_path, caplog):
 
 @pytest.mark.vllm
 def test_full_weight_sync_greedy_tokens_equal_hf(llm, tmp_path):
-    """generation.vllm_sync=full (auto on CPU): after an optimizer step vLLM reloads the merged weights; its
+    """vllm.sync=full (auto on CPU): after an optimizer step vLLM reloads the merged weights; its
     greedy tokens equal HF's PeftModel's and no adapter is published. (Last in the file: it overwrites the
     shared engine's base weights.)"""
-    from frugal.inference.vllm_setup import AdapterPublisher, ColocateEngine
+    from frugal.inference.vllm_setup import AdapterPublisher
 
     model, tok = _hf_model({"r": 8, "lora_alpha": 16, "target_modules": "all-linear"})
-    engine = ColocateEngine(llm, AdapterPublisher(tmp_path), model, full_weights=True)
-    assert engine.mode == "full_weights"
+    engine = _colocate(llm, tok, model, AdapterPublisher(tmp_path), full_weights=True)
+    assert engine.sync_mode == "full_weights"
     ids = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
            for p in PROMPTS]
     base = _hf_greedy(model, tok, 16)
@@ -258,5 +274,5 @@ def test_full_weight_sync_greedy_tokens_equal_hf(llm, tmp_path):
     tuned = _hf_greedy(model, tok, 16)
     assert tuned != base, "the optimizer step should change the greedy tokens (else the test proves nothing)"
     engine.update(model)
-    assert engine.current is None and engine.greedy(ids, 16) == tuned
+    assert engine.lora is None and engine.greedy(ids, 16) == tuned
     assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]

@@ -26,7 +26,7 @@ def test_server_run_and_resume(server, tmp_path):
 
     from frugal.recipes.train import run
 
-    overrides = RUN + ["generation.vllm_mode=server", f"generation.vllm_server_url={server.url}"]
+    overrides = RUN + ["vllm.mode=server", f"vllm.server_url={server.url}"]
     run(compose_train(overrides + ["max_steps=2"]), run_dir=tmp_path)
     check_run(tmp_path, [1, 2])
     a1, a2 = (adapter_weights(tmp_path / f"checkpoints/step_{s}" / "adapter") for s in (1, 2))

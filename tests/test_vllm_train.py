@@ -39,11 +39,11 @@ def adapter_weights(folder) -> dict[str, torch.Tensor]:
 
 
 def test_colocate_run_and_resume(tmp_path):
-    """Adapter-only updates (generation.vllm_sync=lora): each step's adapter served as a new LoRARequest."""
+    """Adapter-only updates (vllm.sync=lora): each step's adapter served as a new LoRARequest."""
     from frugal.recipes.train import run
 
     first = tmp_path / "first"
-    lora = RUN + ["generation.vllm_sync=lora", "generation.vllm_dtype=float32"]
+    lora = RUN + ["vllm.sync=lora", "vllm.dtype=float32"]
     run(compose_train(lora + ["max_steps=2"]), run_dir=first)
     check_run(first, [1, 2])
     a1, a2 = (adapter_weights(first / f"checkpoints/step_{s}" / "adapter") for s in (1, 2))
@@ -58,8 +58,8 @@ def test_colocate_run_and_resume(tmp_path):
 
 
 def test_colocate_run_defaults_on_cpu(tmp_path, caplog):
-    """The CPU defaults: generation.vllm_sync=auto reloads merged weights after each step and
-    generation.vllm_dtype=auto samples in bf16 where the CPU has it natively (both said in the log); the
+    """The CPU defaults: vllm.sync=auto reloads merged weights after each step and
+    vllm.dtype=auto samples in bf16 where the CPU has it natively (both said in the log); the
     log-prob gap is logged and the IS weights stay near 1; no adapter is published."""
     import logging
 
@@ -68,8 +68,8 @@ def test_colocate_run_defaults_on_cpu(tmp_path, caplog):
 
     with caplog.at_level(logging.INFO, logger="frugal.inference.vllm_setup"):
         run(compose_train(RUN + ["max_steps=2"]), run_dir=tmp_path)
-    assert "vllm_sync=auto on CPU" in caplog.text
-    assert ("vllm_dtype=auto on a CPU with native bf16" in caplog.text) == cpu_has_native_bf16()
+    assert "vllm.sync=auto on CPU" in caplog.text
+    assert ("vllm.dtype=auto on a CPU with native bf16" in caplog.text) == cpu_has_native_bf16()
     check_run(tmp_path, [1, 2], exact_dtype=not cpu_has_native_bf16())
     adapters = tmp_path / "vllm_adapters"
     assert not adapters.exists() or not [p for p in adapters.iterdir() if not p.name.startswith(".")]

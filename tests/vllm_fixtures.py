@@ -14,7 +14,7 @@ from pathlib import Path
 RUN = [
     "recipe=demo", "prompts_per_step=3", "algo.group_size=4", "generation.max_new_tokens=16", "eval_limit=2",
     "eval_before=false", "eval_every=0", "save_every=1", "keep_checkpoints=3", "max_minutes=null", "lora.r=8", "lora.alpha=16",
-    "generation.backend=vllm", "generation.vllm_max_model_len=512", "generation.vllm_cpu_kv_cache_gib=0.5",
+    "generation.backend=vllm", "vllm.max_model_len=512", "vllm.kv_cache_gib=0.5",
     "optim.lr=1e-3", "num_threads=1",
 ]
 

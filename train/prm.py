@@ -52,8 +52,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from frugal.inference.decoding import PromptKV, cache_kw, left_pad
-from frugal.train.prm_steps import (AGGREGATIONS, PROMPT_SUFFIX, Encoded, aggregate, collate, encode, prompt_text,
-                                    separator_ids, split_steps, step_starts, token_budget_batches)
+from frugal.train.prm_steps import (AGGREGATIONS, PROMPT_SUFFIX, Encoded, aggregate, collate, encode, prompt_text, separator_ids, step_starts, token_budget_batches)
+from frugal.rewards.steps import split_steps
 
 PRM_CONFIG_FILE = "prm.json"
 HEAD_FILE = "head.safetensors"

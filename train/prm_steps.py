@@ -63,12 +63,6 @@ def prompt_text(prompt: Any) -> str:
     raise TypeError(f"a PRM prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
 
-def split_steps(text: str, separator: str) -> list[str]:
-    """Split a (possibly unfinished) solution into steps. A trailing piece without a separator after it
-    is an unfinished step and is kept; empty pieces (text ending in the separator, blank steps) are not."""
-    return [s.strip() for s in text.split(separator) if s.strip()]
-
-
 @dataclass
 class Encoded:
     """One sequence: token ids and the index of the scored token (separator end) of each step."""

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from frugal.runtime.io import atomic_write_text
+from frugal.runtime.io import atomic_write_text, read_jsonl, truncate_after  # noqa: F401  (read_jsonl: re-exported)
 from frugal.runtime.config import LoggerConfig
 from frugal.runtime.secrets import scrub_secrets
 
@@ -125,14 +125,6 @@ class Tracker:
             self.wandb_run = None
 
 
-def truncate_after(path: Path, step: int) -> None:
-    """Keep the rows of ``path`` up to ``step`` (a resumed run redoes the later ones)."""
-    if not Path(path).exists():
-        return
-    kept = [row for row in read_jsonl(path) if row["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
-
-
 def flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
     """Nested dicts as one level: {"a": {"b": 1}} -> {"a/b": 1}."""
     out = {}
@@ -142,27 +134,6 @@ def flatten(d: dict, prefix: str = "", sep: str = "/") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL log. A torn last line (the process was killed while appending it) is dropped
-    with a warning; a bad line anywhere else is an error naming the file and line."""
-    path = Path(path)
-    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if i == last:
-                log.warning("%s line %d: dropping a torn last line (a write cut short by a kill): %r",
-                            path, i + 1, line[:80])
-                continue
-            raise ValueError(f"{path} line {i + 1}: not valid JSON ({err.msg})") from None
-    return rows
 
 
 def env_flag(name: str) -> bool:

@@ -7,51 +7,38 @@ from one run to the next).
 
 ``problems`` are task rows (``prompt``, ``answer_format``…), ``budget`` is N (samples, beams or
 particles), ``engine`` an :class:`frugal.inference.engine.Engine`, ``prm`` an
-:class:`frugal.inference.engine.CountingPRM` (None for greedy and majority), ``cfg`` the ``search``
+:class:`frugal.evaluator.prm_counts.CountingPRM` (None for greedy and majority), ``cfg`` the ``search``
 config. Results are graded by the harness.
 
-The registry below is a plain mapping so that ``search=particle_filter`` can be followed to its module
-by a reader or a static tool.
+A strategy is one module of this package: its config dataclass, registered with ``@register("search")``
+(:mod:`frugal.runtime.registry`), and its ``run``; ``search=<name>`` then needs only
+``conf/search/<name>.yaml`` (``defaults: [<name>_schema]``). Importing this package imports every module
+in it (alphabetically, which is the order ``search=`` lists its choices in), so a new module registers
+itself; :data:`RUNNERS` and :func:`get` look strategies up in the registry (``search=particle_filter`` is
+``ParticleFilterConfig`` in ``particle_filter.py``, its ``run`` beside it).
 """
 
 from __future__ import annotations
 
-from frugal.evaluator.strategies import (beam, best_of_n, dvts, early_rejection, greedy, majority, particle_filter,
-                                         particle_gibbs, ssr)
+import importlib
+import pkgutil
 
-RUNNERS = {
-    "greedy": greedy.run,
-    "majority": majority.run,
-    "best_of_n": best_of_n.run,
-    "beam": beam.run,
-    "dvts": dvts.run,
-    "early_rejection": early_rejection.run,
-    "particle_filter": particle_filter.run,
-    "particle_gibbs": particle_gibbs.run,
-    "ssr": ssr.run,
-}
+from frugal.runtime import registry
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+RUNNERS = registry.view("search", lambda cls: cls.runner())  # name -> run function, live over the registry
 
 
 def prepare(name: str, engine, prm, cfg) -> tuple:
     """``(run, models)`` for strategy ``name``: its run function (extra models bound) and every model it
     runs, by role — ``policy`` (``target`` for SSR, whose draft writes and the evaluated policy checks),
-    ``draft`` (SSR) and ``prm`` when given — each with ``counts`` (an ``Engine`` or a ``CountingPRM``)."""
-    import functools
-
-    run = get(name)
-    if name == "ssr":
-        draft = ssr.draft_engine(cfg.ssr, engine)
-        models = {"target": engine, "draft": draft}
-        run = functools.partial(ssr.run, draft=draft)
-    else:
-        models = {"policy": engine}
-    if prm is not None:
-        models["prm"] = prm
-    return run, models
+    ``draft`` (SSR) and ``prm`` when given — each with ``counts`` (an ``Engine`` or a ``CountingPRM``).
+    The strategy's config class decides (``SearchConfig.prepare``; SSR's builds its draft)."""
+    return registry.get("search", name).prepare(cfg, engine, prm)
 
 
 def get(name: str):
-    """The ``run`` function of strategy ``name``."""
-    if name not in RUNNERS:
-        raise ValueError(f"unknown search strategy {name!r}; choose one of {'|'.join(RUNNERS)}")
-    return RUNNERS[name]
+    """The ``run`` function of strategy ``name`` (an unknown name is refused, listing the choices)."""
+    return registry.get("search", name).runner()

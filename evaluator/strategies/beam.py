@@ -17,9 +17,24 @@ are ranked on that partial step, and only the K survivors finish the step (early
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
+from frugal.evaluator.config import PRMSearchConfig
 from frugal.evaluator.strategies.common import Result, best, by_problem, fresh, solution_score
+from frugal.runtime.registry import register
+
+
+@register("search")
+@dataclass
+class BeamConfig(PRMSearchConfig):
+    name: str = "beam"
+    beam_width: int = 4  # keep N / beam_width beams, each expands beam_width children
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beam_width < 1:
+            raise ValueError(f"search.beam_width must be >= 1, got {self.beam_width}")
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:

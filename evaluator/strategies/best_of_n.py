@@ -11,7 +11,36 @@ score is s_i = agg(r_i) with agg ∈ {last, min, prod, mean}.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from frugal.evaluator.config import PRMSearchConfig
 from frugal.evaluator.strategies.common import Result, best, by_problem, fresh, solution_score, vote
+from frugal.runtime.registry import register
+
+
+@register("search")
+@dataclass
+class BestOfNConfig(PRMSearchConfig):
+    name: str = "best_of_n"
+    weighted: bool = False  # weighted majority (sum of solution scores per answer)
+    # TTSPM (evaluator/ttspm.py): budget=auto stops sampling a problem once the predicted gain of one more
+    # sample is below auto_eps (N in `budgets` is then the cap).
+    budget: str = "fixed"  # fixed | auto
+    # Smaller: more samples before a failing problem is written off; chosen with scripts/bench_ttspm.py,
+    # which prints the trade-off over eps (docs/benchmarks.md).
+    auto_eps: float = 0.005
+    auto_threshold: float = 0.5  # a solution whose PRM score reaches this ends a problem's sampling
+    auto_pilots: int = 4  # first-round samples per problem that fit the prior
+    auto_chunk: int = 2  # samples added per problem per round
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.budget not in ("fixed", "auto"):
+            raise ValueError(f"search.budget must be fixed|auto, got {self.budget!r}")
+        if not 0 < self.auto_eps < 1 or self.auto_pilots < 1 or self.auto_chunk < 1:
+            raise ValueError("search.auto_eps must be in (0, 1); search.auto_pilots and search.auto_chunk >= 1")
+        if not 0.0 <= self.auto_threshold <= 1.0:
+            raise ValueError(f"search.auto_threshold must be in [0, 1], got {self.auto_threshold}")
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:

@@ -25,7 +25,20 @@ at budget N generates the same tokens per step as beam search at N.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from frugal.evaluator.strategies.beam import BeamConfig
 from frugal.evaluator.strategies.common import Result, best, fresh, solution_score
+from frugal.runtime.registry import register
+
+
+@register("search")
+@dataclass
+class DVTSConfig(BeamConfig):
+    """Diverse verifier tree search (evaluator/strategies/dvts.py): N / beam_width independent subtrees,
+    each keeping its best of beam_width children per step."""
+
+    name: str = "dvts"
 
 
 def widths(budget: int, beam_width: int) -> list[int]:

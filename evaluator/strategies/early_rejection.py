@@ -26,9 +26,35 @@ children are ranked on that partial step, and only the kept beams complete it.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
 
-from frugal.evaluator.strategies.beam import beam_search
+from frugal.evaluator.strategies.beam import BeamConfig, beam_search
 from frugal.evaluator.strategies.common import Result, best, by_problem, fresh, solution_score
+from frugal.runtime.registry import register
+
+
+@register("search")
+@dataclass
+class EarlyRejectionConfig(BeamConfig):
+    name: str = "early_rejection"
+    tau: int = 64  # tokens generated before the partial PRM score decides
+    threshold: Optional[float] = None  # keep partials scoring >= threshold (>= 1 kept)
+    # Share of the N candidates dropped at τ; keeps max(1, round(N·(1 − rate))). null: keep N // beam_width
+    # (rate 1 − 1/beam_width).
+    rejection_rate: Optional[float] = None
+    er_search: str = "best_of_n"  # early rejection on top of: best_of_n | beam
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.tau < 1:
+            raise ValueError(f"search.tau must be >= 1, got {self.tau}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"search.threshold must be in [0, 1] or null, got {self.threshold}")
+        if self.rejection_rate is not None and not 0.0 <= self.rejection_rate < 1.0:
+            raise ValueError(f"search.rejection_rate must be in [0, 1) or null, got {self.rejection_rate}")
+        if self.er_search not in ("best_of_n", "beam"):
+            raise ValueError(f"search.er_search must be best_of_n|beam, got {self.er_search!r}")
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:

@@ -8,7 +8,19 @@ No PRM is used. Ties go to the answer seen first.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from frugal.evaluator.config import BudgetedConfig
 from frugal.evaluator.strategies.common import Result, by_problem, fresh, vote
+from frugal.runtime.registry import register
+
+
+@register("search")
+@dataclass
+class MajorityConfig(BudgetedConfig):
+    """Self-consistency: majority vote over N samples (no PRM)."""
+
+    name: str = "majority"
 
 
 def run(problems, budget, engine, prm=None, cfg=None) -> list[Result]:

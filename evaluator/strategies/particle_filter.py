@@ -18,7 +18,7 @@ answer, â = argmax_a Σ_i r_final^i · 1[ans(x^i) = a] over the final particles
 particle with the best final score among those stating an answer (``best``). Why the vote by default: the
 final pool approximates the posterior over solutions, and a small PRM ranks complete solutions poorly, so
 summing its scores over the particles that agree is more robust than trusting its single highest score
-(on the search benchmark's development set it was 2–13 points better at every N; see ``ParticleFilterConfig``).
+(docs/benchmarks.md).
 
 The SMC loop :func:`smc` also runs conditional SMC for :mod:`frugal.evaluator.strategies.particle_gibbs`: a
 reference trajectory per problem keeps slot 0 at every step and is never resampled away.
@@ -32,7 +32,37 @@ from typing import Optional, Sequence
 import torch
 
 from frugal.inference.engine import Candidate
+from frugal.evaluator.config import PRMSearchConfig
 from frugal.evaluator.strategies.common import Result, best, has_answer, logit, solution_score, vote
+from frugal.runtime.registry import register
+
+
+@register("search")
+@dataclass
+class ParticleFilterConfig(PRMSearchConfig):
+    name: str = "particle_filter"
+    # Particle weights ∝ exp(logit(r) / weight_temperature). Not the sampling temperature (engine.temperature).
+    weight_temperature: float = 1.0
+    resampling: str = "systematic"  # multinomial | systematic
+    # Resample when ESS < ess_threshold·N (>= 1: every step, as Puri et al.). 0.5 is the usual adaptive
+    # rule (Doucet & Johansen 2009, §3.5): resample once the weights have degenerated, not while they are
+    # near-uniform, where resampling only throws away distinct particles (diversity) for nothing.
+    ess_threshold: float = 0.5
+    # The answer: weighted_majority (sum of final PRM scores per answer, over the final particles) | best
+    # (the highest final score). Weighted majority is the default because a small PRM ranks complete
+    # solutions poorly (docs/benchmarks.md).
+    final: str = "weighted_majority"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.weight_temperature <= 0:
+            raise ValueError(f"search.weight_temperature must be > 0, got {self.weight_temperature}")
+        if self.resampling not in ("multinomial", "systematic"):
+            raise ValueError(f"search.resampling must be multinomial|systematic, got {self.resampling!r}")
+        if self.ess_threshold < 0:
+            raise ValueError(f"search.ess_threshold must be >= 0, got {self.ess_threshold}")
+        if self.final not in ("best", "weighted_majority"):
+            raise ValueError(f"search.final must be best|weighted_majority, got {self.final!r}")
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:

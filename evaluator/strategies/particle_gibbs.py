@@ -15,10 +15,26 @@ sweeps so particle Gibbs at budget N spends about as many policy tokens as parti
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from frugal.evaluator.strategies.common import Result, logit, solution_score
-from frugal.evaluator.strategies.particle_filter import choose, smc
+from frugal.evaluator.strategies.particle_filter import ParticleFilterConfig, choose, smc
+from frugal.runtime.registry import register
+
+
+@register("search")
+@dataclass
+class ParticleGibbsConfig(ParticleFilterConfig):
+    name: str = "particle_gibbs"
+    ess_threshold: float = 1.0  # every step, as Puri et al.'s particle Gibbs
+    sweeps: int = 2  # conditional SMC sweeps; each uses budget // sweeps particles
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sweeps < 1:
+            raise ValueError(f"search.sweeps must be >= 1, got {self.sweeps}")
 
 
 def run(problems, budget, engine, prm, cfg) -> list[Result]:

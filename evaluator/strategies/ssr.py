@@ -81,15 +81,97 @@ embedded SmolLM2-135M, target = the same model + a LoRA adapter from ``frugal tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
 
-from frugal.evaluator.config import DEFAULT_HINTS, SSRConfig  # noqa: F401  (re-exported for callers)
-from frugal.inference.engine import Candidate, Engine
+from frugal.evaluator.config import BudgetedConfig
+from frugal.runtime.registry import register
+from frugal.inference.engine import Candidate, Engine, TokenIds
+from frugal.inference.hf_engine import HFEngine, HFEngineConfig
 from frugal.evaluator.strategies.common import Result, vote
 from frugal.rewards.verify import answers_match, extract_answer
+
+
+# ---------------------------------------------------------------------- config (search=ssr)
+
+DEFAULT_HINTS = (
+    "",  # the plain problem is always a candidate strategy
+    "Compute it step by step.",
+    "Write the calculation as an equation first.",
+    "Work it out with the numbers one at a time.",
+    "Give the result directly.",
+    "Check the result before answering.",
+)
+
+
+# SSR's own knobs (the module docstring explains each), under `search.ssr.*` of search=ssr.
+@dataclass
+class SSRConfig:
+    draft_model: str = "builtin:smollm2-135m-instruct"  # the draft (`run` loads it; the target is the policy)
+    draft_adapter: Optional[str] = None
+    # > 0: self-speculative draft, the target cut to its first k decoder layers (LayerSkip; ssr.self_draft),
+    # sharing its weights and tokenizer; draft_model / draft_adapter are then not loaded.
+    draft_layers: int = 0
+    # Tokens the draft proposes per round (null: up to the end of the step, SSR's step-level blocks). A
+    # weak draft (few tokens accepted) wastes less target verification with short blocks (γ of token-level
+    # speculative decoding).
+    draft_tokens: Optional[int] = None
+    hints: list[str] = field(default_factory=lambda: list(DEFAULT_HINTS))  # the strategy pool
+    # How the target verifies a drafted step (ssr.py `Scored.judge`): mean (step mean log-prob >= threshold) |
+    # min (every token's log-prob >= threshold) | margin (every token within `threshold` nats of the target's
+    # greedy token; 0 = exactly the greedy token, lossless for a greedy target) | prm (the PRM of `prm_path`
+    # judges each step, the target only rewrites rejected ones: reward-guided speculative decoding).
+    score: str = "margin"
+    threshold: float = 0.0  # log-prob units (<= 0); with score=prm a PRM probability in [0, 1]
+    keep_prefix: bool = True  # token-level criteria: keep the accepted prefix of a rejected step
+    regen_tokens: Optional[int] = 1  # after a rejection the target writes this many tokens (None: rest of the step)
+    fast: int = 1  # 0: majority over all paths | 1: first answer | 2: two agreeing answers
+    speculative: bool = True  # false: the target writes every step (the target-only baseline)
+    greedy: bool = True  # greedy steps (false: sample at the engines' temperature)
+    score_batch_size: int = 32  # rows per target scoring forward pass
+
+    def __post_init__(self):
+        if not self.hints:
+            raise ValueError("search.ssr.hints must hold at least one strategy hint")
+        if self.fast not in (0, 1, 2):
+            raise ValueError(f"search.ssr.fast must be 0, 1 or 2, got {self.fast}")
+        if self.score not in ("mean", "min", "margin", "prm"):
+            raise ValueError(f"search.ssr.score must be mean|min|margin|prm, got {self.score!r}")
+        if self.score == "prm" and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"search.ssr.threshold with score=prm is a PRM probability in [0, 1], got {self.threshold}")
+        if self.regen_tokens is not None and self.regen_tokens < 1:
+            raise ValueError(f"search.ssr.regen_tokens must be >= 1 or null, got {self.regen_tokens}")
+        if self.score_batch_size < 1:
+            raise ValueError(f"search.ssr.score_batch_size must be >= 1, got {self.score_batch_size}")
+        if self.draft_tokens is not None and self.draft_tokens < 1:
+            raise ValueError(f"search.ssr.draft_tokens must be >= 1 or null, got {self.draft_tokens}")
+        if self.draft_layers < 0:
+            raise ValueError(f"search.ssr.draft_layers must be >= 0 (0 = load draft_model), got {self.draft_layers}")
+
+
+@register("search")
+@dataclass
+class SSRSearchConfig(BudgetedConfig):
+    """SSR (this module); budgets = k, the strategy paths kept per problem."""
+
+    name: str = "ssr"
+    budgets: list[int] = field(default_factory=lambda: [2])
+    ssr: SSRConfig = field(default_factory=SSRConfig)
+
+    def prepare(self, engine, prm) -> tuple:
+        """The run with its draft bound (:func:`draft_engine`, built fresh per run); the policy is the target."""
+        draft = draft_engine(self.ssr, engine)
+        models = {"target": engine, "draft": draft}
+        if prm is not None:
+            models["prm"] = prm
+        return functools.partial(run, draft=draft), models
+
+    def needs_prm(self) -> Optional[str]:
+        return "search.ssr.score=prm judges drafted steps with a PRM" if self.ssr.score == "prm" else None
+
 
 @dataclass
 class Path:
@@ -149,7 +231,7 @@ def gate_steps(prm, questions: Sequence, prefixes: Sequence[str], steps: Sequenc
     """Judge each drafted ``steps[i]`` with the PRM: one ``score_partial`` call over the partial solutions
     ``prefixes[i] + steps[i]`` under the problems' own prompts (``questions``, without the SPM hint the PRM
     was not trained on); the score is the last step's (an unfinished step counts as a step). The PRM's
-    tokens and FLOPs go to its own counts (:class:`frugal.inference.engine.CountingPRM`)."""
+    tokens and FLOPs go to its own counts (:class:`frugal.evaluator.prm_counts.CountingPRM`)."""
     rows = [i for i, s in enumerate(steps) if s.strip()]
     scores = prm.score_partial([questions[i] for i in rows], [prefixes[i] + steps[i] for i in rows]) if rows else []
     out = [Gated(float("-inf"), n) for n in tokens]
@@ -283,19 +365,19 @@ def same_tokenizer(a: Engine, b: Engine) -> bool:
 def _handed(engine: Engine, cand: Candidate, share: bool) -> Candidate:
     """``cand`` with its token ids made ``engine``'s (same tokenizer: the engine continues from them and
     finds their KV, instead of re-encoding the text); unchanged when the ids do not spell its text."""
-    if not share or cand.ids is None or cand.ids[1] != cand.text or cand.ids[0] is engine:
+    if not share or cand.ids is None or not cand.ids.spells(cand.text) or cand.ids.owner is engine:
         return cand
     out = cand.copy()
-    out.ids = (engine, cand.text, cand.ids[2])
+    out.ids = cand.ids.handed_to(engine)
     return out
 
 
 def _drafted(draft: Engine, before: Candidate, proposal: Candidate) -> Optional[list[int]]:
     """The ids the draft wrote for ``proposal``'s new text (None when its ids do not spell it)."""
-    if proposal.ids is None or proposal.ids[0] is not draft or proposal.ids[1] != proposal.text:
+    if proposal.ids is None or not proposal.ids.valid_for(draft, proposal.text):
         return None
-    old = draft._partial_ids(before) if before.text else []
-    new = list(proposal.ids[2])
+    old = draft.continuation_ids(before) if before.text else []
+    new = list(proposal.ids.ids)
     return new[len(old):] if new[:len(old)] == old else None
 
 
@@ -314,7 +396,7 @@ def select_strategies(problems: Sequence[dict], k: int, draft: Engine, target: E
         verdicts = _score(scorer, target, None, [Candidate(j) for j in range(len(rows))], [f.text for f in firsts],
                           cfg, prm=prm, questions=[problems[j // len(hints)]["prompt"] for j in range(len(rows))],
                           tokens=[f.tokens for f in firsts])
-    else:  # one target pass per problem: its hints share its prompt's prefill (Engine._prefill)
+    else:  # one target pass per problem: its hints share its prompt's prefill (HFEngine._prefill)
         verdicts = []
         for p in range(len(problems)):
             block = range(p * len(hints), (p + 1) * len(hints))
@@ -384,10 +466,10 @@ def decode(problems: Sequence[dict], paths: list[list[Path]], draft: Optional[En
                 kept = Candidate(j, before.text + step[:verdict.keep], before.tokens + verdict.kept_tokens)
                 drafted = _drafted(draft, before, proposal) if share else None
                 start = ([] if not before.text else
-                         list(before.ids[2]) if before.ids is not None and before.ids[1] == before.text else None)
+                         list(before.ids.ids) if before.ids is not None and before.ids.spells(before.text) else None)
                 if drafted is not None and start is not None:
                     # the draft's ids up to the first rejected token spell the kept text (same tokenizer)
-                    kept.ids = (target, kept.text, start + drafted[:verdict.kept_tokens])
+                    kept.ids = TokenIds(target, kept.text, tuple(start + drafted[:verdict.kept_tokens]))
                 before = kept
                 flat[j].accepted_tokens += verdict.kept_tokens
             redo.append((j, before))
@@ -484,7 +566,7 @@ def _result(p: int, group: list[Path], problems: Sequence[dict], fast: int, reas
 
 def ssr(problems: Sequence[dict], k: int, draft: Engine, target: Engine, cfg: SSRConfig, prm=None) -> list[Result]:
     """SPM then SSD (or, with ``cfg.speculative=False``, SPM then target-only decoding of the same paths);
-    ``prm`` (a :class:`frugal.inference.engine.CountingPRM`) is read only with ``score=prm``."""
+    ``prm`` (a :class:`frugal.evaluator.prm_counts.CountingPRM`) is read only with ``score=prm``."""
     if cfg.score == "prm" and prm is None:
         raise ValueError("search.ssr.score=prm judges drafted steps with a PRM: set prm_path=<PRM folder or Hub id>")
     paths = select_strategies(problems, k, draft, target, cfg, prm=prm)
@@ -503,18 +585,17 @@ def draft_engine(scfg: SSRConfig, target: Engine) -> Engine:
     """A new draft engine (with its own counts) for one run: ``draft_layers`` > 0 cuts the target to its
     first k decoder layers (:func:`self_draft`, sharing the target's weights and tokenizer); else
     ``draft_model`` / ``draft_adapter`` is loaded."""
-    from frugal.inference.backends import hf_config
-
     if scfg.draft_layers:
         if target.cfg.backend != "hf":  # the cut target is a view of weights in this process
             raise ValueError(f"search.ssr.draft_layers needs engine.backend=hf (the target's own weights), not "
                              f"engine.backend={target.cfg.backend}; name a draft_model instead")
-        return Engine(self_draft(target.model, scfg.draft_layers), target.tokenizer, target.cfg, name="draft",
+        return HFEngine(self_draft(target.model, scfg.draft_layers), target.tokenizer, target.cfg, name="draft",
                       seed=target.seed)
     from frugal.inference.models import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(name_or_path=scfg.draft_model, adapter=scfg.draft_adapter), target.device)
-    return Engine(model, tok, hf_config(target.cfg), name="draft", seed=target.seed)  # the draft runs here (HF)
+    # the draft runs here (HF), with the target's generation knobs
+    return HFEngine(model, tok, HFEngineConfig(**target.cfg.shared()), name="draft", seed=target.seed)
 
 
 def self_draft(model, keep: int):
