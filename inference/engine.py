@@ -210,6 +210,7 @@ class Engine(Protocol):
     cfg: EngineConfig
     tokenizer: Any
     model: Any
+    core: "EngineCore"  # templating, prompt ids, the ids a candidate continues from, step rules, counts
     counts: Counts
     seed: int
 
@@ -228,13 +229,6 @@ class Engine(Protocol):
         """Per row: the log-prob of each token of ``conts[i]`` (this engine's tokenizer) written after
         candidate ``cands[i]``, the log-prob of the model's own greedy token there, and the tokens the pass
         ran. Nothing is generated (speculative verification: SSR's target checks drafted tokens)."""
-
-    def prompt_text(self, prompt: list[dict]) -> str: ...
-
-    def continuation_ids(self, cand: Candidate) -> list[int]:
-        """The ids this engine continues ``cand`` from (its own sampled ids, else the text encoded)."""
-
-    def num_steps(self, cand: Candidate) -> int: ...
 
     def clear_cache(self) -> None:
         """Forget per-prompt state (templates, prompt ids, KV) between chunks of problems."""

@@ -99,15 +99,6 @@ class HFEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prompt_text(self, prompt: list[dict]) -> str:
-        return self.core.prompt_text(prompt)
-
-    def continuation_ids(self, cand: Candidate) -> list[int]:
-        return self.core.continuation_ids(cand)
-
-    def num_steps(self, cand: Candidate) -> int:
-        return self.core.num_steps(cand)
-
     @torch.inference_mode()
     def extend(self, problems: Sequence[dict], cands: Sequence[Candidate], max_tokens: Optional[int] = None,
                stop_at_step: bool = True, greedy: bool = False) -> list[Candidate]:
@@ -319,7 +310,7 @@ class HFEngine:
         out: list[tuple[list[float], list[float], int]] = [([], [], 0) for _ in cands]
         rows = []
         for cand, cont in zip(cands, conts):
-            prompt = self.prompt_text(problems[cand.problem]["prompt"])
+            prompt = self.core.prompt_text(problems[cand.problem]["prompt"])
             rows.append((prompt, self.core.prompt_ids(prompt)[-1:] + self.core.continuation_ids(cand), list(cont)))
         todo = [i for i, r in enumerate(rows) if r[2]]
         was_training = self.model.training

@@ -149,15 +149,6 @@ class OpenAIEngine:
         """Where the evaluator's own models (PRM, SSR's draft) run; the policy is the server's."""
         return self._device
 
-    def prompt_text(self, prompt: list[dict]) -> str:
-        return self.core.prompt_text(prompt)
-
-    def continuation_ids(self, cand: Candidate) -> list[int]:
-        return self.core.continuation_ids(cand)
-
-    def num_steps(self, cand: Candidate) -> int:
-        return self.core.num_steps(cand)
-
     def clear_cache(self) -> None:
         """Forget the templated prompts and their ids (the server's prefix cache evicts on its own)."""
         self.core.clear()

@@ -184,7 +184,7 @@ def test_openai_extends_steps_with_ids_seeds_and_usage(stub, tok):
     assert isinstance(body["prompt"], list) and body["stop"] == ["\n\n"] and body["include_stop_str_in_output"]
     assert body["return_token_ids"] and body["stop_token_ids"] == engine.eos_ids and body["model"] == "builtin:tiny-random"
     # the prompt is the templated prompt's ids (no re-encoding of anything else)
-    assert body["prompt"] == tok(engine.prompt_text(PROBLEMS[body_problem(body, engine)]["prompt"]),
+    assert body["prompt"] == tok(engine.core.prompt_text(PROBLEMS[body_problem(body, engine)]["prompt"]),
                                  add_special_tokens=False)["input_ids"]
     # seeds: one per (prompt, stream); the same candidates reproduce them, other streams differ
     seeds = [r["seed"] for r in stub.requests]
@@ -210,7 +210,7 @@ def test_openai_extends_steps_with_ids_seeds_and_usage(stub, tok):
 
 def body_problem(body, engine):
     for i, p in enumerate(PROBLEMS):
-        ids = engine.core.prompt_ids(engine.prompt_text(p["prompt"]))
+        ids = engine.core.prompt_ids(engine.core.prompt_text(p["prompt"]))
         if body["prompt"] == ids:
             return i
     raise AssertionError("the request's prompt is no problem's templated prompt")

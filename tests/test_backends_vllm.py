@@ -95,7 +95,7 @@ def hf_policy():
 def test_steps_from_ids_prefix_cache_and_counts(llm):
     engine = vengine(llm)
     problems = arith(2)
-    prompt_lens = [len(engine.core.prompt_ids(engine.prompt_text(p["prompt"]))) for p in problems]
+    prompt_lens = [len(engine.core.prompt_ids(engine.core.prompt_text(p["prompt"]))) for p in problems]
     cands = [Candidate(p, stream=k) for p in range(2) for k in range(3)]
     first = engine.extend(problems, cands)
     c1 = engine.counts.snapshot()
@@ -106,7 +106,7 @@ def test_steps_from_ids_prefix_cache_and_counts(llm):
     second = engine.extend(problems, first)
     c2 = engine.counts.since(c1)
     # step 2's prompt = templated prompt + step 1's own ids; the prefix cache serves most of it
-    assert c2.prefill + c2.cached == sum(prompt_lens[c.problem] + len(engine.continuation_ids(c)) for c in first
+    assert c2.prefill + c2.cached == sum(prompt_lens[c.problem] + len(engine.core.continuation_ids(c)) for c in first
                                          if not c.finished)
     assert c2.cached > c2.prefill
     for a, b in zip(first, second):
@@ -140,7 +140,7 @@ def test_greedy_and_lora_match_transformers(llm, adapter, hf_policy):
     merged = merged.merge_and_unload().eval()
     same_base = same_lora = 0
     for p, b, l in zip(problems, vb, vl):
-        ids = base.core.prompt_ids(base.prompt_text(p["prompt"]))
+        ids = base.core.prompt_ids(base.core.prompt_text(p["prompt"]))
         hb = hf_greedy(hf_policy[0].eval(), tok, ids, CFG["max_new_tokens"])
         hl = hf_greedy(merged, tok, ids, CFG["max_new_tokens"])
         same_base += list(b.ids.ids) == hb[:len(b.ids.ids)] if b.ids else False

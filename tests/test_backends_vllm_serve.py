@@ -88,8 +88,8 @@ def test_openai_steps_ids_cache_and_seeds(server):
     second = engine.extend(problems, first)
     c2 = engine.counts.since(c1)
     assert c2.cached > 0  # usage.prompt_tokens_details.cached_tokens: step 1's prompt and ids were cached
-    prompt_lens = [len(engine.core.prompt_ids(engine.prompt_text(p["prompt"]))) for p in problems]
-    assert c2.prefill + c2.cached == sum(prompt_lens[c.problem] + len(engine.continuation_ids(c)) for c in first
+    prompt_lens = [len(engine.core.prompt_ids(engine.core.prompt_text(p["prompt"]))) for p in problems]
+    assert c2.prefill + c2.cached == sum(prompt_lens[c.problem] + len(engine.core.continuation_ids(c)) for c in first
                                          if not c.finished)
     assert all(b.text.startswith(a.text) for a, b in zip(first, second))
     again = engine_for(server).extend(problems, cands)

@@ -42,15 +42,6 @@ def _echo_backend():
         def device(self):
             return torch.device("cpu")
 
-        def prompt_text(self, prompt):
-            return self.core.prompt_text(prompt)
-
-        def continuation_ids(self, cand):
-            return self.core.continuation_ids(cand)
-
-        def num_steps(self, cand):
-            return self.core.num_steps(cand)
-
         def extend(self, problems, cands, max_tokens=None, stop_at_step=True, greedy=False):
             return self.core.extend(problems, cands, max_tokens, stop_at_step, greedy, self._run_rows)
 
@@ -126,7 +117,7 @@ def test_every_backend_implements_the_protocol():
     served = OpenAIEngine(tok, OpenAIEngineConfig(base_url="http://127.0.0.1:9/v1"), eos_ids=[tok.eos_token_id])
     assert isinstance(served, Engine)
     served.close()
-    for name in ("extend", "score", "continuation_ids", "clear_cache", "close", "prompt_text", "num_steps"):
+    for name in ("extend", "score", "clear_cache", "close"):
         assert callable(getattr(VLLMEngine, name))
     assert set(registry.names("engine")) == {"hf", "vllm", "openai"}
     assert Candidate(0).ids is None

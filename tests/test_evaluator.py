@@ -411,7 +411,7 @@ def test_engine_shared_prefix_prefilled_once_same_output(tiny):
         engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=8, shared_prefix_min_tokens=min_tokens))
         out = engine.extend(problems, [Candidate(0), Candidate(1), Candidate(0)], stop_at_step=False, greedy=True)
         texts[min_tokens], prefill[min_tokens] = [c.text for c in out], engine.counts.prefill
-        kv[min_tokens] = [engine._kv[engine.prompt_text(p["prompt"])] for p in problems]
+        kv[min_tokens] = [engine._kv[engine.core.prompt_text(p["prompt"])] for p in problems]
     assert texts[32] == texts[0]
     for with_sharing, without in zip(kv[32], kv[0]):  # each prompt's stored KV, every layer
         for (k1, v1), (k0, v0) in zip(with_sharing, without):
@@ -447,12 +447,12 @@ def test_engine_shared_prefix_carries_over_to_the_next_calls_prompts(tiny):
     kv = {}
     for min_tokens in (32, 0):
         engine = HFEngine(model, tok, HFEngineConfig(max_new_tokens=4, shared_prefix_min_tokens=min_tokens))
-        engine._prompt_kv([engine.prompt_text(p["prompt"]) for p in first], h1)
+        engine._prompt_kv([engine.core.prompt_text(p["prompt"]) for p in first], h1)
         before = engine.counts.prefill
-        engine._prompt_kv([engine.prompt_text(p["prompt"]) for p in second], h2)
+        engine._prompt_kv([engine.core.prompt_text(p["prompt"]) for p in second], h2)
         if min_tokens:
             assert engine.counts.prefill - before == common(*h2) - examples + sum(len(h) - common(*h2) for h in h2)
-        kv[min_tokens] = [engine._kv[engine.prompt_text(p["prompt"])] for p in second]
+        kv[min_tokens] = [engine._kv[engine.core.prompt_text(p["prompt"])] for p in second]
     for shared, whole in zip(kv[32], kv[0]):
         for (k1, v1), (k0, v0) in zip(shared, whole):
             assert k1.shape == k0.shape and torch.allclose(k1, k0, atol=1e-5) and torch.allclose(v1, v0, atol=1e-5)

@@ -27,7 +27,7 @@ def _engine(model, tok, **kw):
 
 
 def _full_ids(engine, cand):
-    prompt = engine.prompt_text(PROBLEMS[cand.problem]["prompt"])
+    prompt = engine.core.prompt_text(PROBLEMS[cand.problem]["prompt"])
     return engine.core.prompt_ids(prompt) + list(cand.ids.ids)
 
 

@@ -260,7 +260,7 @@ def test_rejected_step_keeps_its_accepted_prefix_and_the_target_writes_the_rest(
 
 def _reference_logps(model, engine, prompt, ids, step_ids):
     """Log-probs of ``step_ids`` after the templated prompt and ``ids`` by one full forward pass."""
-    full = engine.core.prompt_ids(engine.prompt_text(prompt)) + list(ids) + list(step_ids)
+    full = engine.core.prompt_ids(engine.core.prompt_text(prompt)) + list(ids) + list(step_ids)
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
     at = len(full) - len(step_ids)
@@ -307,7 +307,7 @@ def test_score_steps_matches_full_logits_on_tiny_model():
     # hand count: path 0 runs its last token (its logits judge the first drafted token) + the drafted ones;
     # path 1 runs the prompt's last token, the text "First," and the step
     assert [sc.processed for sc in scored] == [1 + len(step_ids[0]), 1 + first + len(step_ids[1])]
-    new_prompt = len(engine.core.prompt_ids(engine.prompt_text(prompts[1]))) - 1  # "Hi" is prefilled once, first
+    new_prompt = len(engine.core.prompt_ids(engine.core.prompt_text(prompts[1]))) - 1  # "Hi" is prefilled once, first
     assert spent.prefill == sum(sc.processed for sc in scored) + new_prompt
     # the trailing delimiter token is run (its KV is the path's, if accepted) but not judged
     assert len(scored[0].logp) == len(step_ids[0]) - 1 and spent.scored == len(step_ids[0]) + len(step_ids[1])
@@ -412,7 +412,7 @@ def test_spm_hints_share_their_problems_prompt_prefill():
     hints = ["Think step by step.", "Work backwards.", "Use small numbers."]
     firsts = select_strategies([q], 2, draft, target, SSRConfig(hints=hints, greedy=False))  # (greedy: "\n\n")
     assert all(path.cand.text.strip() for path in firsts[0])
-    heads = [target.core.prompt_ids(target.prompt_text(with_hint(q, h)["prompt"]))[:-1] for h in hints]
+    heads = [target.core.prompt_ids(target.core.prompt_text(with_hint(q, h)["prompt"]))[:-1] for h in hints]
     shared = next(i for i, col in enumerate(zip(*heads)) if len(set(col)) > 1)
     assert shared >= 32
     prompt_prefill = shared + sum(len(h) - shared for h in heads)

@@ -376,7 +376,7 @@ def _drafted(draft: Engine, before: Candidate, proposal: Candidate) -> Optional[
     """The ids the draft wrote for ``proposal``'s new text (None when its ids do not spell it)."""
     if proposal.ids is None or not proposal.ids.valid_for(draft, proposal.text):
         return None
-    old = draft.continuation_ids(before) if before.text else []
+    old = draft.core.continuation_ids(before) if before.text else []
     new = list(proposal.ids.ids)
     return new[len(old):] if new[:len(old)] == old else None
 
