@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Callable, Optional, Protocol, Sequence, runtime_checkable
 
@@ -271,12 +272,20 @@ class EngineCore:
     padding) and cuts each row's new tokens at its first stop (:meth:`apply`)."""
 
     def __init__(self, owner, tokenizer, cfg: EngineConfig, eos_ids: Sequence[int]):
-        self.owner, self.tokenizer, self.cfg = owner, tokenizer, cfg
+        # A weak reference: the engine holds its core, and a cycle would keep an engine (and a vLLM engine
+        # inside it, with its process-wide state) alive until the garbage collector happens to run.
+        self._owner = weakref.ref(owner)
+        self.tokenizer, self.cfg = tokenizer, cfg
         self.eos_ids = list(eos_ids)
         self.counts = Counts()
         self._templates: dict[tuple, str] = {}
         self._ids: dict[str, list[int]] = {}
         self._prompt_keys: dict[str, int] = {}
+
+    @property
+    def owner(self):
+        """The engine this core belongs to (the owner of the token ids it records)."""
+        return self._owner()
 
     # ------------------------------------------------------------------ prompts and ids
     def prompt_text(self, prompt: list[dict]) -> str:

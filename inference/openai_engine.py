@@ -201,11 +201,9 @@ class OpenAIEngine:
         return self._complete_text(ids, seed, limit, greedy)
 
     def _complete_ids(self, ids, seed, limit, stop_at_step, greedy):
-        sampling = sampling_settings(self.cfg, greedy)
-        extra = {"return_token_ids": True, "include_stop_str_in_output": True, "skip_special_tokens": False,
-                 "stop_token_ids": list(self.eos_ids)}
-        if "top_k" in sampling:
-            extra["top_k"] = sampling.pop("top_k")
+        sampling, extra = request_sampling(self.cfg, greedy)
+        extra.update(return_token_ids=True, include_stop_str_in_output=True, skip_special_tokens=False,
+                     stop_token_ids=list(self.eos_ids))
         stops = self.core.stops(stop_at_step)
         if stops:
             sampling["stop"] = stops
@@ -229,8 +227,7 @@ class OpenAIEngine:
         return ids, list(new_ids), prompt_tokens, cached
 
     def _complete_text(self, ids, seed, limit, greedy):
-        sampling = sampling_settings(self.cfg, greedy)
-        sampling.pop("top_k", None)  # not an OpenAI parameter
+        sampling, _ = request_sampling(self.cfg, greedy)  # a text-only server gets the OpenAI fields only
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         if seed is not None:
             sampling["seed"] = seed
@@ -307,10 +304,8 @@ class OpenAIEngine:
     def sample(self, prompt_ids: list[list[int]], num_samples: int, seed: int) -> list[tuple[list[int], list[float]]]:
         """``num_samples`` completions of each token-id prompt (prompt-major) at ``engine.*`` settings, with the
         server's log-prob of each sampled token (``return_tokens_as_token_ids``: tokens come back as ids)."""
-        sampling = sampling_settings(self.cfg, False)
-        extra = {"return_tokens_as_token_ids": True, "skip_special_tokens": False}
-        if "top_k" in sampling:
-            extra["top_k"] = sampling.pop("top_k")
+        sampling, extra = request_sampling(self.cfg, False)
+        extra.update(return_tokens_as_token_ids=True, skip_special_tokens=False)
         response = self._call(prompt=prompt_ids, n=num_samples, max_tokens=self.cfg.max_new_tokens,
                               stop=list(self.cfg.stop_strings) or None, logprobs=0, seed=seed, extra_body=extra,
                               **sampling)
@@ -318,8 +313,9 @@ class OpenAIEngine:
                 for c in sorted(response.choices, key=lambda c: c.index)]
 
     def greedy(self, prompt_ids: list[list[int]], max_tokens: int) -> list[list[int]]:
-        response = self._call(prompt=prompt_ids, temperature=0.0, max_tokens=max_tokens, logprobs=0,
-                              extra_body={"return_tokens_as_token_ids": True})
+        sampling, extra = request_sampling(self.cfg, True)
+        response = self._call(prompt=prompt_ids, max_tokens=max_tokens, logprobs=0,
+                              extra_body={**extra, "return_tokens_as_token_ids": True}, **sampling)
         return [_token_ids(c.logprobs.tokens) for c in sorted(response.choices, key=lambda c: c.index)]
 
     def _root(self) -> str:
@@ -336,6 +332,20 @@ class OpenAIEngine:
             if check:
                 return f"{err.status_code}: {err.response.text[:500]}"
         return None
+
+
+# Sampling fields engine.* has no key for, sent at their neutral values: `vllm serve` fills every field a
+# request leaves out from the model's generation_config.json (e.g. a repetition_penalty of 1.05), so a request
+# without them would sample from another distribution than the HF backend (greedy too).
+NEUTRAL_SAMPLING = {"min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+NOT_OPENAI = ("top_k", "min_p", "repetition_penalty")  # vLLM's extensions of the OpenAI completions schema
+
+
+def request_sampling(cfg: EngineConfig, greedy: bool) -> tuple[dict, dict]:
+    """(OpenAI keyword arguments, extra body fields) of a request at ``engine.*`` settings
+    (:func:`~frugal.inference.engine.sampling_settings` plus :data:`NEUTRAL_SAMPLING`)."""
+    sampling = {**sampling_settings(cfg, greedy), **NEUTRAL_SAMPLING}
+    return sampling, {key: sampling.pop(key) for key in NOT_OPENAI if key in sampling}
 
 
 def _token_ids(tokens: Sequence[str]) -> list[int]:

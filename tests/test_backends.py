@@ -183,6 +183,10 @@ def test_openai_extends_steps_with_ids_seeds_and_usage(stub, tok):
     body = stub.requests[0]
     assert isinstance(body["prompt"], list) and body["stop"] == ["\n\n"] and body["include_stop_str_in_output"]
     assert body["return_token_ids"] and body["stop_token_ids"] == engine.eos_ids and body["model"] == "builtin:tiny-random"
+    # what engine.* has no key for is sent at its neutral value (a server would fill it from the model's
+    # generation_config.json), and top-k only when it is on
+    assert (body["temperature"], body["top_p"], body["min_p"], body["repetition_penalty"], body["presence_penalty"],
+            body["frequency_penalty"]) == (0.8, 1.0, 0.0, 1.0, 0.0, 0.0) and "top_k" not in body
     # the prompt is the templated prompt's ids (no re-encoding of anything else)
     assert body["prompt"] == tok(engine.core.prompt_text(PROBLEMS[body_problem(body, engine)]["prompt"]),
                                  add_special_tokens=False)["input_ids"]

@@ -11,11 +11,11 @@ import torch
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 vllm = pytest.importorskip("vllm")
 
-from frugal.inference.backends import hf_config  # noqa: E402
 from frugal.inference.engine import Candidate
 from frugal.inference.hf_engine import HFEngine, HFEngineConfig
 from frugal.evaluator.prm_counts import CountingPRM  # noqa: E402
-from frugal.inference.vllm_engine import VLLMEngine  # noqa: E402
+from frugal.inference.vllm_engine import VLLMEngine, VLLMEngineConfig  # noqa: E402
+from frugal.inference.vllm_setup import VLLMConfig  # noqa: E402
 from frugal.train.lora import LoraConfig
 from frugal.inference.models import ModelConfig, load_model  # noqa: E402
 
@@ -56,7 +56,7 @@ def llm(adapter):
     from frugal.inference.models import vllm_model_path
 
     llm = make_llm(vllm_model_path(SMOL.name_or_path), dtype="float32", max_model_len=1024, seed=0, enable_lora=True,
-                   max_lora_rank=adapter_rank(ModelConfig(adapter=adapter)), cpu_kv_cache_gib=1,
+                   max_lora_rank=adapter_rank(ModelConfig(adapter=adapter)), kv_cache_gib=1,
                    enable_prefix_caching=True)
     yield llm
     del llm
@@ -83,8 +83,9 @@ def hf_greedy(model, tok, ids, max_new):
 
 
 def vengine(llm, adapter=None, seed=0, **knobs):
-    cfg = EngineConfig(backend="vllm", dtype="float32", max_model_len=1024, **{**CFG, **knobs})
-    return VLLMEngine(ModelConfig(adapter=adapter), cfg, seed=seed, llm=llm)
+    cfg = VLLMEngineConfig(**{**CFG, **knobs})
+    return VLLMEngine.load(ModelConfig(adapter=adapter), cfg, VLLMConfig(dtype="float32", max_model_len=1024), seed=seed,
+                           llm=llm)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +191,7 @@ def test_hf_and_vllm_agree(llm, hf_policy):
     from frugal.evaluator.harness import run_strategy
 
     problems = arith(12, first=48)
-    hf = HFEngine(*hf_policy, hf_config(HFEngineConfig(**CFG)))
+    hf = HFEngine(*hf_policy, HFEngineConfig(**CFG))
     v = vengine(llm)
     fresh = [Candidate(p, stream=0) for p in range(len(problems))]
     gh = hf.extend(problems, fresh, stop_at_step=False, greedy=True)

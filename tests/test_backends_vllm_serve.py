@@ -15,10 +15,10 @@ import torch
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 pytest.importorskip("vllm")
 
-from frugal.inference.backends import make_engine  # noqa: E402
+from frugal.inference.backends import engine_config, make_engine  # noqa: E402
 from frugal.inference.models import vllm_model_path  # noqa: E402
 from frugal.inference.engine import Candidate
-from frugal.inference.hf_engine import HFEngine
+from frugal.inference.hf_engine import HFEngine, HFEngineConfig  # noqa: E402
 from frugal.evaluator.prm_counts import CountingPRM  # noqa: E402
 from frugal.inference.models import ModelConfig  # noqa: E402
 
@@ -73,7 +73,7 @@ def arith(n):
 
 
 def engine_for(url, seed=0):
-    cfg = EngineConfig(backend="openai", base_url=url, served_model=SERVED, max_new_tokens=48, max_step_tokens=32,
+    cfg = engine_config("openai", base_url=url, served_model=SERVED, max_new_tokens=48, max_step_tokens=32,
                        max_steps=6, max_concurrency=4)
     return make_engine(SMOL, cfg, seed=seed)
 
@@ -110,10 +110,9 @@ def test_openai_best_of_n_and_ssr_verification(server):
     assert rows[0].problems == 2 and rows[0].policy_generated_tokens > 0 and all(r["chosen"] for r in records)
     # SSR's target verification through the server equals the HF forward pass (float32)
     from frugal.inference.hf_engine import HFEngine
-    from frugal.inference.backends import hf_config
     from frugal.inference.models import load_model
 
-    hf = HFEngine(*load_model(SMOL, torch.device("cpu")), hf_config(engine.cfg))
+    hf = HFEngine(*load_model(SMOL, torch.device("cpu")), HFEngineConfig(**engine.cfg.shared()))
     prompts, prefixes, steps = [arith(1)[0]["prompt"]] * 2, ["", ""], ["3 + 4 = 7\n\n", "The answer is 12."]
     served, local = score_steps(engine, prompts, prefixes, steps), score_steps(hf, prompts, prefixes, steps)
     for a, b in zip(served, local):

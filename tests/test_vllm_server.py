@@ -46,11 +46,13 @@ def test_server_rejecting_an_adapter_says_why(server, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from frugal.inference.models import ModelConfig, load_model
-    from frugal.inference.vllm_setup import AdapterPublisher, ServerEngine
+    from frugal.inference.openai_engine import OpenAIEngine, OpenAIEngineConfig
+    from frugal.inference.vllm_setup import AdapterPublisher
 
-    model, _ = load_model(ModelConfig(dtype="float32"))
+    model, tok = load_model(ModelConfig(dtype="float32"))
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, target_modules=["q_proj"]))
-    engine = ServerEngine(server.url, AdapterPublisher(tmp_path))
+    engine = OpenAIEngine(tok, OpenAIEngineConfig(base_url=server.url + "/v1"), eos_ids=[tok.eos_token_id])
+    engine.attach_trainer(AdapterPublisher(tmp_path))
     with pytest.raises(RuntimeError, match=r"rejected adapter .*policy-v1.*(rank|16)"):
         engine.update(model)
     assert not (tmp_path / "policy-v1").exists()  # the rejected version is not left behind
