@@ -21,9 +21,11 @@ from frugal import inference
 from frugal.inference.engine import Engine, EngineConfig
 from frugal.runtime import registry
 
-for _module in pkgutil.iter_modules(inference.__path__):
-    if _module.name.endswith("_engine"):
-        importlib.import_module(f"{inference.__name__}.{_module.name}")
+# The built-ins first, in the order messages list the choices (hf|vllm|openai), then any other backend module.
+BUILT_IN = ("hf_engine", "vllm_engine", "openai_engine")
+for _name in BUILT_IN + tuple(sorted(m.name for m in pkgutil.iter_modules(inference.__path__)
+                                     if m.name.endswith("_engine") and m.name not in BUILT_IN)):
+    importlib.import_module(f"{inference.__name__}.{_name}")
 
 
 def engine_config(backend: str = "hf", **knobs) -> EngineConfig:

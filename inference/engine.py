@@ -411,6 +411,28 @@ class EngineCore:
             start = at + 1
 
 
+def served_score(engine, problems, cands, conts, score_tokens) -> list[tuple[list[float], list[float], int]]:
+    """``Engine.score`` for a backend that runs the model elsewhere: ``score_tokens(seqs, starts)`` gives the
+    backend's prompt log-probs over [prompt + the candidate's ids + ``conts[i]``], one request per row (the
+    backend batches them); every token is charged as prefill and the LM head at the scored positions."""
+    core = engine.core
+    out: list[tuple[list[float], list[float], int]] = [([], [], 0) for _ in cands]
+    todo = [i for i, cont in enumerate(conts) if cont]
+    if not todo:
+        return out
+    seqs, starts = [], []
+    for i in todo:
+        prompt = core.prompt_text(problems[cands[i].problem]["prompt"])
+        head = core.prompt_ids(prompt) + core.continuation_ids(cands[i])
+        seqs.append(head + list(conts[i]))
+        starts.append(len(head))
+    for i, seq, start, (logp, top) in zip(todo, seqs, starts, score_tokens(seqs, starts)):
+        out[i] = (logp, top, len(seq))
+        core.counts.add(len(seq), scored=len(seq) - start)
+    core.counts.calls += 1
+    return out
+
+
 def common_prefix_length(seqs: list[list[int]]) -> int:
     first, n = seqs[0], min(len(x) for x in seqs)
     for i in range(n):

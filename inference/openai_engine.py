@@ -44,9 +44,9 @@ import torch
 
 from dataclasses import dataclass
 
-from frugal.inference.engine import Candidate, EngineConfig, EngineCore, request_seed, sampling_settings
+from frugal.inference.engine import (Candidate, EngineConfig, EngineCore, request_seed, sampling_settings,
+                                     served_score)
 from frugal.inference.models import load_tokenizer, model_skeleton
-from frugal.inference.vllm_engine import served_score, token_budget
 from frugal.runtime.registry import register
 
 log = logging.getLogger("frugal.eval")
@@ -209,7 +209,7 @@ class OpenAIEngine:
             sampling["stop"] = stops
         if seed is not None:
             sampling["seed"] = seed
-        response = self._call(prompt=ids, max_tokens=self._budget(len(ids), limit), extra_body=extra,
+        response = self._call(prompt=ids, max_tokens=limit, extra_body=extra,
                               **sampling)
         choice = response.choices[0]
         with self._format_lock:
@@ -231,7 +231,7 @@ class OpenAIEngine:
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         if seed is not None:
             sampling["seed"] = seed
-        response = self._call(prompt=text, max_tokens=self._budget(len(ids), limit), **sampling)
+        response = self._call(prompt=text, max_tokens=limit, **sampling)
         prompt_tokens, cached = _usage(response, len(ids))
         return ids, self._retokenize(response.choices[0]), prompt_tokens, cached
 
@@ -254,9 +254,6 @@ class OpenAIEngine:
         except openai.NotFoundError as err:
             raise RuntimeError(f"engine.base_url={self.base_url}: {err} (is engine.served_model={self.served_model!r} "
                                "the name the server serves?)") from err
-
-    def _budget(self, n_prompt: int, limit: int) -> int:
-        return token_budget(n_prompt, limit, None, "")
 
     # ------------------------------------------------------------------ SSR's verification
     def _score_tokens(self, seqs, starts):

@@ -33,7 +33,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from frugal.inference.decoding import eos_token_ids
-from frugal.inference.engine import Candidate, EngineConfig, EngineCore, request_seed, sampling_settings
+from frugal.inference.engine import (Candidate, EngineConfig, EngineCore, request_seed, sampling_settings,
+                                     served_score)
 from frugal.inference.models import adapter_folder, adapter_rank, load_tokenizer, model_skeleton, resolve_dtype
 from frugal.inference.vllm_setup import (AdapterPublisher, VLLMConfig, lora_capabilities, make_llm,
                                          merged_state_dict, unservable_modules)
@@ -53,36 +54,12 @@ class VLLMEngineConfig(EngineConfig):
         return VLLMEngine.load(model_cfg, self, vllm, device=device, name=name, seed=seed)
 
 
-def served_score(engine, problems, cands, conts, score_tokens) -> list[tuple[list[float], list[float], int]]:
-    """``Engine.score`` for a backend that runs the model elsewhere: ``score_tokens(seqs, starts)`` gives the
-    backend's prompt log-probs over [prompt + the candidate's ids + ``conts[i]``], one request per row (the
-    backend batches them); every token is charged as prefill and the LM head at the scored positions."""
-    core = engine.core
-    out: list[tuple[list[float], list[float], int]] = [([], [], 0) for _ in cands]
-    todo = [i for i, cont in enumerate(conts) if cont]
-    if not todo:
-        return out
-    seqs, starts = [], []
-    for i in todo:
-        prompt = core.prompt_text(problems[cands[i].problem]["prompt"])
-        head = core.prompt_ids(prompt) + core.continuation_ids(cands[i])
-        seqs.append(head + list(conts[i]))
-        starts.append(len(head))
-    for i, seq, start, (logp, top) in zip(todo, seqs, starts, score_tokens(seqs, starts)):
-        out[i] = (logp, top, len(seq))
-        core.counts.add(len(seq), scored=len(seq) - start)
-    core.counts.calls += 1
-    return out
-
-
-def token_budget(n_prompt: int, limit: int, window: Optional[int], fix: str) -> int:
-    """``limit`` new tokens, fewer when the prompt leaves less room in a ``window``-token context."""
-    if window is None:
-        return limit
+def token_budget(n_prompt: int, limit: int, window: int) -> int:
+    """``limit`` new tokens, fewer when the prompt leaves less room in vLLM's ``window``-token context."""
     room = window - n_prompt
     if room < 1:
         raise ValueError(f"a prompt + partial solution of {n_prompt} tokens fills the {window}-token context "
-                         f"window: {fix}")
+                         "window: raise vllm.max_model_len or lower engine.max_new_tokens")
     return min(limit, room)
 
 
@@ -190,8 +167,7 @@ class VLLMEngine:
             ids = self.core.prompt_ids(prompt)[:-1] + list(tail)
             prompts.append(TokensPrompt(prompt_token_ids=ids))
             params.append(self._params(greedy, seed=request_seed(stream), stop=stops,
-                                       max_tokens=token_budget(len(ids), limit, self.context_window(),
-                                                               "raise vllm.max_model_len or lower engine.max_new_tokens"),
+                                       max_tokens=token_budget(len(ids), limit, self.context_window()),
                                        include_stop_str_in_output=True, stop_token_ids=list(self.eos_ids),
                                        skip_special_tokens=False))
         outs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
